@@ -1,0 +1,1 @@
+"""Noise-robust RL post-training harness: one training core, many algorithms, suites and noise settings."""
