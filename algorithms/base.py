@@ -1,0 +1,103 @@
+"""The contract between an algorithm and the training core.
+
+The trainer never branches on an algorithm's name. An algorithm *declares* what it needs:
+
+- `critic`: the critic kind, a key of `algorithms.critics.CRITICS` (`"none"`, `"scalar"`, and later
+  `"quantile"`, `"flow"`), with `critic_options()` passed to that critic's head;
+- `needs_reference()`: whether reference log-probs (a frozen copy of the initial policy) are computed;
+- `extra_heads(hidden_size)`: extra trainable modules on the policy (FlowRL's log-partition head),
+  optimised with the actor and never part of the rollout engine's weights;
+- `needs_hidden`: whether the actor loss needs the policy's last hidden states;
+
+and supplies the math:
+
+- `advantages(batch)`: fills `batch["advantages"]` (and `batch["returns"]` for critics) in place;
+- `actor_loss(mb, fwd, heads)`: the policy loss on a minibatch;
+- `critic_loss(mb, critic_out)`: the critic loss on a minibatch (critic algorithms only).
+
+Batch keys the trainer provides (B sequences, P prompt columns, T response columns):
+`input_ids [B, P+T]`, `attention_mask [B, P+T]`, `responses [B, T]`, `response_mask [B, T]`,
+`old_logp [B, T]`, `ref_logp [B, T]` (if needed), `scores [B]` (training reward, after noise),
+`clean_scores [B]`, `group_ids [B]`, `old_values [B, T, ...]` (critic output before the update).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from harness.registry import Registry
+
+
+class Batch(dict):
+    """A dict of tensors whose first dimension is the sequence; `prompt_len` rides along."""
+
+    def __init__(self, *args, prompt_len: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prompt_len = prompt_len
+
+    def select(self, index: torch.Tensor) -> "Batch":
+        return Batch({k: v[index] for k, v in self.items()}, prompt_len=self.prompt_len)
+
+    @property
+    def size(self) -> int:
+        return next(iter(self.values())).shape[0]
+
+
+@dataclass
+class PolicyForward:
+    """The policy's forward on a minibatch, with gradients."""
+
+    logp: torch.Tensor  # [B, T]
+    entropy: torch.Tensor  # [B, T]
+    hidden: torch.Tensor | None  # [B, P+T, d] when `needs_hidden`
+
+
+LossAndMetrics = tuple[torch.Tensor, dict[str, float]]
+
+
+class Algorithm:
+    name: ClassVar[str]
+    description: ClassVar[str]
+    paper: ClassVar[str]
+    Options: ClassVar[type]
+    critic: ClassVar[str] = "none"
+    needs_hidden: ClassVar[bool] = False
+
+    def __init__(self, options: Any):
+        self.opts = options
+
+    def needs_reference(self) -> bool:
+        return False
+
+    def critic_options(self) -> dict[str, Any]:
+        return {}
+
+    def extra_heads(self, hidden_size: int) -> dict[str, nn.Module]:
+        return {}
+
+    def advantages(self, batch: Batch) -> dict[str, float]:
+        raise NotImplementedError
+
+    def actor_loss(self, mb: Batch, fwd: PolicyForward, heads: nn.ModuleDict) -> LossAndMetrics:
+        raise NotImplementedError
+
+    def critic_loss(self, mb: Batch, critic_out: torch.Tensor) -> LossAndMetrics:
+        raise NotImplementedError(f"{self.name} has no critic")
+
+
+ALGOS: Registry[type[Algorithm]] = Registry("algorithm")
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last valid token; `mask [B, T]` right-padded -> `[B]` (0 for empty rows)."""
+    return (mask.sum(-1).long() - 1).clamp(min=0)
+
+
+def outcome_token_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Place each sequence's outcome reward on its last valid token: `[B]` -> `[B, T]`."""
+    rewards = torch.zeros_like(mask, dtype=torch.float32)
+    rewards[torch.arange(mask.shape[0]), last_token_index(mask)] = scores.float()
+    return rewards * mask

@@ -1,0 +1,55 @@
+"""Critics: a transformer backbone (a copy of the initial policy's) plus a head on every token.
+
+A critic kind is a head class registered in `CRITICS`. The critic's output for response token t
+is the head applied to the backbone's last hidden state at the position of the state s_t, i.e.
+the column just before token t (P - 1 + t). Shapes: scalar `[B, T]`; other kinds add trailing
+dimensions (quantiles `[B, T, H, N]`, ...).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from harness.registry import Registry
+from harness.rollout import position_ids
+
+CRITICS: Registry[type[nn.Module]] = Registry("critic kind")
+
+
+@CRITICS.register("scalar")
+class ScalarHead(nn.Module):
+    """A linear value head, zero-initialised so the first values are 0 (N+ implementation details)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.float()).squeeze(-1)
+
+
+class Critic(nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+        ).last_hidden_state
+        states = hidden[:, prompt_len - 1:-1]  # state before each response token
+        return self.head(states)
+
+
+def build_critic(kind: str, policy: nn.Module, options: dict) -> Critic:
+    """A separate critic initialised from the policy's transformer backbone."""
+    head_cls = CRITICS.get(kind)
+    backbone = copy.deepcopy(policy.get_decoder() if hasattr(policy, "get_decoder") else policy.model)
+    backbone.requires_grad_(True)
+    head = head_cls(policy.config.hidden_size, **options)
+    return Critic(backbone, head).to(next(policy.parameters()).device)
