@@ -1,0 +1,99 @@
+"""`harness run | report | list`.
+
+Bad input ends with one line `harness: error: ...` and exit status 2, before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + error; we print one line
+        raise HarnessError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="harness", description="Noise-robust RL post-training harness.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    run = sub.add_parser("run", help="run a grid of suite x algorithms x noise settings x seeds")
+    run.add_argument("--suite", default="arith", help="task suite (default: arith)")
+    run.add_argument("--algos", default=None, help="comma list (default: the mission's registered algorithms)")
+    run.add_argument("--noise", default="none,flip0.2", help="comma list of noise specs (default: none,flip0.2)")
+    run.add_argument("--seeds", default="2", help="a count (2 -> seeds 0,1) or a comma list (default: 2)")
+    run.add_argument("--model", default=None, help="'tiny' (default), a Hugging Face id or a local folder")
+    run.add_argument("--steps", type=int, default=None, help="training steps per cell")
+    run.add_argument("--eval-limit", type=int, default=None, help="at most this many problems per benchmark")
+    run.add_argument("--out", default="runs", help="run store folder (default: runs/)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override any config key, e.g. train.lr=1e-4, ppo.kl_coef=0.01, suite.id_max=99")
+    run.add_argument("--cache-dir", default=None, help="warm-start cache (default: $HARNESS_CACHE or ~/.cache/harness)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    report = sub.add_parser("report", help="tables from a run store")
+    report.add_argument("--runs", default="runs", help="run store folder (default: runs/)")
+    report.add_argument("--out", default=None, help="report file (default: <runs>/report.md)")
+
+    lst = sub.add_parser("list", help="list registered algorithms, suites or noise injectors")
+    lst.add_argument("what", choices=["algos", "suites", "noise"])
+    return parser
+
+
+def cmd_run(args) -> int:
+    from harness.config import parse_assignments
+    from harness.grid import build_cells, default_algos, parse_algos, parse_seeds, run_grid
+
+    algos = parse_algos(args.algos) if args.algos is not None else default_algos()
+    cells = build_cells(
+        suite=args.suite, algos=algos, noise=args.noise, seeds=parse_seeds(args.seeds), out=Path(args.out),
+        model=args.model, steps=args.steps, eval_limit=args.eval_limit, overrides=parse_assignments(args.set),
+    )
+    counts = run_grid(cells, cache_dir=Path(args.cache_dir) if args.cache_dir else None, progress=not args.quiet)
+    print(f"grid: {counts['done']} done, {counts['skipped']} already done, {counts['failed']} failed -> {args.out}")
+    return 1 if counts["failed"] else 0
+
+
+def cmd_report(args) -> int:
+    from reports import write_report
+
+    path = write_report(Path(args.runs), Path(args.out) if args.out else None)
+    print(path.read_text())
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    if args.what == "algos":
+        from algorithms import ALGOS
+
+        for name in ALGOS.names():
+            cls = ALGOS.get(name)
+            print(f"{name:12s} {cls.description} [{cls.paper}]")
+    elif args.what == "suites":
+        from tasks import SUITES
+
+        for name in SUITES.names():
+            print(f"{name:12s} {SUITES.get(name).description}")
+    else:
+        from noise import list_noise
+
+        for usage, description in list_noise():
+            print(f"{usage:12s} {description}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return {"run": cmd_run, "report": cmd_report, "list": cmd_list}[args.command](args)
+    except HarnessError as exc:
+        print(f"harness: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The resolved configuration of one cell, and `--set key=value` overrides.
+
+A cell is one (suite, algorithm, noise setting, seed). Its configuration is a tree of
+dataclasses; algorithm- and suite-specific options are the `Options` dataclasses their
+modules declare, so every design default of the spec is an overridable key:
+
+    train.lr=1e-4   model.hidden_size=128   algo.kl_coef=0.01   ppo.gamma=0.99   suite.max_operand=99
+
+`algo.KEY` applies to every algorithm of the grid that has KEY; `<algo name>.KEY` to that one
+algorithm only; `suite.KEY` to the suite options.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.errors import HarnessError
+
+
+@dataclass
+class ModelConfig:
+    """`name="tiny"` builds a random-init Llama from this config and warm-starts it on the suite;
+    any other name is a Hugging Face id or a local path."""
+
+    name: str = "tiny"
+    hidden_size: int = 64
+    intermediate_size: int = 192
+    num_layers: int = 2
+    num_heads: int = 4
+    max_positions: int = 64
+    warmstart_steps: int = 1500
+    warmstart_lr: float = 3e-3
+    warmstart_batch: int = 64
+    dtype: str = "float32"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    prompts_per_step: int = 16
+    group_size: int = 4
+    max_new_tokens: int = 6
+    temperature: float = 1.0
+    top_p: float = 1.0
+    lr: float = 3e-4
+    critic_lr: float = 1e-3
+    weight_decay: float = 0.0
+    ppo_epochs: int = 1
+    num_minibatches: int = 2
+    max_grad_norm: float = 1.0
+    eval_every: int = 50
+    threads: int = 1
+    device: str = "cpu"
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation decoding; `k=1` with `temperature=0` is greedy accuracy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    k: int = 1
+    max_new_tokens: int = 0  # 0: the same as train.max_new_tokens
+    limit: int = 0  # 0: every problem of each benchmark
+    batch_size: int = 256
+
+
+@dataclass
+class RunConfig:
+    suite: str
+    algo: str
+    noise: str
+    seed: int
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    algo_options: dict[str, Any] = field(default_factory=dict)
+    suite_options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_assignments(items: list[str]) -> dict[str, str]:
+    """`["a.b=1", "c=x"]` -> `{"a.b": "1", "c": "x"}`."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise HarnessError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def convert(text: str, annotation: Any, key: str) -> Any:
+    """Parse `text` as the type `annotation` of config key `key`."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        if text.lower() in ("none", "null"):
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    try:
+        if annotation is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if annotation is int:
+            return int(text)
+        if annotation is float:
+            return float(text)
+        if annotation is str:
+            return text
+        if typing.get_origin(annotation) is tuple:
+            inner = typing.get_args(annotation)[0]
+            return tuple(convert(part, inner, key) for part in text.split(",") if part)
+    except ValueError:
+        raise HarnessError(f"--set {key}={text!r}: not a valid {getattr(annotation, '__name__', annotation)}") from None
+    raise HarnessError(f"--set {key}: cannot parse a value of type {annotation}")
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def set_dataclass_field(obj: Any, name: str, text: str, full_key: str) -> None:
+    types = field_types(type(obj))
+    if name not in types:
+        raise HarnessError(f"unknown config key {full_key!r} (valid: {', '.join(sorted(types))})")
+    setattr(obj, name, convert(text, types[name], full_key))
+
+
+def options_dataclass(options_cls: type, overrides: dict[str, str], owner: str) -> Any:
+    """An instance of `options_cls` with string `overrides` applied and validated."""
+    opts = options_cls()
+    for name, text in overrides.items():
+        set_dataclass_field(opts, name, text, f"{owner}.{name}")
+    validate = getattr(opts, "validate", None)
+    if validate is not None:
+        validate()
+    return opts
+
+
+SECTIONS = ("model", "train", "eval")
+
+
+def split_overrides(overrides: dict[str, str], algo_names: list[str]) -> dict[str, dict[str, str]]:
+    """Group `--set` keys by section: model/train/eval, `algo` (all algorithms),
+    each algorithm name, and `suite`; reject keys of no section."""
+    groups: dict[str, dict[str, str]] = {}
+    for key, value in overrides.items():
+        section, dot, rest = key.partition(".")
+        if not dot or not rest:
+            valid = ", ".join([*SECTIONS, "algo", "suite", *algo_names])
+            raise HarnessError(f"config key {key!r} needs a section prefix (valid sections: {valid})")
+        if section not in (*SECTIONS, "algo", "suite", *algo_names):
+            valid = ", ".join([*SECTIONS, "algo", "suite", *algo_names])
+            raise HarnessError(f"unknown config section {section!r} in {key!r} (valid: {valid})")
+        groups.setdefault(section, {})[rest] = value
+    return groups
+
+
+def apply_section_overrides(cfg: RunConfig, groups: dict[str, dict[str, str]]) -> None:
+    for section in SECTIONS:
+        for name, text in groups.get(section, {}).items():
+            set_dataclass_field(getattr(cfg, section), name, text, f"{section}.{name}")
+    validate_core(cfg)
+
+
+def validate_core(cfg: RunConfig) -> None:
+    t = cfg.train
+    positive = {
+        "train.steps": t.steps,
+        "train.prompts_per_step": t.prompts_per_step,
+        "train.group_size": t.group_size,
+        "train.max_new_tokens": t.max_new_tokens,
+        "train.ppo_epochs": t.ppo_epochs,
+        "train.num_minibatches": t.num_minibatches,
+        "train.eval_every": t.eval_every,
+        "train.threads": t.threads,
+        "eval.k": cfg.eval.k,
+        "eval.batch_size": cfg.eval.batch_size,
+        "model.warmstart_batch": cfg.model.warmstart_batch,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise HarnessError(f"{key} must be a positive integer, got {value}")
+    if t.temperature <= 0:
+        raise HarnessError(f"train.temperature must be > 0, got {t.temperature}")
+    for key, value in {"train.top_p": t.top_p, "eval.top_p": cfg.eval.top_p}.items():
+        if not 0 < value <= 1:
+            raise HarnessError(f"{key} must be in (0, 1], got {value}")
+    if cfg.eval.temperature < 0:
+        raise HarnessError(f"eval.temperature must be >= 0 (0 is greedy), got {cfg.eval.temperature}")
+    if cfg.eval.temperature == 0 and cfg.eval.k != 1:
+        raise HarnessError("eval.k > 1 needs eval.temperature > 0 (greedy decoding gives one answer)")
+    for key, value in {"train.lr": t.lr, "train.critic_lr": t.critic_lr}.items():
+        if not value > 0:
+            raise HarnessError(f"{key} must be > 0, got {value}")
+    if cfg.eval.limit < 0 or cfg.eval.max_new_tokens < 0 or cfg.model.warmstart_steps < 0:
+        raise HarnessError("eval.limit, eval.max_new_tokens and model.warmstart_steps must be >= 0")
+    if t.device not in ("cpu", "cuda", "auto"):
+        raise HarnessError(f"train.device must be cpu, cuda or auto, got {t.device!r}")
+    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
+        raise HarnessError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")

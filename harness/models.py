@@ -1,0 +1,160 @@
+"""Policy models: the offline tiny Llama (with a supervised warm start cached on disk) and
+Hugging Face models by hub id or local path."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from harness.config import ModelConfig
+from harness.errors import HarnessError
+from harness.seeding import derive_seed, seed_everything
+
+if TYPE_CHECKING:
+    from tasks.base import Suite
+
+TINY_TOKENIZER_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("HARNESS_CACHE", Path.home() / ".cache" / "harness"))
+
+
+def byte_tokenizer():
+    """A byte-level `PreTrainedTokenizerFast`: one token per byte plus <pad>, <s>, </s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for special in ("<pad>", "<s>", "</s>"):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
+    )
+
+
+def tiny_llama(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=pad_id,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def warmstart_key(cfg: ModelConfig, suite: "Suite", seed: int) -> str:
+    """Cache key of a warm start: suite and its options, model config, seed, tokenizer version."""
+    payload = {
+        "suite": suite.name,
+        "suite_options": dataclasses.asdict(suite.options),
+        "model": dataclasses.asdict(cfg),
+        "seed": seed,
+        "tokenizer": TINY_TOKENIZER_VERSION,
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{suite.name}-{digest}"
+
+
+def load_policy(cfg: ModelConfig, suite: "Suite", seed: int, cache_dir: Path | None, device: str, progress: bool = True):
+    """Return `(model, tokenizer)`; the tiny model comes warm-started (from the cache when present)."""
+    if cfg.name == "tiny":
+        cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        path = cache_dir / "warmstart" / warmstart_key(cfg, suite, seed)
+        if not (path / "done").exists():
+            build_tiny_warmstart(cfg, suite, seed, path, progress=progress)
+        return load_pretrained(str(path), cfg.dtype, device)
+    return load_pretrained(cfg.name, cfg.dtype, device)
+
+
+def load_pretrained(name: str, dtype: str, device: str):
+    """A causal LM and its tokenizer from a hub id or a local folder (left padding for rollouts)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(name).exists()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
+    except OSError as exc:
+        where = "local folder" if local else "Hugging Face id (offline? pass a local folder instead)"
+        raise HarnessError(f"cannot load model {name!r} as a {where}: {str(exc).splitlines()[0]}") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def build_tiny_warmstart(cfg: ModelConfig, suite: "Suite", seed: int, path: Path, progress: bool = True) -> None:
+    """Random-init tiny Llama, then supervised training on the suite's train split; saved atomically."""
+    tokenizer = byte_tokenizer()
+    seed_everything(seed, "model-init")
+    model = tiny_llama(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    examples = [(suite.format_prompt(p, tokenizer), suite.sft_target(p)) for p in suite.train_problems()]
+    if cfg.warmstart_steps > 0:
+        supervised_warmstart(model, tokenizer, examples, cfg, seed, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "done").write_text("ok\n")
+    if path.exists():  # a half-written folder from a crash: replace it
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def supervised_warmstart(model, tokenizer, examples: list[tuple[str, str]], cfg: ModelConfig, seed: int, progress: bool) -> None:
+    """Cross-entropy on the target tokens (and EOS) only, prompts left-padded, seeded batch order."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, "warmstart-order"))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmstart_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / max(cfg.warmstart_steps, 1))
+    model.train()
+    bar = tqdm(range(cfg.warmstart_steps), desc="warm start", leave=False, disable=not progress)
+    for _ in bar:
+        idx = torch.randint(len(examples), (cfg.warmstart_batch,), generator=gen).tolist()
+        input_ids, attention_mask, labels = sft_batch(tokenizer, [examples[i] for i in idx])
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
+        opt.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{out.loss.item():.3f}")
+    model.eval()
+
+
+def sft_batch(tokenizer, pairs: list[tuple[str, str]]):
+    """Left-padded `prompt + target + eos` with labels only on `target + eos`."""
+    seqs, label_seqs = [], []
+    for prompt, target in pairs:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        t = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        seqs.append(p + t)
+        label_seqs.append([-100] * len(p) + t)
+    width = max(len(s) for s in seqs)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+    labels = torch.tensor([[-100] * (width - len(s)) + s for s in label_seqs])
+    attention_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    return input_ids, attention_mask, labels

@@ -1,0 +1,295 @@
+"""The training core: one cell (suite x algorithm x noise x seed), every algorithm alike.
+
+    prompts (seeded order) -> rollout (G samples per prompt) -> clean reward (suite grader)
+    -> noise injector -> training reward -> reference log-probs (if the algorithm needs them)
+    -> critic forward (if it has one) -> algorithm.advantages -> update epochs
+    (algorithm.actor_loss, algorithm.critic_loss) -> metrics line; ID/OOD evaluation with clean
+    graders before the first step, every `eval_every` steps and at the end.
+
+`Trainer.train_step` is the whole step in one function.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from algorithms import ALGOS
+from algorithms.base import Batch, PolicyForward
+from algorithms.common import explained_variance, masked_mean
+from algorithms.critics import build_critic
+from harness import store
+from harness.config import RunConfig
+from harness.models import load_policy
+from harness.rollout import forward_response, generate
+from harness.seeding import derive_seed, seed_everything, torch_generator
+from noise import NoiseContext, parse_noise
+from tasks import SUITES
+from tasks.base import Benchmark, Problem
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, cell: Path, cache_dir: Path | None = None, progress: bool = True):
+        self.cfg = cfg
+        self.cell = Path(cell)
+        self.progress = progress
+        torch.set_num_threads(cfg.train.threads)
+        self.device = "cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else cfg.train.device
+        if self.device == "auto":
+            self.device = "cpu"
+
+        suite_cls = SUITES.get(cfg.suite)
+        self.suite = suite_cls(suite_cls.Options(**cfg.suite_options), cfg.seed)
+        algo_cls = ALGOS.get(cfg.algo)
+        self.algo = algo_cls(algo_cls.Options(**cfg.algo_options))
+        self.noise = parse_noise(cfg.noise)
+
+        self.policy, self.tokenizer = load_policy(cfg.model, self.suite, cfg.seed, cache_dir, self.device, progress)
+        self.policy.eval()  # no dropout: rollout and update see the same function
+        self.reference = None
+        if self.algo.needs_reference():
+            self.reference = copy.deepcopy(self.policy).requires_grad_(False)
+        seed_everything(cfg.seed, "heads-init")
+        self.critic = None
+        if self.algo.critic != "none":
+            self.critic = build_critic(self.algo.critic, self.policy, self.algo.critic_options())
+        self.heads = nn.ModuleDict(self.algo.extra_heads(self.policy.config.hidden_size)).to(self.device)
+
+        t = cfg.train
+        self.actor_params = [*self.policy.parameters(), *self.heads.parameters()]
+        self.actor_opt = torch.optim.AdamW(self.actor_params, lr=t.lr, weight_decay=t.weight_decay)
+        self.critic_opt = None
+        if self.critic is not None:
+            self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=t.critic_lr, weight_decay=t.weight_decay)
+
+        self.train_set = self.suite.train_problems()
+        self.benchmarks = self.suite.eval_benchmarks()
+        self.prompt_cache: dict[str, list[int]] = {}
+
+    # ---- data -------------------------------------------------------------------------------
+
+    def step_problems(self, step: int) -> list[Problem]:
+        """The prompts of a step: a seeded permutation per epoch over the train split."""
+        n, k = len(self.train_set), self.cfg.train.prompts_per_step
+        out = []
+        for i in range((step - 1) * k, step * k):
+            epoch, pos = divmod(i, n)
+            order = torch.randperm(n, generator=torch_generator(self.cfg.seed, "data-order", epoch))
+            out.append(self.train_set[int(order[pos])])
+        return out
+
+    def encode(self, problem: Problem) -> list[int]:
+        if problem.id not in self.prompt_cache:
+            text = self.suite.format_prompt(problem, self.tokenizer)
+            self.prompt_cache[problem.id] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.prompt_cache[problem.id]
+
+    def decode(self, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        lengths = mask.sum(-1).long().tolist()
+        return [self.tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(responses, lengths)]
+
+    # ---- the training step ------------------------------------------------------------------
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        timer = PhaseTimer()
+        problems = [p for p in self.step_problems(step) for _ in range(t.group_size)]
+        group_ids = torch.arange(t.prompts_per_step).repeat_interleave(t.group_size)
+        sample_idx = list(range(t.group_size)) * t.prompts_per_step
+
+        with timer("rollout"):
+            roll = generate(
+                self.policy, [self.encode(p) for p in problems], max_new_tokens=t.max_new_tokens,
+                eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
+                temperature=t.temperature, top_p=t.top_p, generator=torch_generator(cfg.seed, "rollout", step),
+            )
+            mask = roll.response_mask
+            texts = self.decode(roll.responses, mask)
+        with timer("reward"):
+            clean = torch.tensor([self.suite.grade(text, p) for text, p in zip(texts, problems)], dtype=torch.float32)
+        with timer("noise"):
+            ctx = NoiseContext(seed=cfg.seed, step=step, prompt_ids=[p.id for p in problems], sample_idx=sample_idx,
+                               response_lengths=mask.sum(-1).long().tolist(), max_length=t.max_new_tokens)
+            scores, noise_stats = self.noise.apply(clean, ctx)
+
+        batch = Batch(
+            input_ids=roll.input_ids, attention_mask=roll.attention_mask, responses=roll.responses,
+            response_mask=mask, scores=scores.to(self.device), clean_scores=clean.to(self.device),
+            group_ids=group_ids.to(self.device), prompt_len=roll.prompt_len,
+        )
+        with torch.no_grad():
+            with timer("old_logp"):
+                batch["old_logp"], _, _ = forward_response(self.policy, roll.input_ids, roll.attention_mask,
+                                                           roll.prompt_len, t.temperature)
+            if self.reference is not None:
+                with timer("reference"):
+                    batch["ref_logp"], _, _ = forward_response(self.reference, roll.input_ids, roll.attention_mask,
+                                                               roll.prompt_len, t.temperature)
+            if self.critic is not None:
+                with timer("critic"):
+                    batch["old_values"] = self.critic(roll.input_ids, roll.attention_mask, roll.prompt_len)
+            with timer("advantages"):
+                adv_metrics = self.algo.advantages(batch)
+
+        with timer("update"):
+            update_metrics = self.update(batch, step)
+
+        n_tokens = float(mask.sum())
+        metrics: dict[str, Any] = {
+            "step": step,
+            "reward/clean_mean": float(clean.mean()),
+            "reward/train_mean": float(scores.mean()),
+            **noise_stats,
+            "response/length_mean": n_tokens / mask.shape[0],
+            **adv_metrics,
+            **update_metrics,
+        }
+        if "ref_logp" in batch:
+            metrics["actor/kl_ref"] = float(masked_mean(batch["old_logp"] - batch["ref_logp"], mask))
+        if "returns" in batch and "old_values" in batch and batch["old_values"].dim() == 2:
+            metrics["critic/explained_var"] = float(explained_variance(batch["old_values"], batch["returns"], mask))
+        metrics.update({f"time/{k}": v for k, v in timer.seconds.items()})
+        metrics["time/step"] = sum(timer.seconds.values())
+        metrics["throughput/tokens_per_s"] = n_tokens / max(timer.seconds["rollout"], 1e-9)
+        return metrics
+
+    def update(self, batch: Batch, step: int) -> dict[str, float]:
+        t = self.cfg.train
+        sums: dict[str, float] = {}
+        count = 0
+        for epoch in range(t.ppo_epochs):
+            order = torch.randperm(batch.size, generator=torch_generator(self.cfg.seed, "minibatch", step, epoch))
+            for index in order.chunk(t.num_minibatches):
+                mb = batch.select(index.to(self.device))
+                logp, entropy, hidden = forward_response(self.policy, mb["input_ids"], mb["attention_mask"],
+                                                         mb.prompt_len, t.temperature, want_hidden=self.algo.needs_hidden)
+                loss, metrics = self.algo.actor_loss(mb, PolicyForward(logp, entropy, hidden), self.heads)
+                metrics["actor/entropy"] = float(masked_mean(entropy.detach(), mb["response_mask"]))
+                metrics["actor/grad_norm"] = self.optimise(loss, self.actor_opt, self.actor_params, "actor", step)
+                if self.critic is not None:
+                    out = self.critic(mb["input_ids"], mb["attention_mask"], mb.prompt_len)
+                    closs, cmetrics = self.algo.critic_loss(mb, out)
+                    cmetrics["critic/grad_norm"] = self.optimise(closs, self.critic_opt, list(self.critic.parameters()), "critic", step)
+                    metrics.update(cmetrics)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+        return {k: v / count for k, v in sums.items()}
+
+    def optimise(self, loss: torch.Tensor, opt: torch.optim.Optimizer, params: list, which: str, step: int) -> float:
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"non-finite {which} loss ({float(loss)}) at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
+        if not torch.isfinite(norm):
+            raise NonFiniteLoss(f"non-finite {which} gradient norm at step {step}")
+        opt.step()
+        return float(norm)
+
+    # ---- evaluation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> list[dict[str, Any]]:
+        """Clean-grader evaluation of every benchmark; one row per (benchmark, metric)."""
+        e, t = self.cfg.eval, self.cfg.train
+        max_new = e.max_new_tokens or t.max_new_tokens
+        rows = []
+        for bench in self.benchmarks:
+            problems = bench.problems[: e.limit] if e.limit else bench.problems
+            correct = self.eval_correct(bench, problems, step, max_new)
+            decoding = {"temperature": e.temperature, "top_p": e.top_p, "k": e.k, "max_new_tokens": max_new,
+                        "greedy": e.temperature == 0}
+            base = {"step": step, "benchmark": bench.name, "role": bench.role, "n_problems": len(problems),
+                    "grader": bench.grader, "prompt_template": self.prompt_template_id(), "seed": self.cfg.seed,
+                    **decoding}
+            if e.k == 1:
+                rows.append({**base, "metric": "accuracy", "value": sum(c[0] for c in correct) / len(problems)})
+            else:
+                rows.append({**base, "metric": f"avg@{e.k}", "value": sum(sum(c) / e.k for c in correct) / len(problems)})
+                rows.append({**base, "metric": f"pass@{e.k}",
+                             "value": sum(pass_at_k(e.k, sum(c), e.k) for c in correct) / len(problems)})
+        return rows
+
+    def eval_correct(self, bench: Benchmark, problems: list[Problem], step: int, max_new: int) -> list[list[int]]:
+        e = self.cfg.eval
+        repeated = [p for p in problems for _ in range(e.k)]
+        gen = torch_generator(self.cfg.seed, "eval", step, bench.name)
+        grades: list[int] = []
+        for start in range(0, len(repeated), e.batch_size):
+            chunk = repeated[start:start + e.batch_size]
+            roll = generate(self.policy, [self.encode(p) for p in chunk], max_new_tokens=max_new,
+                            eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
+                            temperature=e.temperature, top_p=e.top_p, generator=gen)
+            texts = self.decode(roll.responses, roll.response_mask)
+            grades += [int(self.suite.grade(text, p) >= 1.0) for text, p in zip(texts, chunk)]
+        return [grades[i * e.k:(i + 1) * e.k] for i in range(len(problems))]
+
+    def prompt_template_id(self) -> str:
+        return "chat" if getattr(self.tokenizer, "chat_template", None) else "raw"
+
+    # ---- the cell ---------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Train for `train.steps`, evaluating at 0, every `eval_every` steps and at the end."""
+        t = self.cfg.train
+        metrics_path, eval_path = self.cell / "metrics.jsonl", self.cell / "eval.jsonl"
+        rows = self.evaluate(0)
+        store.append_jsonl(eval_path, rows)
+        summary = summarise(rows)
+        bar = tqdm(range(1, t.steps + 1), desc=f"{self.cfg.algo}/{self.cfg.noise}/seed{self.cfg.seed}",
+                   leave=False, disable=not self.progress)
+        for step in bar:
+            metrics = self.train_step(step)
+            if step % t.eval_every == 0 or step == t.steps:
+                rows = self.evaluate(step)
+                store.append_jsonl(eval_path, rows)
+                summary = summarise(rows)
+                metrics.update({f"eval/{k}": v for k, v in summary.items()})
+            store.append_jsonl(metrics_path, [metrics])
+            bar.set_postfix(reward=f"{metrics['reward/clean_mean']:.2f}",
+                            **{k: f"{v:.2f}" for k, v in summary.items()})
+        return {"final_step": t.steps, **summary}
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean of the primary metric over the benchmarks of each role: {"ID_accuracy": .., "OOD_accuracy": ..}."""
+    out: dict[str, list[float]] = {}
+    for row in rows:
+        if row["metric"] in ("accuracy",) or row["metric"].startswith("avg@"):
+            out.setdefault(f"{row['role']}_accuracy", []).append(row["value"])
+    return {k: sum(v) / len(v) for k, v in out.items()}
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._name = ""
+        self._start = 0.0
+
+    def __call__(self, name: str) -> "PhaseTimer":
+        self._name = name
+        return self
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.seconds[self._name] = self.seconds.get(self._name, 0.0) + time.perf_counter() - self._start

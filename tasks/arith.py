@@ -1,0 +1,83 @@
+"""`arith`: procedurally generated integer arithmetic, the offline testbed.
+
+Problems are `a+b=` and `a-b=` with operands in [min_operand, max_operand], always written with
+the larger operand first (a >= b) in training and in the in-domain (ID) split. The out-of-domain
+(OOD) split asks `a+b=` with a < b: operand order never seen in training, so the model must
+have learned that addition commutes rather than a lookup keyed on the written order. Every
+operand and answer value occurs in training. Train and ID-eval splits are disjoint.
+Everything is fixed by the run seed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.errors import HarnessError
+from harness.seeding import numpy_rng, uniform
+from tasks.base import SUITES, Benchmark, Problem, Suite
+
+
+@dataclass
+class ArithOptions:
+    ops: str = "+-"
+    min_operand: int = 0
+    max_operand: int = 29
+    n_train: int = 4000
+    verbose_frac: float = 0.5  # fraction of warm-start targets written as "is <answer>"
+    n_eval: int = 200
+
+    def validate(self) -> None:
+        if not self.ops or set(self.ops) - set("+-*"):
+            raise HarnessError(f"suite.ops must be a non-empty subset of '+-*', got {self.ops!r}")
+        if not 0 <= self.min_operand < self.max_operand:
+            raise HarnessError(f"suite operands must satisfy 0 <= min_operand < max_operand, got "
+                               f"{self.min_operand}, {self.max_operand}")
+        if "+" not in self.ops:
+            raise HarnessError("suite.ops must include '+': the OOD split is a+b with the smaller operand first")
+        if not 0 <= self.verbose_frac <= 1:
+            raise HarnessError(f"suite.verbose_frac must lie in [0, 1], got {self.verbose_frac}")
+        if self.n_train < 1 or self.n_eval < 1:
+            raise HarnessError("suite.n_train and suite.n_eval must be positive")
+
+
+def make_problem(a: int, op: str, b: int) -> Problem:
+    value = {"+": a + b, "-": a - b, "*": a * b}[op]
+    text = f"{a}{op}{b}="
+    return Problem(id=f"arith:{a}{op}{b}", prompt=text, answer=str(value))
+
+
+@SUITES.register("arith")
+class ArithSuite(Suite):
+    name = "arith"
+    description = "integer arithmetic a+b, a-b; OOD = operand order unseen in training (offline testbed)"
+    Options = ArithOptions
+
+    def __init__(self, options: ArithOptions, seed: int):
+        super().__init__(options, seed)
+        o = options
+        rng = numpy_rng(seed, "suite-data", "arith")
+        operands = range(o.min_operand, o.max_operand + 1)
+        id_space = [make_problem(a, op, b) for a in operands for b in operands for op in o.ops if a >= b]
+        ood_space = [make_problem(a, "+", b) for a in operands for b in operands if a < b]
+        order = rng.permutation(len(id_space))
+        n_eval = min(o.n_eval, len(id_space) // 2)
+        self._id_eval = [id_space[i] for i in order[:n_eval]]
+        self._train = [id_space[i] for i in order[n_eval:n_eval + o.n_train]]
+        ood_order = rng.permutation(len(ood_space))
+        self._ood_eval = [ood_space[i] for i in ood_order[:o.n_eval]]
+
+    def train_problems(self) -> list[Problem]:
+        return self._train
+
+    def eval_benchmarks(self) -> list[Benchmark]:
+        return [
+            Benchmark("arith_id", "ID", self._id_eval, "exact_match-v1"),
+            Benchmark("arith_ood", "OOD", self._ood_eval, "exact_match-v1"),
+        ]
+
+    def sft_target(self, problem: Problem) -> str:
+        if uniform(self.seed, "sft-style", problem.id) < self.options.verbose_frac:
+            return f"is {problem.answer}"
+        return problem.answer
+
+    def grade(self, response: str, problem: Problem) -> float:
+        return float(response.strip() == problem.answer)

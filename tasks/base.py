@@ -1,0 +1,60 @@
+"""What a task suite provides to the training core: problems, benchmarks with roles, a grader."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from harness.registry import Registry
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str  # stable across runs: noise draws and pseudo-labels are keyed by it
+    prompt: str
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass
+class Benchmark:
+    name: str
+    role: str  # "ID" or "OOD"
+    problems: list[Problem]
+    grader: str  # name and version of the grader, stored with every eval row
+
+
+class Suite:
+    """A task suite. Subclasses set `name`, `description`, `Options` and implement the methods."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Options: ClassVar[type]
+
+    def __init__(self, options: Any, seed: int):
+        self.options = options
+        self.seed = seed
+
+    def train_problems(self) -> list[Problem]:
+        raise NotImplementedError
+
+    def eval_benchmarks(self) -> list[Benchmark]:
+        raise NotImplementedError
+
+    def grade(self, response: str, problem: Problem) -> float:
+        """Clean reward of one response: 1.0 correct, 0.0 wrong (a verifier, never noisy)."""
+        raise NotImplementedError
+
+    def sft_target(self, problem: Problem) -> str:
+        """The response text a supervised warm start trains on."""
+        return problem.answer
+
+    def format_prompt(self, problem: Problem, tokenizer) -> str:
+        """The prompt text, through the tokenizer's chat template when it has one."""
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": problem.prompt}], tokenize=False, add_generation_prompt=True
+            )
+        return problem.prompt
+
+
+SUITES: Registry[type[Suite]] = Registry("suite")

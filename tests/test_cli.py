@@ -1,0 +1,68 @@
+"""`harness run` / `harness report` / `harness list` through the command line, and bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.cli import main
+from tests.conftest import fast_args
+
+
+def test_run_then_report_end_to_end(tmp_path, cache_dir, capsys):
+    out = tmp_path / "runs"
+    args = ["run", "--algos", "ppo,grpo", "--noise", "none,flip0.2", "--seeds", "1", "--steps", "2",
+            "--out", str(out), "--cache-dir", str(cache_dir), "--quiet", *fast_args()]
+    assert main(args) == 0
+    cells = sorted(p.relative_to(out).as_posix() for p in out.glob("*/*/*/seed*"))
+    assert cells == ["arith/grpo/flip0.2/seed0", "arith/grpo/none/seed0", "arith/ppo/flip0.2/seed0", "arith/ppo/none/seed0"]
+    for cell in out.glob("*/*/*/seed*"):
+        assert json.loads((cell / "status.json").read_text())["state"] == "done"
+        assert len((cell / "metrics.jsonl").read_text().splitlines()) == 2
+
+    # A second run skips the finished cells and changes nothing.
+    before = {p: p.read_text() for p in out.rglob("metrics.jsonl")}
+    assert main(args) == 0
+    assert "0 done, 4 already done" in capsys.readouterr().out
+    assert before == {p: p.read_text() for p in out.rglob("metrics.jsonl")}
+
+    assert main(["report", "--runs", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "## arith" in report
+    for algo in ("ppo", "grpo"):
+        for noise in ("none", "flip0.2"):
+            assert f"| {algo} | {noise} | 1 |" in report
+
+
+def test_list_commands(capsys):
+    for what, expected in (("algos", ["ppo", "grpo"]), ("suites", ["arith"]), ("noise", ["flipP", "none"])):
+        assert main(["list", what]) == 0
+        text = capsys.readouterr().out
+        for name in expected:
+            assert name in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--algos", "foo"], "unknown algorithm 'foo' (valid: grpo, ppo"),
+    (["run", "--suite", "nope"], "unknown suite 'nope' (valid: arith"),
+    (["run", "--noise", "bogus0.1"], "unknown noise 'bogus'"),
+    (["run", "--noise", "flip1.5"], "out of range [0, 1]"),
+    (["run", "--steps", "0"], "--steps must be a positive integer"),
+    (["run", "--seeds", "x"], "--seeds takes a count"),
+    (["run", "--set", "train.lr=abc"], "train.lr"),
+    (["run", "--set", "train.nope=1"], "unknown config key 'train.nope'"),
+    (["run", "--set", "ppo.gamma=2"], "gamma and lam must lie in [0, 1]"),
+    (["run", "--algos", "grpo", "--set", "algo.gamma=0.9"], "option of none of: grpo"),
+    (["run", "--set", "suite.verbose_frac=1.5"], "verbose_frac"),
+    (["report", "--runs", "does-not-exist"], "no runs found"),
+    (["list", "things"], "invalid choice"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if args[0] == "run":
+        args = [*args, "--out", str(tmp_path / "runs")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("harness: error: ")
+    assert message in err
+    assert list(tmp_path.iterdir()) == []
