@@ -91,7 +91,9 @@ def load_policy(cfg: ModelConfig, suite: "Suite", seed: int, cache_dir: Path | N
 def load_pretrained(name: str, dtype: str, device: str):
     """A causal LM and its tokenizer from a hub id or a local folder (left padding for rollouts)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the harness shows its own progress
     local = Path(name).exists()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
@@ -115,6 +117,9 @@ def build_tiny_warmstart(cfg: ModelConfig, suite: "Suite", seed: int, path: Path
         supervised_warmstart(model, tokenizer, examples, cfg, seed, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "done").write_text("ok\n")
