@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
 from harness.errors import HarnessError
+from harness.store import atomic_write_text
 
 LAYOUT = "<runs>/<suite>/<algo>/<noise>/seed<k>/eval.jsonl"
 COLUMNS = ["suite", "algo", "noise", "seed", "state", "step", "id_acc", "ood_acc"]
@@ -157,26 +156,10 @@ def render_report(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_report(runs_dir: Path, out: Path | None = None) -> Path:
     """Collect final scores under ``runs_dir`` and write the Markdown report (default
     ``runs_dir / "report.md"``) atomically; returns its path."""
     runs_dir = Path(runs_dir)
     out = Path(out) if out is not None else runs_dir / "report.md"
-    write_atomic(out, render_report(collect_final_scores(runs_dir)))
+    atomic_write_text(out, render_report(collect_final_scores(runs_dir)))
     return out

@@ -137,7 +137,7 @@ def test_atomic_write_keeps_old_file_on_failure(runs, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(tables.os, "replace", boom)
+    monkeypatch.setattr("harness.store.os.replace", boom)
     with pytest.raises(OSError, match="disk full"):
         write_report(runs)
     assert path.read_text() == "old"
