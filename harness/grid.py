@@ -124,7 +124,8 @@ def run_grid(cells: list[Cell], cache_dir: Path | None = None, progress: bool = 
         except KeyboardInterrupt:
             store.write_status(cell.path, "failed", reason="interrupted")
             raise
-        except HarnessError:
+        except HarnessError as exc:  # bad input met inside a cell (a model that cannot load): stop the grid
+            store.write_status(cell.path, "failed", reason=str(exc))
             raise
         except Exception as exc:  # a failing cell must not stop the grid
             reason = f"{type(exc).__name__}: {exc}"

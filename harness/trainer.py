@@ -28,7 +28,7 @@ from harness import store
 from harness.config import RunConfig
 from harness.models import load_policy
 from harness.rollout import forward_response, generate
-from harness.seeding import derive_seed, seed_everything, torch_generator
+from harness.seeding import seed_everything, torch_generator
 from noise import NoiseContext, parse_noise
 from tasks import SUITES
 from tasks.base import Benchmark, Problem
@@ -51,9 +51,9 @@ class Trainer:
         self.cell = Path(cell)
         self.progress = progress
         torch.set_num_threads(cfg.train.threads)
-        self.device = "cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else cfg.train.device
+        self.device = cfg.train.device
         if self.device == "auto":
-            self.device = "cpu"
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
         suite_cls = SUITES.get(cfg.suite)
         self.suite = suite_cls(suite_cls.Options(**cfg.suite_options), cfg.seed)
