@@ -39,7 +39,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     steps: int = 200
-    prompts_per_step: int = 16
+    prompts_per_step: int = 32
     group_size: int = 4
     max_new_tokens: int = 6
     temperature: float = 1.0
