@@ -13,12 +13,16 @@ and supplies the math:
 
 - `advantages(batch)`: fills `batch["advantages"]` (and `batch["returns"]` for critics) in place;
 - `actor_loss(mb, fwd, heads)`: the policy loss on a minibatch;
-- `critic_loss(mb, critic_out)`: the critic loss on a minibatch (critic algorithms only).
+- `critic_loss(mb, critic)`: the critic loss on a minibatch (critic algorithms only); it receives the
+  critic module (`algorithms.critics.Critic`) so that it can evaluate the head as it needs
+  (`critic.on_batch(mb)` for the head's output, `critic.states(...)` and the head's own methods
+  for critics such as a flow field that are queried at sampled points).
 
 Batch keys the trainer provides (B sequences, P prompt columns, T response columns):
 `input_ids [B, P+T]`, `attention_mask [B, P+T]`, `responses [B, T]`, `response_mask [B, T]`,
 `old_logp [B, T]`, `ref_logp [B, T]` (if needed), `scores [B]` (training reward, after noise),
-`clean_scores [B]`, `group_ids [B]`, `old_values [B, T, ...]` (critic output before the update).
+`clean_scores [B]`, `group_ids [B]`, `old_values [B, T, ...]` (the critic head's output before the
+update, computed without gradients).
 """
 from __future__ import annotations
 
@@ -84,7 +88,7 @@ class Algorithm:
     def actor_loss(self, mb: Batch, fwd: PolicyForward, heads: nn.ModuleDict) -> LossAndMetrics:
         raise NotImplementedError
 
-    def critic_loss(self, mb: Batch, critic_out: torch.Tensor) -> LossAndMetrics:
+    def critic_loss(self, mb: Batch, critic: nn.Module) -> LossAndMetrics:
         raise NotImplementedError(f"{self.name} has no critic")
 
 

@@ -38,12 +38,19 @@ class Critic(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        """Backbone hidden states of the state s_t before each response token: `[B, T, d]`."""
         hidden = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
         ).last_hidden_state
-        states = hidden[:, prompt_len - 1:-1]  # state before each response token
-        return self.head(states)
+        return hidden[:, prompt_len - 1:-1]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        return self.head(self.states(input_ids, attention_mask, prompt_len))
+
+    def on_batch(self, mb) -> torch.Tensor:
+        """The head's output on a `Batch` (its `input_ids`, `attention_mask`, `prompt_len`)."""
+        return self(mb["input_ids"], mb["attention_mask"], mb.prompt_len)
 
 
 def build_critic(kind: str, policy: nn.Module, options: dict) -> Critic:

@@ -189,6 +189,6 @@ class PPO(Algorithm):
     def actor_loss(self, mb: Batch, fwd: PolicyForward, heads) -> tuple[torch.Tensor, dict[str, float]]:
         return actor_objective(mb, fwd, self.opts)
 
-    def critic_loss(self, mb: Batch, critic_out: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        return clipped_value_loss(critic_out, mb["old_values"], mb["returns"], mb["response_mask"],
+    def critic_loss(self, mb: Batch, critic) -> tuple[torch.Tensor, dict[str, float]]:
+        return clipped_value_loss(critic.on_batch(mb), mb["old_values"], mb["returns"], mb["response_mask"],
                                   self.opts.value_clip, self.opts.agg_mode)

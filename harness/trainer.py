@@ -184,8 +184,7 @@ class Trainer:
                 metrics["actor/entropy"] = float(masked_mean(entropy.detach(), mb["response_mask"]))
                 metrics["actor/grad_norm"] = self.optimise(loss, self.actor_opt, self.actor_params, "actor", step)
                 if self.critic is not None:
-                    out = self.critic(mb["input_ids"], mb["attention_mask"], mb.prompt_len)
-                    closs, cmetrics = self.algo.critic_loss(mb, out)
+                    closs, cmetrics = self.algo.critic_loss(mb, self.critic)
                     cmetrics["critic/grad_norm"] = self.optimise(closs, self.critic_opt, list(self.critic.parameters()), "critic", step)
                     metrics.update(cmetrics)
                 for k, v in metrics.items():
