@@ -1,5 +1,14 @@
-"""Algorithms: the registry, shared tensor math (`common`), critics, one module per algorithm."""
-from algorithms import grpo, ppo  # noqa: F401  (register the algorithms)
+"""Algorithms: the registry, shared tensor math (`common`), critics, one module per algorithm.
+
+Every module of this package is imported here, so an algorithm registers itself by being a
+module with an `@ALGOS.register(name)` class: adding one is one new file.
+"""
+import importlib
+import pkgutil
+
 from algorithms.base import ALGOS, Algorithm, Batch, PolicyForward
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = ["ALGOS", "Algorithm", "Batch", "PolicyForward"]
