@@ -310,9 +310,10 @@ def length_error_probs(lengths: torch.Tensor, p: float) -> torch.Tensor:
     if n == 0:
         return torch.zeros(0, dtype=torch.float64)
     x = lengths.double()
-    below = (x[None, :] < x[:, None]).sum(1).double()  # [N] samples strictly shorter
-    equal = (x[None, :] == x[:, None]).sum(1).double()  # [N] samples of the same length (self included)
-    u = (below + (equal + 1) / 2 - 0.5) / n  # midrank (1-based) - 1/2, over N
+    ordered = torch.sort(x).values
+    below = torch.searchsorted(ordered, x, right=False).double()  # [N] samples strictly shorter
+    not_above = torch.searchsorted(ordered, x, right=True).double()  # [N] samples no longer (self included)
+    u = (below + not_above) / (2 * n)  # (midrank - 1/2) / N with midrank = (below + not_above + 1) / 2
     if p >= 0.5:
         return 2 * (1 - p) * u
     return 1 - 2 * p * (1 - u)
