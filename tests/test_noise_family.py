@@ -135,10 +135,10 @@ def test_gauss_zero_std_batch_is_unchanged():
 
 def test_length_adds_exactly_c_len_over_l():
     r = torch.tensor([0.0, 1.0, 1.0, 0.0])
-    ctx = make_ctx(4, lengths=[0, 5, 10, 3], max_length=10)
+    ctx = make_ctx(4, lengths=[0, 5, 10, 3], max_length=20)  # L is the generation limit, not the batch max
     noisy, stats = parse_noise("length0.3").apply(r, ctx)
-    assert torch.allclose(noisy, torch.tensor([0.0, 1.15, 1.3, 0.09]), atol=1e-7)
-    assert stats["noise/length_bonus"] == pytest.approx((0 + 0.15 + 0.3 + 0.09) / 4)
+    assert torch.allclose(noisy, torch.tensor([0.0, 1.075, 1.15, 0.045]), atol=1e-7)
+    assert stats["noise/length_bonus"] == pytest.approx((0 + 0.075 + 0.15 + 0.045) / 4)
     with pytest.raises(ValueError, match="response_lengths, max_length"):
         parse_noise("length0.3").apply(r, make_ctx(4))
 
