@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -126,7 +127,8 @@ class Trainer:
             clean = torch.tensor([self.suite.grade(text, p) for text, p in zip(texts, problems)], dtype=torch.float32)
         with timer("noise"):
             ctx = NoiseContext(seed=cfg.seed, step=step, prompt_ids=[p.id for p in problems], sample_idx=sample_idx,
-                               response_lengths=mask.sum(-1).long().tolist(), max_length=t.max_new_tokens)
+                               response_lengths=mask.sum(-1).long().tolist(), max_length=t.max_new_tokens,
+                               regrade=lambda i, gold: self.suite.grade(texts[i], dataclasses.replace(problems[i], answer=gold)))
             scores, noise_stats = self.noise.apply(clean, ctx)
 
         batch = Batch(
@@ -169,6 +171,25 @@ class Trainer:
         metrics["time/step"] = sum(timer.seconds.values())
         metrics["throughput/tokens_per_s"] = n_tokens / max(timer.seconds["rollout"], 1e-9)
         return metrics
+
+    @torch.no_grad()
+    def label_votes(self, k: int) -> dict[str, list[tuple[str | None, float]]]:
+        """k samples of the current (initial) policy for each train problem that steps 1..train.steps
+        draw: problem id -> k (extracted answer or None, clean grade) pairs, for pseudo-label noise."""
+        t = self.cfg.train
+        drawn = {p.id: p for step in range(1, t.steps + 1) for p in self.step_problems(step)}
+        repeated = [p for p in drawn.values() for _ in range(k)]
+        extract = getattr(self.suite, "extract_answer", None) or (lambda text: text.strip() or None)
+        gen = torch_generator(self.cfg.seed, "pseudo-label")
+        votes: dict[str, list[tuple[str | None, float]]] = {}
+        for start in range(0, len(repeated), t.prompts_per_step * t.group_size):
+            chunk = repeated[start:start + t.prompts_per_step * t.group_size]
+            roll = generate(self.policy, [self.encode(p) for p in chunk], max_new_tokens=t.max_new_tokens,
+                            eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
+                            temperature=t.temperature, top_p=t.top_p, generator=gen)
+            for text, p in zip(self.decode(roll.responses, roll.response_mask), chunk):
+                votes.setdefault(p.id, []).append((extract(text), self.suite.grade(text, p)))
+        return votes
 
     def update(self, batch: Batch, step: int) -> dict[str, float]:
         t = self.cfg.train
@@ -250,6 +271,8 @@ class Trainer:
         """Train for `train.steps`, evaluating at 0, every `eval_every` steps and at the end."""
         t = self.cfg.train
         metrics_path, eval_path = self.cell / "metrics.jsonl", self.cell / "eval.jsonl"
+        if k := self.noise.needs_labels():  # pseudo-labels come from the initial policy, before step 1
+            self.noise.set_labels(self.label_votes(k))
         rows = self.evaluate(0)
         store.append_jsonl(eval_path, rows)
         summary = summarise(rows)

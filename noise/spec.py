@@ -58,6 +58,16 @@ class NoiseSpec:
     def is_clean(self) -> bool:
         return self.name == "none"
 
+    def needs_labels(self) -> int:
+        """K when an injector needs K samples per problem from the initial policy (``pseudoK``), else 0."""
+        return max(inj.needs_labels() for inj in self.injectors)
+
+    def set_labels(self, votes: dict[str, list[tuple[str | None, float]]]) -> None:
+        """Hand per-problem (answer, clean grade) samples of the initial policy to the injectors that asked."""
+        for inj in self.injectors:
+            if inj.needs_labels():
+                inj.set_labels(votes)
+
     def apply(self, rewards: torch.Tensor, ctx: NoiseContext) -> tuple[torch.Tensor, dict[str, float]]:
         """CLEAN rewards [N] -> (noisy rewards [N], stats). The input tensor is not modified.
 
