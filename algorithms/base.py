@@ -8,6 +8,10 @@ The trainer never branches on an algorithm's name. An algorithm *declares* what 
 - `extra_heads(hidden_size)`: extra trainable modules on the policy (FlowRL's log-partition head),
   optimised with the actor and never part of the rollout engine's weights;
 - `needs_hidden`: whether the actor loss needs the policy's last hidden states;
+- `heads_lr_scale()`: the extra heads' learning rate as a multiple of the actor's;
+- `keep_groups(scores)` and `extra_sampling_rounds()`: dynamic sampling (DAPO). When
+  `keep_groups` returns a mask, the trainer trains only on the kept groups and rolls out up to
+  `extra_sampling_rounds()` more rounds of fresh prompts to fill `prompts_per_step` groups;
 
 and supplies the math:
 
@@ -82,6 +86,17 @@ class Algorithm:
     def extra_heads(self, hidden_size: int) -> dict[str, nn.Module]:
         return {}
 
+    def heads_lr_scale(self) -> float:
+        return 1.0
+
+    def keep_groups(self, scores: torch.Tensor) -> torch.Tensor | None:
+        """`scores [n, G]` (training rewards of n groups of G samples) -> `[n]` bool, the groups to
+        train on; None (the default) keeps every group and draws no extra prompts."""
+        return None
+
+    def extra_sampling_rounds(self) -> int:
+        return 0
+
     def advantages(self, batch: Batch) -> dict[str, float]:
         raise NotImplementedError
 
@@ -98,6 +113,11 @@ ALGOS: Registry[type[Algorithm]] = Registry("algorithm")
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     """Index of each row's last valid token; `mask [B, T]` right-padded -> `[B]` (0 for empty rows)."""
     return (mask.sum(-1).long() - 1).clamp(min=0)
+
+
+def informative_groups(scores: torch.Tensor) -> torch.Tensor:
+    """`scores [n, G]` -> `[n]` bool: True where a group's rewards are not all equal (DAPO)."""
+    return scores.amax(-1) > scores.amin(-1)
 
 
 def outcome_token_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

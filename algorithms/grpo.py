@@ -1,12 +1,14 @@
 """GRPO and its variants Dr. GRPO and DAPO (spec §4)."""
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from algorithms.base import ALGOS, Algorithm, Batch, PolicyForward
+from algorithms.base import ALGOS, Algorithm, Batch, PolicyForward, informative_groups
 from algorithms.common import KL_KINDS
 from algorithms.ppo import actor_objective, check_clip_options
 from harness.errors import HarnessError
@@ -46,6 +48,17 @@ def group_advantages(
     return torch.where(singleton, torch.zeros_like(adv), adv)
 
 
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, Eq. 13), added to the outcome reward.
+
+    lengths: ``[N]`` response lengths. With L_max = ``max_len`` and L_cache = ``buffer_len``:
+    0 for |y| <= L_max - L_cache, then linear down to -``factor`` at |y| = L_max, and
+    -``factor`` beyond. Returns ``[N]`` float.
+    """
+    over = (lengths.float() - (max_len - buffer_len)) / buffer_len
+    return -factor * over.clamp(0.0, 1.0)
+
+
 # ---- the algorithm ----
 
 
@@ -61,9 +74,22 @@ class GRPOOptions:
     adv_eps: float = 1e-6
     agg_mode: str = "seq-mean-token-mean"  # the original 1/|o_i| form (spec §4.4)
     entropy_coef: float = 0.0
+    dynamic_sampling: bool = False  # DAPO: train only on groups whose training rewards differ
+    max_extra_rounds: int = 4  # dynamic sampling: at most this many extra rollout rounds per step
+    overlong_buffer_len: int = 0  # DAPO overlong shaping: L_cache; 0 disables
+    overlong_max_len: int = 0  # L_max, e.g. train.max_new_tokens; needed when overlong_buffer_len > 0
+    overlong_penalty: float = 1.0  # the penalty at L_max
 
     def validate(self) -> None:
         check_clip_options(self)
+        if self.max_extra_rounds < 0:
+            raise HarnessError(f"max_extra_rounds must be >= 0, got {self.max_extra_rounds}")
+        if self.overlong_buffer_len < 0 or self.overlong_penalty < 0:
+            raise HarnessError(f"overlong_buffer_len and overlong_penalty must be >= 0, got "
+                               f"{self.overlong_buffer_len}, {self.overlong_penalty}")
+        if self.overlong_buffer_len > 0 and self.overlong_max_len < self.overlong_buffer_len:
+            raise HarnessError(f"overlong shaping needs overlong_max_len (e.g. train.max_new_tokens) >= "
+                               f"overlong_buffer_len, got {self.overlong_max_len} < {self.overlong_buffer_len}")
         if self.kl_mode not in ("loss", "none"):
             raise HarnessError(f"GRPO kl_mode must be loss or none, got {self.kl_mode!r}")
         if self.kl_loss_kind not in KL_KINDS:
@@ -82,11 +108,62 @@ class GRPO(Algorithm):
     def needs_reference(self) -> bool:
         return self.opts.kl_mode == "loss" and self.opts.kl_coef > 0
 
+    def keep_groups(self, scores: torch.Tensor) -> torch.Tensor | None:
+        return informative_groups(scores) if self.opts.dynamic_sampling else None
+
+    def extra_sampling_rounds(self) -> int:
+        return self.opts.max_extra_rounds
+
     def advantages(self, batch: Batch) -> dict[str, float]:
-        adv = group_advantages(batch["scores"], batch["group_ids"], self.opts.adv_scale, self.opts.adv_eps)
+        scores, metrics = batch["scores"], {}
+        if self.opts.overlong_buffer_len > 0:
+            penalty = overlong_penalty(batch["response_mask"].sum(-1), self.opts.overlong_max_len,
+                                       self.opts.overlong_buffer_len, self.opts.overlong_penalty)
+            scores = scores + penalty
+            metrics["actor/overlong_penalty_mean"] = float(penalty.mean())
+        adv = group_advantages(scores, batch["group_ids"], self.opts.adv_scale, self.opts.adv_eps)
         batch["advantages"] = adv.unsqueeze(-1) * batch["response_mask"]
-        solved = group_advantages(batch["scores"], batch["group_ids"], "none") != 0
-        return {"actor/nonzero_adv_frac": float(solved.float().mean())}
+        solved = group_advantages(scores, batch["group_ids"], "none") != 0
+        return {"actor/nonzero_adv_frac": float(solved.float().mean()), **metrics}
 
     def actor_loss(self, mb: Batch, fwd: PolicyForward, heads) -> tuple[torch.Tensor, dict[str, float]]:
         return actor_objective(mb, fwd, self.opts)
+
+
+# ---- named variants: GRPO with other defaults ----
+
+
+def register_grpo_variant(name: str, description: str, paper: str, **defaults) -> type[GRPO]:
+    """Register `name` as GRPO with other option defaults: an Options subclass whose listed fields
+    get new defaults (every field stays overridable with `--set name.KEY=...`), and a GRPO
+    subclass with its own name, description and paper."""
+    hints = typing.get_type_hints(GRPOOptions)
+    unknown = sorted(set(defaults) - set(hints))
+    if unknown:
+        raise KeyError(f"GRPO has no option {unknown}")
+    options = dataclasses.make_dataclass(
+        f"{name.capitalize()}Options", [(k, hints[k], dataclasses.field(default=v)) for k, v in defaults.items()],
+        bases=(GRPOOptions,),
+    )
+    options.__module__ = __name__
+    cls = type(name.capitalize(), (GRPO,), {"name": name, "description": description, "paper": paper,
+                                            "Options": options, "__module__": __name__})
+    ALGOS.add(name, cls)
+    return cls
+
+
+# Dr. GRPO: no std scaling, token sum over a constant (spec §4.2). Spec §4.2 is silent on the KL;
+# the paper's objective has no KL term, so none here (`--set drgrpo.kl_mode=loss` restores it).
+DrGRPO = register_grpo_variant(
+    "drgrpo", "GRPO without std and length normalisation: A = r - group mean, token sum over a constant",
+    "Liu et al. 2025 (Understanding R1-Zero-Like Training, arXiv 2503.20783)",
+    adv_scale="none", agg_mode="seq-mean-token-sum-norm", kl_mode="none", kl_coef=0.0,
+)
+
+# DAPO: clip-higher, token-level loss, no KL, dynamic sampling (spec §4.3); overlong shaping is
+# off unless overlong_buffer_len and overlong_max_len are set.
+DAPO = register_grpo_variant(
+    "dapo", "GRPO with clip-higher (0.2/0.28), token-mean loss, no KL, dynamic sampling of informative groups",
+    "Yu et al. 2025 (DAPO, arXiv 2503.14476)",
+    clip_low=0.2, clip_high=0.28, agg_mode="token-mean", kl_mode="none", kl_coef=0.0, dynamic_sampling=True,
+)

@@ -115,3 +115,23 @@ def forward_response(model, input_ids, attention_mask, prompt_len: int, temperat
     entropy = -(log_probs.exp() * log_probs).sum(-1)
     hidden = out.hidden_states[-1] if want_hidden else None
     return logp, entropy, hidden
+
+
+def merge_rollouts(parts: list[tuple[Rollout, torch.Tensor]], pad_id: int) -> Rollout:
+    """Rows `index` of each rollout, in order, as one rollout: prompts left-padded to the widest
+    prompt P, responses right-padded to the longest T (padding is masked out)."""
+    width_p = max(r.prompt_len for r, _ in parts)
+    width_t = max(r.responses.shape[1] for r, _ in parts)
+    ids, attn, resp, rmask = [], [], [], []
+    for r, index in parts:
+        index = index.to(r.input_ids.device)
+        left, right = width_p - r.prompt_len, width_t - r.responses.shape[1]
+        prompt_ids = F.pad(r.input_ids[index, :r.prompt_len], (left, 0), value=pad_id)
+        prompt_mask = F.pad(r.attention_mask[index, :r.prompt_len], (left, 0), value=0)
+        responses = F.pad(r.responses[index], (0, right), value=pad_id)
+        response_mask = F.pad(r.response_mask[index], (0, right), value=0.0)
+        ids.append(torch.cat([prompt_ids, responses], dim=1))
+        attn.append(torch.cat([prompt_mask, response_mask.long()], dim=1))
+        resp.append(responses)
+        rmask.append(response_mask)
+    return Rollout(torch.cat(ids), torch.cat(attn), width_p, torch.cat(resp), torch.cat(rmask))

@@ -28,7 +28,7 @@ from algorithms.critics import build_critic
 from harness import store
 from harness.config import RunConfig
 from harness.models import load_policy
-from harness.rollout import forward_response, generate
+from harness.rollout import forward_response, generate, merge_rollouts
 from harness.seeding import seed_everything, torch_generator
 from noise import NoiseContext, parse_noise
 from tasks import SUITES
@@ -75,7 +75,10 @@ class Trainer:
 
         t = cfg.train
         self.actor_params = [*self.policy.parameters(), *self.heads.parameters()]
-        self.actor_opt = torch.optim.AdamW(self.actor_params, lr=t.lr, weight_decay=t.weight_decay)
+        groups = [{"params": list(self.policy.parameters())}]
+        if len(self.heads):
+            groups.append({"params": list(self.heads.parameters()), "lr": t.lr * self.algo.heads_lr_scale()})
+        self.actor_opt = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
         self.critic_opt = None
         if self.critic is not None:
             self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=t.critic_lr, weight_decay=t.weight_decay)
@@ -96,6 +99,13 @@ class Trainer:
             out.append(self.train_set[int(order[pos])])
         return out
 
+    def extra_problems(self, step: int, round_: int) -> list[Problem]:
+        """Fresh prompts for dynamic-sampling round `round_` >= 1 of `step`: a seeded draw of its own
+        stream per (step, round), so the regular data order of later steps does not shift."""
+        n, k = len(self.train_set), self.cfg.train.prompts_per_step
+        order = torch.randperm(n, generator=torch_generator(self.cfg.seed, "dynamic-sampling", step, round_))
+        return [self.train_set[int(order[i % n])] for i in range(k)]
+
     def encode(self, problem: Problem) -> list[int]:
         if problem.id not in self.prompt_cache:
             text = self.suite.format_prompt(problem, self.tokenizer)
@@ -108,28 +118,71 @@ class Trainer:
 
     # ---- the training step ------------------------------------------------------------------
 
-    def train_step(self, step: int) -> dict[str, Any]:
-        cfg, t = self.cfg, self.cfg.train
-        timer = PhaseTimer()
-        problems = [p for p in self.step_problems(step) for _ in range(t.group_size)]
-        group_ids = torch.arange(t.prompts_per_step).repeat_interleave(t.group_size)
-        sample_idx = list(range(t.group_size)) * t.prompts_per_step
-
+    def sample_groups(self, problems: list[Problem], step: int, round_: int, timer: "PhaseTimer"):
+        """Roll out G samples for each problem; grade them; apply the noise. Round 0 is the step's
+        regular sampling; rounds >= 1 (dynamic sampling) have their own rollout and noise streams."""
+        t, G = self.cfg.train, self.cfg.train.group_size
+        repeated = [p for p in problems for _ in range(G)]
         with timer("rollout"):
+            stream = ("rollout", step) if round_ == 0 else ("rollout", step, "round", round_)
             roll = generate(
-                self.policy, [self.encode(p) for p in problems], max_new_tokens=t.max_new_tokens,
+                self.policy, [self.encode(p) for p in repeated], max_new_tokens=t.max_new_tokens,
                 eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
-                temperature=t.temperature, top_p=t.top_p, generator=torch_generator(cfg.seed, "rollout", step),
+                temperature=t.temperature, top_p=t.top_p, generator=torch_generator(self.cfg.seed, *stream),
             )
-            mask = roll.response_mask
-            texts = self.decode(roll.responses, mask)
+            texts = self.decode(roll.responses, roll.response_mask)
         with timer("reward"):
-            clean = torch.tensor([self.suite.grade(text, p) for text, p in zip(texts, problems)], dtype=torch.float32)
+            clean = torch.tensor([self.suite.grade(text, p) for text, p in zip(texts, repeated)], dtype=torch.float32)
         with timer("noise"):
-            ctx = NoiseContext(seed=cfg.seed, step=step, prompt_ids=[p.id for p in problems], sample_idx=sample_idx,
-                               response_lengths=mask.sum(-1).long().tolist(), max_length=t.max_new_tokens,
-                               regrade=lambda i, gold: self.suite.grade(texts[i], dataclasses.replace(problems[i], answer=gold)))
+            ctx = NoiseContext(seed=self.cfg.seed, step=step, prompt_ids=[p.id for p in repeated],
+                               sample_idx=[round_ * G + k for k in range(G)] * len(problems),
+                               response_lengths=roll.response_mask.sum(-1).long().tolist(), max_length=t.max_new_tokens,
+                               regrade=lambda i, gold: self.suite.grade(texts[i], dataclasses.replace(repeated[i], answer=gold)))
             scores, noise_stats = self.noise.apply(clean, ctx)
+        return roll, clean, scores, noise_stats
+
+    def dynamic_sampling(self, first, step: int, timer: "PhaseTimer"):
+        """Keep the groups `algo.keep_groups` accepts, rolling out up to `algo.extra_sampling_rounds()`
+        more rounds until `prompts_per_step` groups are kept (surplus groups are dropped in draw
+        order). Too few after the last round: train on those kept; none at all: keep the first
+        round whole (its group advantages are zero)."""
+        t, G = self.cfg.train, self.cfg.train.group_size
+        parts, n_kept, drawn, sample = [], 0, 0, first
+        for round_ in range(self.algo.extra_sampling_rounds() + 1):
+            if round_ > 0:
+                sample = self.sample_groups(self.extra_problems(step, round_), step, round_, timer)
+            roll, clean, scores, _ = sample
+            keep = self.algo.keep_groups(scores.view(-1, G))
+            drawn += keep.numel()
+            groups = keep.nonzero().squeeze(-1)[: t.prompts_per_step - n_kept]
+            if groups.numel():
+                rows = (groups.unsqueeze(-1) * G + torch.arange(G)).flatten()
+                parts.append((roll, clean[rows], scores[rows], rows))
+                n_kept += groups.numel()
+            if n_kept == t.prompts_per_step:
+                break
+        metrics = {"sampling/rounds": round_ + 1, "sampling/groups_drawn": drawn, "sampling/groups_kept": n_kept}
+        if not parts:
+            roll, clean, scores, _ = first
+            parts = [(roll, clean, scores, torch.arange(clean.numel()))]
+        roll = merge_rollouts([(r, rows) for r, _, _, rows in parts], self.tokenizer.pad_token_id)
+        clean = torch.cat([c for _, c, _, _ in parts])
+        scores = torch.cat([s for _, _, s, _ in parts])
+        return roll, clean, scores, metrics
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        t = self.cfg.train
+        timer = PhaseTimer()
+        first = self.sample_groups(self.step_problems(step), step, 0, timer)
+        roll, clean, scores, noise_stats = first
+        # Reward and noise metrics describe the step's regular prompts, whatever is kept below.
+        reward_metrics = {"reward/clean_mean": float(clean.mean()), "reward/train_mean": float(scores.mean()),
+                          **noise_stats}
+        sampling_metrics: dict[str, float] = {}
+        if self.algo.keep_groups(scores.view(-1, t.group_size)) is not None:
+            roll, clean, scores, sampling_metrics = self.dynamic_sampling(first, step, timer)
+        mask = roll.response_mask
+        group_ids = torch.arange(mask.shape[0] // t.group_size).repeat_interleave(t.group_size)
 
         batch = Batch(
             input_ids=roll.input_ids, attention_mask=roll.attention_mask, responses=roll.responses,
@@ -156,9 +209,8 @@ class Trainer:
         n_tokens = float(mask.sum())
         metrics: dict[str, Any] = {
             "step": step,
-            "reward/clean_mean": float(clean.mean()),
-            "reward/train_mean": float(scores.mean()),
-            **noise_stats,
+            **reward_metrics,
+            **sampling_metrics,
             "response/length_mean": n_tokens / mask.shape[0],
             **adv_metrics,
             **update_metrics,

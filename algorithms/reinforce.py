@@ -1,0 +1,149 @@
+"""REINFORCE-style baselines without a critic: RLOO and REINFORCE++.
+
+Both update with the PPO-clip surrogate (`algorithms.ppo.actor_objective`). On the first,
+on-policy minibatch the ratio is 1 and the surrogate's gradient is exactly REINFORCE's
+A * grad log pi; the clip only matters for later minibatches and epochs. Plain REINFORCE is
+`--set rloo.clip_low=1 --set rloo.clip_high=1e9` (the clip then never binds).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from algorithms.base import ALGOS, Algorithm, Batch, PolicyForward, outcome_token_rewards
+from algorithms.common import kl_penalty, masked_mean, masked_sum, masked_whiten
+from algorithms.grpo import group_advantages
+from algorithms.ppo import KL_MODES, actor_objective, check_clip_options
+from harness.errors import HarnessError
+
+# ---- pure math ----
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """RLOO advantage (Ahmadian et al. 2024, Eq. 7): each reward minus the mean of the others in its group.
+
+    rewards ``[N]``, group_ids ``[N]`` (any ids, any order) -> ``[N]``:
+    A_i = r_i - (sum_{j in g(i), j != i} r_j) / (n_g - 1). A group of one response gets 0.
+    """
+    _, group = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(group.max()) + 1 if group.numel() else 0
+    count = rewards.new_zeros(n_groups).index_add_(0, group, torch.ones_like(rewards))[group]
+    total = rewards.new_zeros(n_groups).index_add_(0, group, rewards)[group]
+    adv = rewards - (total - rewards) / (count - 1).clamp(min=1)
+    return torch.where(count > 1, adv, torch.zeros_like(adv))
+
+
+@torch.no_grad()
+def reward_to_go(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Returns G_t = sum_{s >= t} gamma^(s - t) m_s r_s, per token. ``[B, T]`` -> ``[B, T]``, 0 outside the mask."""
+    rewards = torch.where(mask.bool(), token_rewards, torch.zeros_like(token_rewards))
+    returns = torch.zeros_like(rewards)
+    running = rewards.new_zeros(rewards.shape[0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return torch.where(mask.bool(), returns, torch.zeros_like(returns))
+
+
+# ---- RLOO ----
+
+
+@dataclass
+class RLOOOptions:
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: Optional[float] = None
+    kl_mode: str = "reward"  # as the paper: r(x, y) - kl_coef * sum_t KL_t, before the baseline
+    kl_coef: float = 0.05  # the PPO baseline's coefficient, for a like-for-like comparison
+    kl_reward_kind: str = "k1"
+    kl_loss_kind: str = "k3"
+    agg_mode: str = "seq-mean-token-sum"  # the response is one action: -A * log pi(y|x) per sequence
+    entropy_coef: float = 0.0
+
+    def validate(self) -> None:
+        check_clip_options(self)
+        if self.kl_mode not in KL_MODES:
+            raise HarnessError(f"kl_mode must be one of {', '.join(KL_MODES)}, got {self.kl_mode!r}")
+
+
+@ALGOS.register("rloo")
+class RLOO(Algorithm):
+    name = "rloo"
+    description = "REINFORCE with a leave-one-out group baseline on the sequence reward (KL in reward), PPO-clip"
+    paper = "Ahmadian et al. 2024 (Back to Basics, arXiv 2402.14740)"
+    Options = RLOOOptions
+
+    def needs_reference(self) -> bool:
+        return self.opts.kl_mode != "none" and self.opts.kl_coef > 0
+
+    def advantages(self, batch: Batch) -> dict[str, float]:
+        mask, rewards = batch["response_mask"], batch["scores"].float()
+        metrics = {}
+        if self.opts.kl_mode == "reward" and self.opts.kl_coef > 0:
+            seq_kl = masked_sum(kl_penalty(batch["old_logp"], batch["ref_logp"], self.opts.kl_reward_kind), mask, dim=-1)
+            rewards = rewards - self.opts.kl_coef * seq_kl
+            metrics["actor/seq_kl_penalty"] = float(self.opts.kl_coef * seq_kl.mean())
+        adv = leave_one_out_advantages(rewards, batch["group_ids"])
+        batch["advantages"] = adv.unsqueeze(-1) * mask
+        return {"actor/adv_abs_mean": float(adv.abs().mean()), **metrics}
+
+    def actor_loss(self, mb: Batch, fwd: PolicyForward, heads) -> tuple[torch.Tensor, dict[str, float]]:
+        return actor_objective(mb, fwd, self.opts)
+
+
+# ---- REINFORCE++ ----
+
+
+@dataclass
+class ReinforcePPOptions:
+    gamma: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: Optional[float] = None
+    kl_mode: str = "reward"  # token-level KL penalty in the reward (Hu 2025)
+    kl_coef: float = 0.01  # OpenRLHF's init_kl_coef, where REINFORCE++ was released
+    kl_reward_kind: str = "k1"
+    kl_loss_kind: str = "k3"
+    # REINFORCE++-baseline, the paper's form for G samples per prompt: subtract the group mean
+    # score before the KL shaping and the global normalisation. False is plain REINFORCE++, which
+    # with no per-prompt baseline fails the unit bandit (tests/test_learning.py): prompts whose
+    # samples all fail only see negative advantages and drift to junk rather than to the answer.
+    group_baseline: bool = True
+    agg_mode: str = "token-mean"
+    entropy_coef: float = 0.0
+
+    def validate(self) -> None:
+        check_clip_options(self)
+        if self.kl_mode not in KL_MODES:
+            raise HarnessError(f"kl_mode must be one of {', '.join(KL_MODES)}, got {self.kl_mode!r}")
+        if not 0 <= self.gamma <= 1:
+            raise HarnessError(f"gamma must lie in [0, 1], got {self.gamma}")
+
+
+@ALGOS.register("reinforce_pp")
+class ReinforcePP(Algorithm):
+    name = "reinforce_pp"
+    description = ("REINFORCE++(-baseline): group-mean baseline, token KL in the reward, reward-to-go, "
+                   "batch-normalised advantage, PPO-clip")
+    paper = "Hu 2025 (REINFORCE++, arXiv 2501.03262)"
+    Options = ReinforcePPOptions
+
+    def needs_reference(self) -> bool:
+        return self.opts.kl_mode != "none" and self.opts.kl_coef > 0
+
+    def advantages(self, batch: Batch) -> dict[str, float]:
+        mask, scores = batch["response_mask"], batch["scores"].float()
+        if self.opts.group_baseline:
+            scores = group_advantages(scores, batch["group_ids"], "none")
+        rewards = outcome_token_rewards(scores, mask)
+        if self.opts.kl_mode == "reward" and self.opts.kl_coef > 0:
+            rewards = rewards - self.opts.kl_coef * kl_penalty(batch["old_logp"], batch["ref_logp"],
+                                                               self.opts.kl_reward_kind) * mask
+        returns = reward_to_go(rewards, mask, self.opts.gamma)
+        batch["advantages"] = masked_whiten(returns, mask)  # over every valid token of the batch
+        return {"actor/returns_mean": float(masked_mean(returns, mask))}
+
+    def actor_loss(self, mb: Batch, fwd: PolicyForward, heads) -> tuple[torch.Tensor, dict[str, float]]:
+        return actor_objective(mb, fwd, self.opts)
