@@ -208,3 +208,34 @@ def test_dvpo_and_robust_ppo_train_through_the_cli(tmp_path, cache_dir):
     robust = [json.loads(x) for x in (out / "arith/robust_ppo/flip0.2/seed0/metrics.jsonl").read_text().splitlines()]
     assert {"critic/vf_loss", "critic/head_spread", "critic/explained_var"} <= set(robust[1])
     assert json.loads((out / "arith/robust_ppo/flip0.2/seed0/config.json").read_text())["algo_options"]["n_heads"] == 4
+
+
+@pytest.mark.parametrize("algo", ["dvpo", "robust_ppo"])
+def test_critic_loss_reaches_only_the_critic_and_actor_loss_only_the_policy(algo, tmp_path, cache_dir):
+    from algorithms.base import Batch, PolicyForward
+    from harness.rollout import forward_response, generate
+    from tests.test_training import make_trainer
+
+    trainer = make_trainer(algo, tmp_path, cache_dir)
+    problems = trainer.step_problems(1)
+    roll = generate(trainer.policy, [trainer.encode(p) for p in problems], max_new_tokens=trainer.cfg.train.max_new_tokens,
+                    eos_id=trainer.tokenizer.eos_token_id, pad_id=trainer.tokenizer.pad_token_id)
+    n = len(problems)
+    batch = Batch(input_ids=roll.input_ids, attention_mask=roll.attention_mask, responses=roll.responses,
+                  response_mask=roll.response_mask, scores=torch.arange(n) % 2 * 1.0, clean_scores=torch.ones(n),
+                  group_ids=torch.arange(n), prompt_len=roll.prompt_len)
+    with torch.no_grad():
+        batch["old_logp"], _, _ = forward_response(trainer.policy, roll.input_ids, roll.attention_mask, roll.prompt_len)
+        batch["ref_logp"] = batch["old_logp"] - 0.1
+        batch["old_values"] = trainer.critic(roll.input_ids, roll.attention_mask, roll.prompt_len)
+        trainer.algo.advantages(batch)
+    closs, _ = trainer.algo.critic_loss(batch, trainer.critic)
+    closs.backward()
+    assert all(p.grad is None for p in trainer.policy.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.critic.parameters())
+    trainer.critic.zero_grad(set_to_none=True)
+    logp, ent, _ = forward_response(trainer.policy, roll.input_ids, roll.attention_mask, roll.prompt_len)
+    aloss, _ = trainer.algo.actor_loss(batch, PolicyForward(logp, ent, None), trainer.heads)
+    aloss.backward()
+    assert all(p.grad is None for p in trainer.critic.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.policy.parameters())
