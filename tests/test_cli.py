@@ -43,7 +43,7 @@ def test_list_commands(capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run", "--algos", "foo"], "unknown algorithm 'foo' (valid: grpo, ppo"),
+    (["run", "--algos", "foo"], "unknown algorithm 'foo' (valid: "),  # the list grows with every algorithm
     (["run", "--suite", "nope"], "unknown suite 'nope' (valid: arith"),
     (["run", "--noise", "bogus0.1"], "unknown noise 'bogus'"),
     (["run", "--noise", "flip1.5"], "out of range [0, 1]"),
