@@ -1,0 +1,355 @@
+"""DVPO: distributional value modelling with risk-aware policy optimisation (spec §2).
+
+The whole method in one place:
+
+- critic: a quantile ensemble, H heads x N quantiles at midpoint fractions tau_i = (2i-1)/(2N),
+  monotone by construction (`QuantileHead`, registered as critic kind "quantile");
+- distributional GAE per (head, quantile) on the old critic's quantiles (spec §2.3), giving the
+  target quantiles T^{(h,i)} = theta_old^{(h,i)} + A^{(h,i)};
+- critic loss (`dvpo_critic_loss`), five terms, each with its own weight, off switch (weight 0)
+  and metric `critic/<term>`:
+    qr           quantile-Huber regression, kappa = 1 (QR-DQN form),
+    cvar/gain    tail calibration: contract the lower tail (V - CVaR-_alpha), keep the upper tail
+                 (CVaR+_alpha - V, capped) open; both at the "risk interval weight" 0.1,
+    mean_shift   (mean_i theta_i - R)^2 toward the scalar GAE return,
+    curvature    second differences of the sorted quantiles inside both alpha-tails,
+    consistency  sum_h ||theta^h - sg(mean_h theta^h)||^2 across the heads;
+- advantage: mean over (h, i) of A^{(h,i)}, whitened; actor: PPO-clip (`algorithms.ppo`).
+
+Shapes: B sequences, T response tokens, H heads, N quantiles.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from algorithms.base import ALGOS, Batch
+from algorithms.common import KL_KINDS, agg_loss, explained_variance, gae, masked_mean, masked_whiten
+from algorithms.critics import CRITICS
+from algorithms.distributional import crps, cvar_lower, cvar_upper, interval_coverage, tail_curvature
+from algorithms.ppo import KL_MODES, PPO, check_clip_options
+from harness.errors import HarnessError
+
+# ---- the critic head ----
+
+
+def midpoint_taus(n: int, device=None) -> torch.Tensor:
+    """Quantile fractions tau_i = (2i - 1) / (2N), i = 1..N: `[N]`."""
+    return (2 * torch.arange(1, n + 1, device=device, dtype=torch.float32) - 1) / (2 * n)
+
+
+@CRITICS.register("quantile")
+class QuantileHead(nn.Module):
+    """H heads x N monotone quantiles per token: `hidden [..., d]` -> `[..., H, N]`.
+
+    One linear layer gives, per head, a base value b and N-1 raw increments r_j; the quantiles are
+    theta_1 = b, theta_{i+1} = theta_i + softplus(r_i), so they never cross. Initialisation: small
+    random weights (std `init_std / sqrt(d)`, different per head so the ensemble is diverse), and
+    biases such that every head starts as N evenly spaced values on [-init_spread/2, init_spread/2].
+    """
+
+    def __init__(self, hidden_size: int, n_heads: int = 4, n_quantiles: int = 200, init_spread: float = 0.1,
+                 init_std: float = 0.1):
+        super().__init__()
+        if n_quantiles < 2:
+            raise HarnessError(f"n_quantiles must be >= 2, got {n_quantiles}")
+        self.n_heads, self.n_quantiles = n_heads, n_quantiles
+        self.linear = nn.Linear(hidden_size, n_heads * n_quantiles)
+        nn.init.normal_(self.linear.weight, std=init_std / math.sqrt(hidden_size))
+        step = init_spread / (n_quantiles - 1)
+        bias = torch.full((n_heads, n_quantiles), math.log(math.expm1(step)))  # softplus(bias) = step
+        bias[:, 0] = -init_spread / 2
+        with torch.no_grad():
+            self.linear.bias.copy_(bias.flatten())
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        raw = self.linear(hidden.float()).unflatten(-1, (self.n_heads, self.n_quantiles))
+        increments = F.softplus(raw[..., 1:])
+        return torch.cat([raw[..., :1], raw[..., :1] + increments.cumsum(-1)], dim=-1)
+
+
+# ---- pure math ----
+
+
+def quantile_huber_pairwise(pred: torch.Tensor, target: torch.Tensor, taus: torch.Tensor, kappa: float = 1.0) -> torch.Tensor:
+    """Quantile-Huber loss by its definition (QR-DQN), O(N*K) memory; the reference for tests.
+
+    pred `[..., N]` (quantiles at fractions `taus [N]`), target `[..., K]` (samples, no grad) -> `[...]`:
+
+        sum_i mean_k rho_{tau_i}(T_k - theta_i),   rho_tau(u) = |tau - 1{u < 0}| * Huber_kappa(u) / kappa,
+        Huber_kappa(u) = u^2 / 2 if |u| <= kappa else kappa * (|u| - kappa / 2).
+    """
+    u = target.unsqueeze(-2) - pred.unsqueeze(-1)  # [..., N, K]
+    huber = torch.where(u.abs() <= kappa, 0.5 * u * u, kappa * (u.abs() - 0.5 * kappa))
+    weight = (taus.unsqueeze(-1) - (u < 0).float()).abs()
+    return (weight * huber / kappa).mean(-1).sum(-1)
+
+
+def quantile_huber(pred: torch.Tensor, target: torch.Tensor, taus: torch.Tensor, kappa: float = 1.0) -> torch.Tensor:
+    """The same loss as `quantile_huber_pairwise`, exactly, in O((N + K) log K) time and memory.
+
+    pred `[..., N]`, target `[..., K]` (treated as constants), taus `[N]` -> `[...]`.
+
+    For a prediction theta the targets split into four runs of the sorted targets y: u = y - theta
+    below -kappa, in [-kappa, 0), in [0, kappa], above kappa. On each run the loss is a polynomial
+    of theta in the run's count, sum y and sum y^2, read from prefix sums at the run boundaries
+    (found with searchsorted). The result and its gradient in `pred` equal the pairwise form.
+    """
+    target = target.detach()
+    centre = target.mean(-1, keepdim=True)  # centring keeps the prefix sums of y^2 well conditioned
+    y = (target - centre).sort(-1).values.contiguous()
+    theta = (pred - centre).contiguous()
+    zero = torch.zeros_like(y[..., :1])
+    s1 = torch.cat([zero, y.cumsum(-1)], -1)  # [..., K+1]
+    s2 = torch.cat([zero, (y * y).cumsum(-1)], -1)
+    k = y.shape[-1]
+
+    a = torch.searchsorted(y, theta - kappa, side="left")  # count of y < theta - kappa
+    b = torch.searchsorted(y, theta, side="left")  # count of y < theta
+    c = torch.searchsorted(y, theta + kappa, side="right")  # count of y <= theta + kappa
+
+    ia, ib, ic = a.to(theta.dtype), b.to(theta.dtype), c.to(theta.dtype)
+    # prefix sums at the run boundaries; s[..., -1:] are the totals
+    y_a, y_b, y_c = (s1.gather(-1, i) for i in (a, b, c))
+    q_a, q_b, q_c = (s2.gather(-1, i) for i in (a, b, c))
+    n1, y1 = ia, y_a
+    n2, y2, q2 = ib - ia, y_b - y_a, q_b - q_a
+    n3, y3, q3 = ic - ib, y_c - y_b, q_c - q_b
+    n4, y4 = k - ic, s1[..., -1:] - y_c
+    far_low = theta * n1 - y1 - 0.5 * kappa * n1  # sum of (|u| - kappa/2), u < -kappa
+    near_low = (q2 - 2 * theta * y2 + n2 * theta * theta) / (2 * kappa)  # sum of u^2 / (2 kappa)
+    near_high = (q3 - 2 * theta * y3 + n3 * theta * theta) / (2 * kappa)
+    far_high = y4 - theta * n4 - 0.5 * kappa * n4
+    loss = (1 - taus) * (far_low + near_low) + taus * (near_high + far_high)
+    return (loss / k).sum(-1)
+
+
+@torch.no_grad()
+def distributional_gae(token_rewards: torch.Tensor, quantiles: torch.Tensor, mask: torch.Tensor, gamma: float,
+                       lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE run independently on every quantile of every head (spec §2.3), without grad.
+
+    token_rewards `[B, T]`, quantiles `[B, T, H, N]` (the old critic's), mask `[B, T]` ->
+    (advantages `[B, T, H, N]`, target quantiles `[B, T, H, N]`), with
+
+        delta_t^{(h,i)} = r_t + gamma theta_i^{(h)}(s_{t+1}) - theta_i^{(h)}(s_t),   (0 after the last token)
+        A_t^{(h,i)}     = sum_l (gamma lam)^l delta_{t+l}^{(h,i)},   T_t^{(h,i)} = theta_i^{(h)}(s_t) + A_t^{(h,i)}.
+
+    Zero outside the mask.
+    """
+    b, t, h, n = quantiles.shape
+    values = quantiles.permute(0, 2, 3, 1).reshape(b * h * n, t)
+    rewards = token_rewards.repeat_interleave(h * n, dim=0)
+    flat_mask = mask.repeat_interleave(h * n, dim=0)
+    adv, targets = gae(rewards, values, flat_mask, gamma, lam)
+    unflat = lambda x: x.reshape(b, h, n, t).permute(0, 3, 1, 2)  # noqa: E731
+    return unflat(adv), unflat(targets)
+
+
+def lower_tail_risk(quantiles: torch.Tensor, alpha: float, delta_low: float = 0.0) -> torch.Tensor:
+    """CVaR objective (spec §1.5 item 4): ReLU((mean - CVaR-_alpha) - delta_low), mean over heads.
+    `[..., H, N]` -> `[...]`."""
+    gap = quantiles.mean(-1) - cvar_lower(quantiles, alpha)
+    return F.relu(gap - delta_low).mean(-1)
+
+
+def upper_tail_gain(quantiles: torch.Tensor, alpha: float, cap: torch.Tensor | float) -> torch.Tensor:
+    """Gain objective (spec §1.5 item 5): -min(CVaR+_alpha - mean, cap), mean over heads.
+    `[..., H, N]`, cap a float or `[...]` -> `[...]`."""
+    gap = cvar_upper(quantiles, alpha) - quantiles.mean(-1)
+    cap = torch.as_tensor(cap, dtype=gap.dtype, device=gap.device)
+    cap = cap.unsqueeze(-1) if cap.dim() else cap
+    return -torch.minimum(gap, cap).mean(-1)
+
+
+def mean_shift(quantiles: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """(mean_i theta_i^{(h)} - anchor)^2, mean over heads: `[..., H, N]`, anchor `[...]` -> `[...]`."""
+    return (quantiles.mean(-1) - anchor.unsqueeze(-1)).pow(2).mean(-1)
+
+
+def head_consistency(quantiles: torch.Tensor) -> torch.Tensor:
+    """sum_h ||theta^{(h)} - sg(mean_h theta^{(h)})||^2 (spec §2.3): `[..., H, N]` -> `[...]`."""
+    centre = quantiles.mean(-2, keepdim=True).detach()
+    return (quantiles - centre).pow(2).sum((-1, -2))
+
+
+def dvpo_critic_loss(quantiles: torch.Tensor, old_quantiles: torch.Tensor, target_quantiles: torch.Tensor,
+                     returns: torch.Tensor, gain_cap: torch.Tensor, mask: torch.Tensor, opts: "DVPOOptions"
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The whole DVPO critic loss (spec §2.3). quantiles, old_quantiles, target_quantiles `[B, T, H, N]`;
+    returns (scalar GAE return R) `[B, T]`; gain_cap `[B]`; mask `[B, T]`.
+
+        L = w_qr L_qr + w_cvar L_cvar + w_gain L_gain + w_ms L_mean_shift + w_curv L_curv + w_cons L_cons
+
+    each term a per-token value reduced with `agg_loss(.., opts.agg_mode)`:
+    L_qr = sum_h sum_i mean_k rho_{tau_i}(T^{(h,k)} - theta_i^{(h)}) (spec's form; `qr_reduction="mean"`
+    divides by H N); tail terms as in `lower_tail_risk`, `upper_tail_gain`; `tail_curvature` per head,
+    mean over heads; `head_consistency`. A term with weight 0 is neither computed nor logged.
+    """
+    taus = midpoint_taus(quantiles.shape[-1], quantiles.device)
+    h, n = quantiles.shape[-2:]
+    per_token: dict[str, tuple[float, callable]] = {
+        "qr": (opts.qr_weight, lambda: quantile_huber(quantiles, target_quantiles, taus, opts.kappa).sum(-1)
+               / (h * n if opts.qr_reduction == "mean" else 1)),
+        "cvar": (opts.cvar_weight, lambda: lower_tail_risk(quantiles, opts.alpha, opts.delta_low)),
+        "gain": (opts.gain_weight, lambda: upper_tail_gain(quantiles, opts.alpha, gain_cap.unsqueeze(-1))),
+        "mean_shift": (opts.mean_shift_weight, lambda: mean_shift(
+            quantiles, returns if opts.mean_shift_target == "return" else old_quantiles.mean((-1, -2)))),
+        "curvature": (opts.curvature_weight, lambda: tail_curvature(quantiles, opts.alpha).mean(-1)),
+        "consistency": (opts.consistency_weight, lambda: head_consistency(quantiles)),
+    }
+    total = quantiles.new_zeros(())
+    metrics: dict[str, float] = {}
+    for name, (weight, term) in per_token.items():
+        if weight == 0:
+            continue
+        value = agg_loss(term(), mask, opts.agg_mode)
+        total = total + weight * value
+        metrics[f"critic/{name}"] = value.item()
+    metrics["critic/loss"] = total.item()
+    return total, metrics
+
+
+# ---- the algorithm ----
+
+QR_REDUCTIONS = ("sum", "mean")
+MEAN_SHIFT_TARGETS = ("return", "old")
+
+
+@dataclass
+class DVPOOptions:
+    # PPO part (same names as PPOOptions, so algo.kl_coef etc. apply across algorithms); spec §9 #10
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: Optional[float] = None
+    kl_mode: str = "reward"  # match the PPO baseline (spec §9 #10)
+    kl_coef: float = 0.05
+    kl_reward_kind: str = "k1"
+    kl_loss_kind: str = "k3"
+    whiten_advantages: bool = True
+    agg_mode: str = "token-mean"
+    entropy_coef: float = 0.0
+    # critic (spec §2.2, §9 #11)
+    n_heads: int = 4
+    n_quantiles: int = 200  # "interval density" 200
+    init_spread: float = 0.1  # [I] initial span of each head's quantiles, centred on 0
+    # critic loss (spec §2.3); a weight of 0 switches its term off
+    kappa: float = 1.0
+    qr_weight: float = 1.0
+    qr_reduction: str = "sum"  # "sum": sum_h sum_i mean_k (spec, QR-DQN); "mean": also / (H N)  [I]
+    alpha: float = 0.1  # CVaR level (spec §9 #7)
+    cvar_weight: float = 0.1  # "risk interval weight" (spec §2.3)
+    delta_low: float = 0.0
+    gain_weight: float = 0.1  # "risk interval weight" (spec §2.3)
+    gain_cap: Optional[float] = None  # delta_high; None: 1 std of the batch's training rewards (spec §9 #7)
+    mean_shift_weight: float = 0.5  # [I] echoes DFPO's anchor weight (spec §1.8)
+    mean_shift_target: str = "return"  # "return": scalar GAE return; "old": previous iteration's mean  [I]
+    curvature_weight: float = 0.05  # [I] echoes DFPO's shape weight (spec §1.8)
+    consistency_weight: float = 0.1  # [I]
+
+    def validate(self) -> None:
+        check_clip_options(self)
+        if self.kl_mode not in KL_MODES:
+            raise HarnessError(f"kl_mode must be one of {', '.join(KL_MODES)}, got {self.kl_mode!r}")
+        for kind in (self.kl_reward_kind, self.kl_loss_kind):
+            if kind not in KL_KINDS:
+                raise HarnessError(f"unknown KL kind {kind!r} (valid: {', '.join(KL_KINDS)})")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise HarnessError(f"gamma and lam must lie in [0, 1], got {self.gamma}, {self.lam}")
+        if self.n_heads < 1 or self.n_quantiles < 2:
+            raise HarnessError(f"need n_heads >= 1 and n_quantiles >= 2, got {self.n_heads}, {self.n_quantiles}")
+        if self.kappa <= 0 or self.init_spread <= 0:
+            raise HarnessError(f"kappa and init_spread must be > 0, got {self.kappa}, {self.init_spread}")
+        if not 0 < self.alpha <= 0.5:
+            raise HarnessError(f"alpha must lie in (0, 0.5], got {self.alpha}")
+        if self.gain_cap is not None and self.gain_cap < 0:
+            raise HarnessError(f"gain_cap must be >= 0 or none, got {self.gain_cap}")
+        weights = {k: getattr(self, k) for k in ("qr_weight", "cvar_weight", "gain_weight", "mean_shift_weight",
+                                                 "curvature_weight", "consistency_weight")}
+        if any(w < 0 for w in weights.values()):
+            raise HarnessError(f"DVPO loss weights must be >= 0 (0 switches a term off), got {weights}")
+        if self.qr_reduction not in QR_REDUCTIONS:
+            raise HarnessError(f"qr_reduction must be one of {', '.join(QR_REDUCTIONS)}, got {self.qr_reduction!r}")
+        if self.mean_shift_target not in MEAN_SHIFT_TARGETS:
+            raise HarnessError(f"mean_shift_target must be one of {', '.join(MEAN_SHIFT_TARGETS)}, "
+                               f"got {self.mean_shift_target!r}")
+
+
+DIAG_CRPS_POINTS = 64  # CRPS is O(M^2): it is computed on this many evenly spaced order statistics
+
+
+@ALGOS.register("dvpo")
+class DVPO(PPO):
+    """PPO whose critic is a quantile ensemble; token rewards, KL handling and the actor are PPO's."""
+
+    name = "dvpo"
+    description = "quantile-ensemble critic, distributional GAE, QR + CVaR/gain tail, mean-shift, curvature, head consistency; PPO-clip"
+    paper = "Zhu et al. 2025 (DVPO, arXiv 2512.03847)"
+    Options = DVPOOptions
+    critic = "quantile"
+
+    def critic_options(self) -> dict:
+        o = self.opts
+        return {"n_heads": o.n_heads, "n_quantiles": o.n_quantiles, "init_spread": o.init_spread}
+
+    def advantages(self, batch: Batch) -> dict[str, float]:
+        mask = batch["response_mask"]
+        old = batch["old_values"]  # [B, T, H, N]
+        rewards = self.token_rewards(batch)
+        adv_q, targets = distributional_gae(rewards, old, mask, self.opts.gamma, self.opts.lam)
+        adv = adv_q.mean((-1, -2))  # = GAE on the mean value, by linearity
+        mean_old = old.mean((-1, -2))
+        returns = torch.where(mask.bool(), mean_old + adv, torch.zeros_like(adv))
+        if self.opts.whiten_advantages:
+            adv = masked_whiten(adv, mask)
+        batch["advantages"], batch["returns"], batch["target_quantiles"] = adv, returns, targets
+        cap = self.opts.gain_cap
+        if cap is None:
+            cap = float(batch["scores"].float().std()) if batch["scores"].numel() > 1 else 0.0
+        batch["gain_cap"] = torch.full_like(batch["scores"], cap, dtype=torch.float32)
+        realised, _ = gae(rewards, torch.zeros_like(rewards), mask, self.opts.gamma, 1.0)
+        return {"critic/returns_mean": float(masked_mean(returns, mask)), "critic/gain_cap": cap,
+                **distribution_diagnostics(old, returns, realised, mask, self.opts.alpha)}
+
+    def critic_loss(self, mb: Batch, critic) -> tuple[torch.Tensor, dict[str, float]]:
+        return dvpo_critic_loss(critic.on_batch(mb), mb["old_values"], mb["target_quantiles"], mb["returns"],
+                                mb["gain_cap"], mb["response_mask"], self.opts)
+
+
+@torch.no_grad()
+def distribution_diagnostics(quantiles: torch.Tensor, returns: torch.Tensor, realised: torch.Tensor,
+                             mask: torch.Tensor, alpha: float) -> dict[str, float]:
+    """Token-averaged statistics of the predicted return distribution, taken as the ensemble's average
+    quantile function mean_h theta^{(h)} (sorted, N values; cheaper than the H*N mixture).
+
+    quantiles `[B, T, H, N]`; returns (scalar GAE return) and realised (sum of future token rewards)
+    `[B, T]`. Keys: `critic/dist_mean`, `critic/dist_std`, `critic/cvar_lower_gap` (mean - CVaR-),
+    `critic/cvar_upper_gap` (CVaR+ - mean), `critic/explained_var` (of the mean against `returns`),
+    `critic/crps` and `critic/coverage_10_90` (against `realised`), `critic/head_disagreement` (std of
+    the head means).
+    """
+    valid = mask.bool()
+    samples = quantiles[valid].mean(-2)  # [n_tokens, N], monotone
+    if samples.shape[0] == 0:
+        return {}
+    target = realised[valid]
+    mean = samples.mean(-1)
+    m = samples.shape[-1]
+    thin = samples[:, ((torch.arange(min(m, DIAG_CRPS_POINTS)) + 0.5) * m / min(m, DIAG_CRPS_POINTS)).long()]
+    return {
+        "critic/dist_mean": float(mean.mean()),
+        "critic/dist_std": float(samples.std(-1, unbiased=False).mean()),
+        "critic/cvar_lower_gap": float((mean - cvar_lower(samples, alpha)).mean()),
+        "critic/cvar_upper_gap": float((cvar_upper(samples, alpha) - mean).mean()),
+        "critic/explained_var": float(explained_variance(quantiles.mean((-1, -2)), returns, mask)),
+        "critic/crps": float(crps(thin, target).mean()),
+        "critic/coverage_10_90": float(interval_coverage(samples, target).mean()),
+        "critic/head_disagreement": float(quantiles[valid].mean(-1).std(-1, unbiased=False).mean()),
+    }
