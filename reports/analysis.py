@@ -119,15 +119,17 @@ class Finals:
 
 def main_table(store: RunStore, suite: Suite, seed: int = 0) -> pd.DataFrame:
     """One row per (algo, noise, score), every algo x noise of the suite (missing -> nan):
-    n_seeds, mean, ci_low, ci_high, iqm, iqm_low, iqm_high (IQM only with >= IQM_MIN_SEEDS)."""
+    n_finished (finished seeds of the cell), n_seeds (those with every benchmark of the score), mean, ci_low, ci_high, iqm, iqm_low, iqm_high (IQM only with >= IQM_MIN_SEEDS)."""
     finals = Finals(store, suite)
+    done = store.done()
+    finished = done[done["suite"] == suite.name].groupby(["algo", "noise"]).size()
     rows = []
     for algo in suite.algos:
         for noise in suite.noises:
             for score in suite.scores():
                 strata = finals.strata(algo, noise, score)
                 row = {"suite": suite.name, "algo": algo, "noise": noise, "score": score,
-                       "role": suite.role(score), "n_seeds": 0, "mean": math.nan, "ci_low": math.nan,
+                       "role": suite.role(score), "n_finished": int(finished.get((algo, noise), 0)), "n_seeds": 0, "mean": math.nan, "ci_low": math.nan,
                        "ci_high": math.nan, "iqm": math.nan, "iqm_low": math.nan, "iqm_high": math.nan}
                 if strata is not None:
                     key = f"{suite.name}/{algo}/{noise}/{score}"

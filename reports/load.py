@@ -83,7 +83,10 @@ def primary_scores(rows: list[dict]) -> pd.DataFrame:
     """Eval rows -> one row per (step, role, benchmark) with the primary metric's value
     (accuracy, else avg@k), duplicate rows of a benchmark averaged. Columns: step, role,
     benchmark, value."""
-    df = pd.DataFrame(rows, columns=list(EVAL_KEYS)) if not rows else pd.DataFrame(rows)
+    if not rows:
+        return pd.DataFrame({"step": pd.Series(dtype=int), "role": pd.Series(dtype=str),
+                             "benchmark": pd.Series(dtype=str), "value": pd.Series(dtype=float)})
+    df = pd.DataFrame(rows)
     df = df[df["metric"].map(lambda m: m == "accuracy" or bool(_AVG_AT_K.fullmatch(str(m))))]
     df = df[df["value"].notna()]
     out = df.groupby(["step", "role", "benchmark"], as_index=False)["value"].mean()

@@ -113,10 +113,14 @@ def prob_improvement(a: Strata, b: Strata, *, reps: int = 2000, seed: int = 0, k
 
 def welch_test(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """(t, two-sided p) of Welch's unequal-variance t-test; nan with fewer than 2 values a side,
-    or when both sides have zero variance and equal means (nothing to test)."""
+    or when both sides have zero variance and equal means (nothing to test); (+-inf, 0) when both
+    have zero variance and different means."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(a) < 2 or len(b) < 2:
         return math.nan, math.nan
+    if np.ptp(a) == 0 and np.ptp(b) == 0:  # scipy would warn; the limit of the test statistic
+        diff = a[0] - b[0]
+        return (math.nan, math.nan) if diff == 0 else (math.copysign(math.inf, diff), 0.0)
     res = sps.ttest_ind(a, b, equal_var=False)
     return float(res.statistic), float(res.pvalue)
 

@@ -71,7 +71,7 @@ def main_tables(r: SuiteReport) -> list[Table]:
     avg_rows, bench_rows = [], []
     for algo in r.suite.algos:
         for noise in r.suite.noises:
-            n = int(m.loc[(algo, noise, "ALL AVG"), "n_seeds"]) if benches else 0
+            n = int(m.loc[(algo, noise, "ALL AVG"), "n_finished"])
             cells = [pct_ci(*m.loc[(algo, noise, s), ["mean", "ci_low", "ci_high"]]) for s in AVERAGES]
             iqm = m.loc[(algo, noise, "ALL AVG"), ["iqm", "iqm_low", "iqm_high"]]
             avg_rows.append([algo, noise, str(n), *cells, pct_ci(*iqm)])
