@@ -34,9 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cache-dir", default=None, help="warm-start cache (default: $HARNESS_CACHE or ~/.cache/harness)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    report = sub.add_parser("report", help="tables from a run store")
+    report = sub.add_parser("report", help="tables, significance, robustness and stability figures from a run store")
     report.add_argument("--runs", default="runs", help="run store folder (default: runs/)")
-    report.add_argument("--out", default=None, help="report file (default: <runs>/report.md)")
+    report.add_argument("--out", default=None, help="report folder, replaced whole (default: <runs>/report/)")
+    report.add_argument("--baseline", default=None, help="algorithm the significance tables compare against (default: ppo)")
+    report.add_argument("--format", default=None, help="comma list of md,tex,csv,png,pdf (default: all)")
 
     lst = sub.add_parser("list", help="list registered algorithms, suites or noise injectors")
     lst.add_argument("what", choices=["algos", "suites", "noise"])
@@ -60,9 +62,10 @@ def cmd_run(args) -> int:
 def cmd_report(args) -> int:
     from reports import write_report
 
-    path = write_report(Path(args.runs), Path(args.out) if args.out else None)
-    print(path.read_text())
-    print(f"wrote {path}")
+    out = write_report(Path(args.runs), Path(args.out) if args.out else None, args.baseline, args.format)
+    if (out / "report.md").exists():
+        print((out / "report.md").read_text())
+    print(f"wrote {out}")
     return 0
 
 

@@ -27,8 +27,9 @@ def test_run_then_report_end_to_end(tmp_path, cache_dir, capsys):
     assert "0 done, 4 already done" in capsys.readouterr().out
     assert before == {p: p.read_text() for p in out.rglob("metrics.jsonl")}
 
-    assert main(["report", "--runs", str(out)]) == 0
-    report = (out / "report.md").read_text()
+    assert main(["report", "--runs", str(out), "--format", "md", "--baseline", "grpo"]) == 0
+    report = (out / "report" / "report.md").read_text()
+    assert "#### ALL AVG: each algorithm minus grpo" in report
     assert "## arith" in report
     for algo in ("ppo", "grpo"):
         for noise in ("none", "flip0.2"):

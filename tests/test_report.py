@@ -1,13 +1,18 @@
+"""`harness report` on fixture run stores with known answers."""
 import json
 import math
 import os
+import re
+import shutil
+import subprocess
 
 import pandas as pd
 import pytest
+from scipy import stats as sps
 
 from harness.errors import HarnessError
 from reports import collect_final_scores, write_report
-import reports.tables as tables
+from reports import stats
 
 
 def eval_row(step, benchmark, role, value, metric="accuracy", **decoding):
@@ -15,13 +20,15 @@ def eval_row(step, benchmark, role, value, metric="accuracy", **decoding):
             "temperature": 0.0, "n": 1, **decoding}
 
 
-def make_cell(root, suite, algo, noise, seed, state="done", rows=()):
+def make_cell(root, suite, algo, noise, seed, state="done", rows=(), metrics=(), problems=()):
     cell = root / suite / algo / noise / f"seed{seed}"
     cell.mkdir(parents=True)
     (cell / "status.json").write_text(json.dumps({"state": state}))
     (cell / "config.json").write_text("{}")
-    (cell / "metrics.jsonl").write_text("")
+    (cell / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
     (cell / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if problems:
+        (cell / "eval_problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in problems))
     return cell
 
 
@@ -40,9 +47,9 @@ EARLY = final(50, {"math500": 0.9, "aime24": 0.9}, {"gpqa": 0.9})
 def runs(tmp_path):
     root = tmp_path / "runs"
     # math / grpo / none: three finished seeds.
-    #   ID  = mean(math500, aime24): seed0 (50+30)/2 = 40, seed1 (60+40)/2 = 50, seed2 (70+20)/2 = 45
-    #         mean 45.0; deviations -5, +5, 0 -> sample var (25+25+0)/2 = 25 -> std 5.0
-    #   OOD = gpqa: 10, 20, 15 -> mean 15.0, std 5.0
+    #   ID  = mean(math500, aime24): seed0 40, seed1 50, seed2 45 -> 45.0
+    #   OOD = gpqa: 10, 20, 15 -> 15.0
+    #   ALL = mean over the three benchmarks: (60 + 30 + 15) / 3 = 35.0 (not (45 + 15) / 2 = 30)
     make_cell(root, "math", "grpo", "none", 0, rows=EARLY + final(100, {"math500": 0.5, "aime24": 0.3}, {"gpqa": 0.1}))
     make_cell(root, "math", "grpo", "none", 1, rows=EARLY + final(100, {"math500": 0.6, "aime24": 0.4}, {"gpqa": 0.2}))
     make_cell(root, "math", "grpo", "none", 2, rows=EARLY + final(100, {"math500": 0.7, "aime24": 0.2}, {"gpqa": 0.15}))
@@ -50,15 +57,15 @@ def runs(tmp_path):
     make_cell(root, "math", "grpo", "flip0.2", 0, rows=final(100, {"math500": 0.35, "aime24": 0.12}, {"gpqa": 0.05}))
     make_cell(root, "math", "grpo", "flip0.2", 1, state="running", rows=final(40, {"math500": 0.99, "aime24": 0.99}))
     # math / ppo / none: one seed, no OOD rows; math500 has two decoding settings at the last step
-    # (0.2 and 0.4 -> 0.3), so ID = mean(30, 10) = 20.0 (a plain row mean would give 23.3);
-    # a pass@k row at the last step is ignored.
+    # (0.2 and 0.4 -> 0.3), so ID = mean(30, 10) = 20.0; a pass@k row at the last step is ignored.
     make_cell(root, "math", "ppo", "none", 0, rows=[
         eval_row(80, "math500", "ID", 0.2, temperature=0.0),
         eval_row(80, "math500", "ID", 0.4, temperature=0.6),
         eval_row(80, "aime24", "ID", 0.1),
         eval_row(80, "aime24", "ID", 0.9, metric="pass@16"),
     ])
-    # Noise order: 'none' first, then natural order (pseudo8 before pseudo16).
+    # Noise order: 'none' first, then natural order (pseudo8 before pseudo16). math / ppo / flip0.2
+    # and math / grpo / pseudo8 / pseudo16 do not exist: missing cells.
     make_cell(root, "math", "ppo", "pseudo16", 0, rows=final(80, {"math500": 0.25}))
     make_cell(root, "math", "ppo", "pseudo8", 0, rows=final(80, {"math500": 0.125}))
     # arith: one done cell (ID 80.0, OOD 60.0) and one failed cell.
@@ -69,33 +76,6 @@ def runs(tmp_path):
     (root / "stray.txt").write_text("x")
     (root / "math" / "grpo" / "none" / "seed0" / "ckpt" / "seed9").mkdir(parents=True)
     return root
-
-
-EXPECTED = """\
-# Final evaluation scores
-
-Accuracy in percent at each run's last evaluation step, mean ± sample std (ddof=1) over finished seeds; ID/OOD = mean over the suite's in-domain/out-of-domain benchmarks.
-
-## arith
-
-| algo | noise | seeds | ID acc (mean ± std) | OOD acc (mean ± std) |
-|---|---|---:|---:|---:|
-| dfpo | flip0.1 | 1 | 80.0 ± n/a | 60.0 ± n/a |
-
-1 cell not finished (excluded from the means): dfpo/flip0.1/seed4 (failed)
-
-## math
-
-| algo | noise | seeds | ID acc (mean ± std) | OOD acc (mean ± std) |
-|---|---|---:|---:|---:|
-| grpo | none | 3 | 45.0 ± 5.0 | 15.0 ± 5.0 |
-| grpo | flip0.2 | 1 | 23.5 ± n/a | 5.0 ± n/a |
-| ppo | none | 1 | 20.0 ± n/a | n/a |
-| ppo | pseudo8 | 1 | 12.5 ± n/a | n/a |
-| ppo | pseudo16 | 1 | 25.0 ± n/a | n/a |
-
-1 cell not finished (excluded from the means): grpo/flip0.2/seed1 (running)
-"""
 
 
 def test_collect_final_scores(runs):
@@ -114,34 +94,189 @@ def test_collect_final_scores(runs):
     assert list(df[df.suite == "math"].noise.drop_duplicates()) == ["none", "flip0.2", "pseudo8", "pseudo16"]
 
 
-def test_report_exact(runs):
-    path = write_report(runs)
-    assert path == runs / "report.md"
-    assert path.read_text(encoding="utf-8") == EXPECTED
+def test_report_on_partial_grid(runs):
+    out = write_report(runs, formats="md,csv")
+    assert out == runs / "report"
+    assert sorted(p.name for p in out.iterdir()) == [".harness-report", "csv", "report.md"]
+    md = (out / "report.md").read_text(encoding="utf-8")
+    # Final scores: one row per algo x noise of the suite; missing cells are dashes.
+    assert "| grpo | none | 3 | 45.0 [" in md
+    assert "| grpo | flip0.2 | 1 | 23.5 | 5.0 | 17.3 | – |" in md  # one seed: no interval; (35+12+5)/3
+    assert "| ppo | none | 1 | 20.0 | – | – | – |" in md  # no OOD rows: OOD and ALL missing
+    assert "| ppo | flip0.2 | 0 | – | – | – | – |" in md
+    assert "| grpo | pseudo8 | 0 | – | – | – | – |" in md
+    assert "| ppo | pseudo8 | 1 | – | – | – | – |" in md  # aime24 missing: ID AVG needs both
+    assert "| ppo | pseudo8 | – | 12.5 | – |" in md  # per-benchmark table: aime24 (ID), math500 (ID), gpqa (OOD)
+    assert "1 cell not finished (excluded): grpo/flip0.2/seed1 (running)" in md
+    assert "1 cell not finished (excluded): dfpo/flip0.1/seed4 (failed)" in md
+    assert "Baseline 'ppo' has no runs in this suite." in md  # arith has only dfpo
+    # The baseline is listed first; noise in natural order.
+    rows = re.findall(r"^\| (\w+) \| (\S+) \| \d+ \| ", md, flags=re.M)
+    assert list(dict.fromkeys(rows)) == [("dfpo", "flip0.1")] + [(a, n) for a in ("ppo", "grpo") for n in ("none", "flip0.2", "pseudo8", "pseudo16")]
+
+    main = pd.read_csv(out / "csv" / "main.csv")
+    cell = main[(main.algo == "grpo") & (main.noise == "none")].set_index("score")
+    assert cell.loc["ALL AVG", "mean"] == pytest.approx(0.35)
+    assert cell.loc["ID AVG", "mean"] == pytest.approx(0.45) and cell.loc["OOD AVG", "mean"] == pytest.approx(0.15)
+    assert cell.loc["math500", "ci_low"] <= 0.6 <= cell.loc["math500", "ci_high"]
+    assert cell["iqm"].isna().all()  # 3 seeds < 4: no IQM
+    assert len(main) == 2 * 4 * 6 + 1 * 1 * 5  # math: 2 algos x 4 noises x (3 benchmarks + 3 averages)
+    per_seed = pd.read_csv(out / "csv" / "final_per_seed.csv")
+    assert len(per_seed) == 3 * 3 + 3 + 2 + 1 + 1 + 2  # the running and failed cells are left out
 
 
-def test_report_custom_out_and_no_temp_files(runs, tmp_path):
-    out = tmp_path / "reports" / "r.md"
-    assert write_report(runs, out) == out
-    assert out.read_text(encoding="utf-8") == EXPECTED
-    assert os.listdir(out.parent) == ["r.md"]
-    write_report(runs)  # overwrite in place twice, nothing else left in the runs dir
-    write_report(runs)
-    assert sorted(p.name for p in runs.iterdir()) == ["arith", "math", "report.md", "stray.txt"]
+def sig_store(root, noises=("none", "flip0.2", "flip0.4", "pseudo8")):
+    """Suite 's' with one ID and one OOD benchmark, ppo (baseline) and grpo, 4 seeds, noise none,
+    flip0.2, flip0.4 and pseudo8; per-problem results at noise none."""
+    ppo = {"none": [0.50, 0.52, 0.54, 0.56], "flip0.2": [0.40, 0.45, 0.50, 0.55], "flip0.4": [0.30, 0.30, 0.30, 0.30],
+           "pseudo8": [0.1, 0.1, 0.1, 0.1]}
+    grpo = {"none": [0.80, 0.81, 0.82, 0.83], "flip0.2": [0.41, 0.46, 0.51, 0.56], "flip0.4": [0.20, 0.20, 0.20, 0.20],
+            "pseudo8": [0.1, 0.1, 0.1, 0.1]}
+    for algo, table in (("ppo", ppo), ("grpo", grpo)):
+        for noise in noises:
+            values = table[noise]
+            for seed, v in enumerate(values):
+                # The OOD benchmark scores half the ID one; step 0 (the initial model) scored 0.6 ID.
+                rows = final(0, {"s_id": 0.6}, {"s_ood": 0.3}) + final(10, {"s_id": 0.7}, {"s_ood": 0.35})
+                rows += final(20, {"s_id": v}, {"s_ood": v / 2})
+                metrics = [{"step": s, "reward/clean_mean": v * s / 20, "reward/train_mean": 0.5, "actor/entropy": 1.0}
+                           for s in (1, 10, 20)]
+                problems = []
+                if noise == "none":  # problem i scores 1 for grpo and 0.5 for ppo, on both benchmarks
+                    problems = [{"step": 20, "benchmark": b, "role": r, "problem": f"p{i}",
+                                 "score": 1.0 if algo == "grpo" else 0.5} for b, r in (("s_id", "ID"), ("s_ood", "OOD"))
+                                for i in range(5)]
+                make_cell(root, "s", algo, noise, seed, rows=rows, metrics=metrics, problems=problems)
+    return ppo, grpo
 
 
-def test_atomic_write_keeps_old_file_on_failure(runs, monkeypatch):
-    path = runs / "report.md"
-    path.write_text("old")
+def test_significance_robustness_stability_known_answers(tmp_path):
+    root = tmp_path / "runs"
+    ppo, grpo = sig_store(root)
+    out = write_report(root, tmp_path / "rep", formats="md,csv")
+    sig = pd.read_csv(out / "csv" / "significance.csv")
+    assert set(sig["score"]) == {"ID AVG", "OOD AVG", "ALL AVG"} and len(sig) == 3 * 4
+    s = sig[sig.score == "ID AVG"].set_index("noise")
+    p_none = sps.ttest_ind(grpo["none"], ppo["none"], equal_var=False).pvalue
+    p_flip = sps.ttest_ind(grpo["flip0.2"], ppo["flip0.2"], equal_var=False).pvalue
+    assert s.loc["none", "welch_p"] == pytest.approx(p_none)
+    assert s.loc["none", "mwu_p"] == pytest.approx(sps.mannwhitneyu(grpo["none"], ppo["none"]).pvalue)
+    assert s.loc["none", "diff"] == pytest.approx(0.815 - 0.53)
+    assert s.loc["none", "poi"] == 1.0 and s.loc["flip0.2", "poi"] == pytest.approx(10 / 16)
+    assert s.loc["flip0.4", "poi"] == 0.0
+    # Holm over the four comparisons of the table; flip0.4 (constant) and pseudo8 (identical
+    # constants) have p = 0 and nan: nan does not count.
+    assert s.loc["flip0.4", "welch_p"] == 0.0 and math.isnan(s.loc["pseudo8", "welch_p"])
+    assert s.loc["flip0.2", "welch_p_holm"] == pytest.approx(stats.holm([p_none, p_flip, 0.0])[1])
+    assert bool(s.loc["none", "significant"]) and not bool(s.loc["flip0.2", "significant"])
+    # Paired bootstrap where per-problem rows exist: every problem +0.5 -> p = 0; elsewhere none.
+    assert s.loc["none", "paired_diff"] == pytest.approx(0.5) and s.loc["none", "paired_p"] == 0.0
+    assert s.loc["none", "paired_problems"] == 5 and s.loc["flip0.2", "paired_problems"] == 0
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert re.search(r"\| none \| grpo \| 4/4 \| \+28\.5 \[[^]]+\]\*‡ \|", md)
+    assert re.search(r"\| flip0\.2 \| grpo \| 4/4 \| \+1\.0 \[[^]]+\] \|", md)
+    assert "paired Δ (pp) [95% CI]" in md
 
-    def boom(src, dst):
+    # Robustness: rates 0, 0.2, 0.4 (pseudo8 has none). ppo ID curve 0.53, 0.475, 0.30:
+    # (0.2 (0.53 + 0.475) / 2 + 0.2 (0.475 + 0.30) / 2) / 0.4 = 0.445.
+    auc = pd.read_csv(out / "csv" / "robustness_auc.csv").set_index(["algo", "score"])
+    assert auc.loc[("ppo", "ID AVG"), "rates"] == "0 0.2 0.4"
+    assert auc.loc[("ppo", "ID AVG"), "auc"] == pytest.approx(0.445)
+    assert auc.loc[("ppo", "ALL AVG"), "auc"] == pytest.approx(0.445 * 0.75)  # mean of ID and ID / 2
+    assert auc.loc[("ppo", "ID AVG"), "auc_low"] < 0.445 < auc.loc[("ppo", "ID AVG"), "auc_high"]
+    assert "| ppo | ID AVG | 53.0 | 47.5 | 30.0 | 10.0 | 44.5 [" in md
+
+    # Stability (ALL AVG per seed over steps 0, 10, 20): 0.45, 0.525, then 0.75 v.
+    st = pd.read_csv(out / "csv" / "stability.csv").set_index(["algo", "noise", "score"])
+    row = st.loc[("ppo", "flip0.4", "ALL AVG")]  # 0.45, 0.525, 0.225: below the start -> collapsed
+    assert row.max_drop == pytest.approx(0.3) and row.collapsed == 4 and row.n_initial == 4
+    assert row.last_std == pytest.approx(pd.Series([0.45, 0.525, 0.225]).std(ddof=0))
+    row = st.loc[("grpo", "none", "ALL AVG")]  # ends above 0.525: no drop, no collapse
+    assert row.max_drop == 0.0 and row.collapsed == 0
+    assert "| ppo | flip0.4 | 4 | 12.7 | 30.0 | 4/4 |" in md
+    curves = pd.read_csv(out / "csv" / "curves.csv")
+    assert set(curves["metric"]) == {"clean training reward", "noisy training reward", "ID accuracy", "OOD accuracy", "entropy"}
+    c = curves[(curves.metric == "clean training reward") & (curves.algo == "ppo") & (curves.noise == "flip0.2") & (curves.step == 20)]
+    assert c[["n_seeds", "mean", "min", "max"]].iloc[0].tolist() == pytest.approx([4, 0.475, 0.40, 0.55])
+
+    # Same seed, same numbers; IQM with 4 seeds.
+    again = write_report(root, tmp_path / "rep", formats="csv")
+    assert pd.read_csv(again / "csv" / "significance.csv").equals(sig)
+    main = pd.read_csv(again / "csv" / "main.csv")
+    assert main[(main.algo == "ppo") & (main.noise == "flip0.2") & (main.score == "s_id")]["iqm"].iloc[0] == pytest.approx(0.475)
+
+
+def check_latex_structure(tex: str) -> None:
+    assert tex.startswith("\\documentclass") and tex.rstrip().endswith("\\end{document}")
+    assert "\\usepackage{booktabs}" in tex
+    assert tex.count("\\begin{tabular}") == tex.count("\\end{tabular}") > 0
+    assert tex.count("\\toprule") == tex.count("\\midrule") == tex.count("\\bottomrule") == tex.count("\\begin{tabular}")
+    assert tex.count("\\begin{figure}") == tex.count("\\end{figure}") > 0
+    depth = 0
+    for i, ch in enumerate(tex):
+        if ch in "{}" and (i == 0 or tex[i - 1] != "\\"):
+            depth += 1 if ch == "{" else -1
+            assert depth >= 0
+    assert depth == 0
+    for line in tex.splitlines():  # every table row has as many cells as its header
+        if line.endswith("\\\\"):
+            assert "_" not in line.replace("\\_", "") and "%" not in line.replace("\\%", "")
+
+
+def test_all_formats_latex_and_figures(tmp_path):
+    root = tmp_path / "runs"
+    sig_store(root, noises=("none", "flip0.2"))
+    make_cell(root, "s", "grpo", "flip0.2", 9, state="failed")  # the note is escaped too
+    out = write_report(root)
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    stems = ["robustness_s", "stability_s_flip0-2", "stability_s_none"]
+    assert figures == sorted(f"{s}.{e}" for s in stems for e in ("pdf", "png"))
+    assert (out / "figures" / "stability_s_none.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "![stability s flip0.2](figures/stability_s_flip0-2.png)" in md
+    tex = (out / "report.tex").read_text(encoding="utf-8")
+    check_latex_structure(tex)
+    assert "\\includegraphics[width=\\linewidth]{figures/robustness_s.pdf}" in tex
+    assert "+28.5 [" in tex and "$^*$$^\\ddagger$" in tex and "--" in tex
+    if shutil.which("pdflatex") is None:
+        pytest.skip("pdflatex not installed: LaTeX checked for structure only")
+    done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "report.tex"], cwd=out,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert (out / "report.pdf").stat().st_size > 0
+
+
+def test_report_folder_replaced_whole_and_kept_on_failure(runs, tmp_path, monkeypatch):
+    out = tmp_path / "rep"
+    write_report(runs, out, formats="md")
+    (out / "stale.txt").write_text("from an older report")
+    write_report(runs, out, formats="csv")
+    assert sorted(p.name for p in out.iterdir()) == [".harness-report", "csv"]  # md and stale file gone
+
+    def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("harness.store.os.replace", boom)
+    monkeypatch.setattr("reports.tables.write_csv", boom)
     with pytest.raises(OSError, match="disk full"):
-        write_report(runs)
-    assert path.read_text() == "old"
-    assert sorted(p.name for p in runs.iterdir()) == ["arith", "math", "report.md", "stray.txt"]
+        write_report(runs, out, formats="md,csv")
+    assert sorted(p.name for p in out.iterdir()) == [".harness-report", "csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep", "runs"]  # no temporary folders left
+    assert sorted(p.name for p in runs.iterdir()) == ["arith", "math", "stray.txt"]
+
+
+def test_bad_report_arguments(runs, tmp_path):
+    with pytest.raises(HarnessError, match=r"unknown report format\(s\) 'html' \(valid: md, tex, csv, png, pdf, or all\)"):
+        write_report(runs, formats="md,html")
+    with pytest.raises(HarnessError, match=r"baseline 'dvpo' has no runs \(algorithms found: dfpo, grpo, ppo\)"):
+        write_report(runs, baseline="dvpo")
+    with pytest.raises(HarnessError, match="would replace the run store"):
+        write_report(runs, out=runs)
+    with pytest.raises(HarnessError, match="would replace the run store"):
+        write_report(runs, out=runs.parent)
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(HarnessError, match="exists and is not a report folder"):
+        write_report(runs, out=tmp_path / "mine")
+    assert not (runs / "report").exists() and list((tmp_path / "mine").iterdir()) == []
 
 
 def test_missing_or_empty_runs_dir(tmp_path):
@@ -165,7 +300,7 @@ def test_malformed_line_names_file_and_line(runs):
         write_report(runs)
     message = str(err.value)
     assert str(path) in message and "line 3" in message and "\n" not in message
-    assert not (runs / "report.md").exists()
+    assert not (runs / "report").exists()
 
 
 def test_missing_key_names_file(runs):
@@ -173,12 +308,25 @@ def test_missing_key_names_file(runs):
     path.write_text(json.dumps({"step": 1, "benchmark": "x", "metric": "accuracy", "value": 0.5}) + "\n")
     with pytest.raises(HarnessError, match=r"eval row 1 of .*seed0/eval.jsonl.* lacks key\(s\) role"):
         collect_final_scores(runs)
+    path.write_text(json.dumps(eval_row(80, "math500", "ID", 0.5)) + "\n")
+    path = runs / "math" / "ppo" / "pseudo8" / "seed0" / "eval_problems.jsonl"
+    path.write_text(json.dumps({"step": 80, "benchmark": "math500", "role": "ID", "score": 1.0}) + "\n")
+    with pytest.raises(HarnessError, match=r"eval_problems row 1 of .*lacks key\(s\) problem"):
+        write_report(runs)
 
 
 def test_all_seeds_unfinished_row(tmp_path):
     root = tmp_path / "runs"
     make_cell(root, "math", "grpo", "none", 0, state="running", rows=final(5, {"m": 0.5}))
     make_cell(root, "math", "grpo", "none", 1, state="done", rows=[])  # done, but never evaluated
-    text = write_report(root).read_text()
-    assert "| grpo | none | 0 | n/a | n/a |" in text
-    assert "2 cells not finished (excluded from the means): grpo/none/seed0 (running), grpo/none/seed1 (no eval)" in text
+    text = (write_report(root, formats="md") / "report.md").read_text()
+    assert "| grpo | none | 0 | – | – | – | – |" in text
+    assert "2 cells not finished (excluded): grpo/none/seed0 (running), grpo/none/seed1 (no eval)" in text
+
+
+def test_avg_at_k_is_the_score_when_k_above_one(tmp_path):
+    root = tmp_path / "runs"
+    make_cell(root, "math", "grpo", "none", 0, rows=[eval_row(5, "m", "ID", 0.25, metric="avg@4"),
+                                                      eval_row(5, "m", "ID", 0.75, metric="pass@4")])
+    assert "| grpo | none | 1 | 25.0 | – | 25.0 | – |" in (write_report(root, formats="md") / "report.md").read_text()
+    assert sorted(os.listdir(root / "report")) == [".harness-report", "report.md"]

@@ -1,0 +1,184 @@
+"""Reading the run store into pandas frames.
+
+Run store layout (written by the trainer)::
+
+    <runs>/<suite>/<algo>/<noise>/seed<k>/{status.json, config.json, metrics.jsonl, eval.jsonl,
+                                           eval_problems.jsonl (optional)}
+
+A *cell* is one ``seed<k>`` directory at that depth holding ``status.json`` or ``eval.jsonl``.
+
+Scores. Each benchmark's *primary metric* at an evaluation step is ``accuracy`` (one sample per
+problem) or, when the evaluation drew k > 1 samples, ``avg@k``; pass@k rows are not scores here.
+Several primary rows of one benchmark at one step (e.g. two decoding settings) are averaged first,
+so each benchmark counts once. A cell's *final* score is read at its LAST evaluation step.
+Values are fractions in [0, 1].
+
+``eval_problems.jsonl`` (optional, one object per (evaluation step, benchmark, problem)) holds
+per-problem results for the paired bootstrap::
+
+    {"step": 200, "benchmark": "math500", "role": "ID", "problem": "test/algebra/1.json", "score": 0.75}
+
+``problem`` is any stable id (string or number) of the problem within its benchmark; ``score``
+is that problem's primary metric in [0, 1] (1/0 for accuracy, the fraction correct for avg@k).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from harness.errors import HarnessError
+
+LAYOUT = "<runs>/<suite>/<algo>/<noise>/seed<k>/eval.jsonl"
+COLUMNS = ["suite", "algo", "noise", "seed", "state", "step", "id_acc", "ood_acc"]
+EVAL_KEYS = ("step", "benchmark", "role", "metric", "value")
+PROBLEM_KEYS = ("step", "benchmark", "role", "problem", "score")
+_SEED_DIR = re.compile(r"seed(\d+)")
+_AVG_AT_K = re.compile(r"avg@\d+")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Objects of a JSONL file; blank lines skipped; HarnessError names file and line if malformed."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise HarnessError(f"malformed JSON in {str(path)!r} line {lineno}: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise HarnessError(f"malformed JSON in {str(path)!r} line {lineno}: expected an object")
+            rows.append(row)
+    return rows
+
+
+def _read_state(cell: Path) -> str:
+    path = cell / "status.json"
+    if not path.exists():
+        return "unknown"
+    try:
+        status = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise HarnessError(f"malformed JSON in {str(path)!r} line {e.lineno}: {e.msg}") from None
+    if not isinstance(status, dict):
+        raise HarnessError(f"malformed JSON in {str(path)!r}: expected an object")
+    return str(status.get("state", "unknown"))
+
+
+def _checked_rows(path: Path, keys: tuple[str, ...], what: str) -> list[dict]:
+    rows = read_jsonl(path) if path.exists() else []
+    for lineno, row in enumerate(rows, start=1):
+        missing = [k for k in keys if k not in row]
+        if missing:
+            raise HarnessError(f"{what} row {lineno} of {str(path)!r} lacks key(s) {', '.join(missing)} (needs {', '.join(keys)})")
+    return rows
+
+
+def primary_scores(rows: list[dict]) -> pd.DataFrame:
+    """Eval rows -> one row per (step, role, benchmark) with the primary metric's value
+    (accuracy, else avg@k), duplicate rows of a benchmark averaged. Columns: step, role,
+    benchmark, value."""
+    if not rows:
+        return pd.DataFrame({"step": pd.Series(dtype=int), "role": pd.Series(dtype=str),
+                             "benchmark": pd.Series(dtype=str), "value": pd.Series(dtype=float)})
+    df = pd.DataFrame(rows)
+    df = df[df["metric"].map(lambda m: m == "accuracy" or bool(_AVG_AT_K.fullmatch(str(m))))]
+    df = df[df["value"].notna()]
+    out = df.groupby(["step", "role", "benchmark"], as_index=False)["value"].mean()
+    out["step"] = out["step"].astype(int)
+    out["value"] = out["value"].astype(float)
+    return out
+
+
+def _noise_order(name: str) -> tuple:
+    """'none' first, then natural order: flip0.1 < flip0.2 < flip0.4, pseudo8 < pseudo16."""
+    parts = re.split(r"(\d+(?:\.\d+)?)", name)
+    return (name != "none", tuple(float(p) if i % 2 else p for i, p in enumerate(parts)))
+
+
+def sort_noise(names) -> list[str]:
+    return sorted(set(names), key=_noise_order)
+
+
+def _sort_key(col: pd.Series) -> pd.Series:
+    if col.name != "noise":
+        return col
+    rank = {name: i for i, name in enumerate(sort_noise(col))}
+    return col.map(rank)
+
+
+def sort_frame(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    return df.sort_values(by, key=_sort_key).reset_index(drop=True)
+
+
+class RunStore:
+    """Every cell under ``runs_dir`` with its parsed files.
+
+    ``cells``: suite, algo, noise, seed, state, step (last eval step), id_acc, ood_acc, path.
+    ``evals``: suite, algo, noise, seed, step, role, benchmark, value (primary metric, all steps).
+    ``metrics``: suite, algo, noise, seed, step and one column per metrics.jsonl key.
+    ``problems``: suite, algo, noise, seed, step, role, benchmark, problem, score (may be empty).
+    """
+
+    def __init__(self, runs_dir: Path):
+        runs_dir = Path(runs_dir)
+        cells, evals, metrics, problems = [], [], [], []
+        for cell in sorted(runs_dir.glob("*/*/*/seed*")) if runs_dir.is_dir() else []:
+            match = _SEED_DIR.fullmatch(cell.name)
+            if not (cell.is_dir() and match and ((cell / "eval.jsonl").exists() or (cell / "status.json").exists())):
+                continue
+            suite, algo, noise = cell.relative_to(runs_dir).parts[:3]
+            key = {"suite": suite, "algo": algo, "noise": noise, "seed": int(match.group(1))}
+            scores = primary_scores(_checked_rows(cell / "eval.jsonl", EVAL_KEYS, "eval"))
+            last = int(scores["step"].max()) if len(scores) else None
+            final = scores[scores["step"] == last]
+
+            def role_mean(role: str) -> float:
+                values = final.loc[final["role"] == role, "value"]
+                return float(values.mean()) if len(values) else math.nan
+
+            cells.append({**key, "state": _read_state(cell), "step": last, "id_acc": role_mean("ID"),
+                          "ood_acc": role_mean("OOD"), "path": str(cell)})
+            evals.append(scores.assign(**key))
+            m = pd.DataFrame(read_jsonl(cell / "metrics.jsonl")) if (cell / "metrics.jsonl").exists() else pd.DataFrame()
+            if "step" in m:
+                metrics.append(m.assign(**key))
+            p = _checked_rows(cell / "eval_problems.jsonl", PROBLEM_KEYS, "eval_problems")
+            if p:
+                problems.append(pd.DataFrame(p)[list(PROBLEM_KEYS)].assign(**key))
+        if not cells:
+            raise HarnessError(f"no runs found under {str(runs_dir)!r} (expected {LAYOUT})")
+        keys = ["suite", "algo", "noise", "seed"]
+        self.cells = sort_frame(pd.DataFrame(cells), keys)
+        self.cells["step"] = self.cells["step"].astype("Int64")
+        self.evals = pd.concat(evals, ignore_index=True) if evals else pd.DataFrame(columns=keys + ["step", "role", "benchmark", "value"])
+        self.metrics = pd.concat(metrics, ignore_index=True) if metrics else pd.DataFrame(columns=keys + ["step"])
+        self.problems = (pd.concat(problems, ignore_index=True) if problems
+                         else pd.DataFrame(columns=keys + list(PROBLEM_KEYS)))
+        self.problems["problem"] = self.problems["problem"].astype(str)
+
+    def done(self) -> pd.DataFrame:
+        """Cells that finished and have an evaluation: the only ones that enter statistics."""
+        return self.cells[self.cells["state"].eq("done") & self.cells["step"].notna()]
+
+    def final_scores(self) -> pd.DataFrame:
+        """Finished cells' primary scores at their last evaluation step: suite, algo, noise, seed,
+        role, benchmark, value."""
+        done = self.done()[["suite", "algo", "noise", "seed", "step"]]
+        merged = self.evals.merge(done, on=["suite", "algo", "noise", "seed", "step"])
+        return merged[["suite", "algo", "noise", "seed", "role", "benchmark", "value"]]
+
+    def final_problems(self) -> pd.DataFrame:
+        """Per-problem scores of finished cells at their last evaluation step."""
+        done = self.done()[["suite", "algo", "noise", "seed", "step"]]
+        return self.problems.merge(done, on=["suite", "algo", "noise", "seed", "step"])
+
+
+def collect_final_scores(runs_dir: Path) -> pd.DataFrame:
+    """One row per cell: suite, algo, noise, seed, state, step, id_acc, ood_acc (see module doc)."""
+    return RunStore(runs_dir).cells[COLUMNS]

@@ -1,0 +1,107 @@
+"""Figures of the report (matplotlib ``Figure`` objects, no pyplot state: headless, Agg).
+
+    robustness_<suite>.{png,pdf}          score against noise rate per algorithm, 95 % CI bars
+    stability_<suite>_<noise>.{png,pdf}   training curves: mean over seeds, band = min..max
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from reports.analysis import AVERAGES, CURVE_METRICS, SuiteReport, noise_rate
+
+PERCENT_KEYS = {"ID AVG", "OOD AVG"}
+
+
+def file_stem(*parts: str) -> str:
+    """A file name safe for LaTeX's \\includegraphics: 'arith', 'flip0.2' -> 'arith_flip0-2'."""
+    return "_".join(re.sub(r"[^A-Za-z0-9-]", "-", p) for p in parts)
+
+
+def _save(fig: Figure, folder: Path, stem: str, exts: list[str]) -> None:
+    for ext in exts:
+        fig.savefig(folder / f"{stem}.{ext}", dpi=150 if ext == "png" else None, bbox_inches="tight")
+
+
+def _colors(algos: list[str]) -> dict[str, str]:
+    palette = [f"C{i}" for i in range(10)]
+    return {a: palette[i % len(palette)] for i, a in enumerate(algos)}
+
+
+def robustness_figure(report: SuiteReport, folder: Path, exts: list[str]) -> str | None:
+    """Score (percent) against noise rate, one panel per average; None without >= 2 rates."""
+    curve = report.robustness_curve.dropna(subset=["rate"])
+    if curve["rate"].nunique() < 2 or curve["mean"].notna().sum() == 0:
+        return None
+    colors = _colors(report.suite.algos)
+    families = sorted(set(report.robustness["family"])) or ["none"]
+    styles = dict(zip(families, ["-", "--", ":", "-."] * 4))
+    fig = Figure(figsize=(12, 3.8), layout="constrained")
+    span = curve["rate"].max() - curve["rate"].min()
+    axes = fig.subplots(1, len(AVERAGES), sharey=True)
+    for ax, score in zip(axes, AVERAGES):
+        for i, algo in enumerate(report.suite.algos):
+            dodge = (i - (len(report.suite.algos) - 1) / 2) * 0.012 * span  # CI bars side by side
+            for family in families:
+                names = [n for n in report.suite.noises if (noise_rate(n) or ("",))[0] in (family, "none")]
+                d = curve[(curve["algo"] == algo) & (curve["score"] == score) & curve["noise"].isin(names)]
+                d = d.dropna(subset=["mean"]).sort_values("rate")
+                if d.empty:
+                    continue
+                low = (d["mean"] - d["ci_low"]).fillna(0).clip(lower=0) * 100
+                high = (d["ci_high"] - d["mean"]).fillna(0).clip(lower=0) * 100
+                label = algo if len(families) == 1 else f"{algo} ({family})"
+                ax.errorbar(d["rate"] + dodge, d["mean"] * 100, yerr=[low, high], color=colors[algo],
+                            linestyle=styles[family], marker="o", capsize=3, label=label)
+        ax.set_title(score)
+        ax.set_xlabel("noise rate")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("score (%), 95% CI")
+    axes[-1].legend(fontsize=8)
+    fig.suptitle(f"{report.suite.name}: final score against noise rate")
+    stem = file_stem("robustness", report.suite.name)
+    _save(fig, folder, stem, exts)
+    return stem
+
+
+def stability_figures(report: SuiteReport, folder: Path, exts: list[str]) -> dict[str, str]:
+    """One figure per noise setting: a panel per metric present, a line per algorithm (mean over
+    seeds) with a min..max band. Returns noise -> file stem."""
+    sc = report.stability_curves
+    colors = _colors(report.suite.algos)
+    out = {}
+    for noise in report.suite.noises:
+        d = sc[sc["noise"] == noise]
+        labels = [label for label, _, _ in CURVE_METRICS if (d["metric"] == label).any()]
+        if not labels:
+            continue
+        ncols = min(4, len(labels))
+        nrows = int(np.ceil(len(labels) / ncols))
+        fig = Figure(figsize=(3.4 * ncols, 2.8 * nrows))
+        axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+        for ax, label in zip(axes, labels):
+            m = d[d["metric"] == label]
+            percent = m["key"].iloc[0] in PERCENT_KEYS
+            scale = 100 if percent else 1
+            for algo in report.suite.algos:
+                a = m[m["algo"] == algo].sort_values("step")
+                if a.empty:
+                    continue
+                ax.plot(a["step"], a["mean"] * scale, color=colors[algo], label=algo, marker="." if len(a) < 30 else None)
+                ax.fill_between(a["step"], a["min"] * scale, a["max"] * scale, color=colors[algo], alpha=0.2, linewidth=0)
+            ax.set_title(label + (" (%)" if percent else ""), fontsize=10)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        for ax in axes[len(labels):]:
+            ax.set_visible(False)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{report.suite.name}, noise {noise}: mean over seeds, band = min..max")
+        fig.tight_layout()
+        stem = file_stem("stability", report.suite.name, noise)
+        _save(fig, folder, stem, exts)
+        out[noise] = stem
+    return out
