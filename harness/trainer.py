@@ -200,7 +200,7 @@ class Trainer:
 
     def optimise(self, loss: torch.Tensor, opt: torch.optim.Optimizer, params: list, which: str, step: int) -> float:
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"non-finite {which} loss ({float(loss)}) at step {step}")
+            raise NonFiniteLoss(f"non-finite {which} loss ({float(loss.detach())}) at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
