@@ -161,6 +161,8 @@ def file_size(path: Path) -> int:
 def truncate(path: Path, size: int) -> None:
     """Cut a JSONL file back to `size` bytes: lines written after a checkpoint are dropped on resume."""
     path = Path(path)
+    if size == 0 and not path.exists():
+        return
     if file_size(path) < size:
         raise RuntimeError(f"{path} is shorter ({file_size(path)} bytes) than its checkpoint recorded ({size})")
     with open(path, "r+b") as fh:
