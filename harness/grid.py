@@ -18,6 +18,8 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for
@@ -270,14 +272,17 @@ def run_serial(todo: list[Cell], cache_dir, ckpt_every: int, progress: bool) -> 
     return outcomes
 
 
-def _worker_main(cell: Cell, cache_dir, ckpt_every: int) -> None:
-    """Entry point of a worker process: dies with its parent (Linux), runs one cell."""
-    try:  # PR_SET_PDEATHSIG: a `kill -9` of the grid must not leave cells writing behind its back
-        import ctypes
+def _die_with(grid_pid: int) -> None:
+    """Watchdog thread of a worker: a `kill -9` of the grid must not leave cells writing behind
+    the back of the next run, so a worker kills itself within a second of the grid's death."""
+    while store.pid_alive(grid_pid):
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGKILL)
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
+
+def _worker_main(cell: Cell, cache_dir, ckpt_every: int, grid_pid: int) -> None:
+    """Entry point of a worker process: runs one cell, dies with the grid."""
+    threading.Thread(target=_die_with, args=(grid_pid,), daemon=True).start()
     run_cell(cell, cache_dir, ckpt_every, progress=False)
 
 
@@ -294,7 +299,7 @@ def run_processes(todo: list[Cell], cache_dir, ckpt_every: int, workers: int, pr
             stop = any(status.get("fatal") for _, status in outcomes)
             while queue and len(running) < workers and not stop:
                 cell = queue.pop(0)
-                proc = ctx.Process(target=_worker_main, args=(cell, cache_dir, ckpt_every), name=cell.label)
+                proc = ctx.Process(target=_worker_main, args=(cell, cache_dir, ckpt_every, os.getpid()), name=cell.label)
                 proc.start()
                 running[proc.sentinel] = (proc, cell)
             if not running:
