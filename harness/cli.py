@@ -1,4 +1,4 @@
-"""`harness run | report | list`.
+"""`harness run | status | report | list`.
 
 Bad input ends with one line `harness: error: ...` and exit status 2, before anything is written.
 """
@@ -33,6 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override any config key, e.g. train.lr=1e-4, ppo.kl_coef=0.01, suite.id_max=99")
     run.add_argument("--cache-dir", default=None, help="warm-start cache (default: $HARNESS_CACHE or ~/.cache/harness)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--workers", type=int, default=1, help="cells run in parallel processes (default: 1, in-process)")
+    run.add_argument("--backend", choices=["local", "ray"], default="local",
+                     help="local processes (default) or one Ray task per cell (pip install '.[ray]')")
+    run.add_argument("--ray-address", default=None, help="Ray cluster address, e.g. auto (default: a local Ray instance)")
+    run.add_argument("--ckpt-every", type=int, default=20,
+                     help="save a checkpoint every N steps; a re-run resumes from it (default: 20; 0: never)")
+    run.add_argument("--retry-failed", action="store_true", help="re-run failed cells (default: leave them as they are)")
+
+    status = sub.add_parser("status", help="list a run store's cells: done / running / failed / pending")
+    status.add_argument("--out", default="runs", help="run store folder (default: runs/)")
 
     report = sub.add_parser("report", help="tables, significance, robustness and stability figures from a run store")
     report.add_argument("--runs", default="runs", help="run store folder (default: runs/)")
@@ -54,9 +64,33 @@ def cmd_run(args) -> int:
         suite=args.suite, algos=algos, noise=args.noise, seeds=parse_seeds(args.seeds), out=Path(args.out),
         model=args.model, steps=args.steps, eval_limit=args.eval_limit, overrides=parse_assignments(args.set),
     )
-    counts = run_grid(cells, cache_dir=Path(args.cache_dir) if args.cache_dir else None, progress=not args.quiet)
-    print(f"grid: {counts['done']} done, {counts['skipped']} already done, {counts['failed']} failed -> {args.out}")
-    return 1 if counts["failed"] else 0
+    counts = run_grid(cells, cache_dir=Path(args.cache_dir) if args.cache_dir else None, progress=not args.quiet,
+                      workers=args.workers, backend=args.backend, ray_address=args.ray_address,
+                      ckpt_every=args.ckpt_every, retry_failed=args.retry_failed, out=Path(args.out))
+    line = f"grid: {counts['done']} done, {counts['skipped']} already done, {counts['failed']} failed"
+    if counts["resumed"]:
+        line += f", {counts['resumed']} resumed from a checkpoint"
+    if counts["left_failed"]:
+        line += f", {counts['left_failed']} failed earlier and left as they are (--retry-failed re-runs them)"
+    print(f"{line} -> {args.out}")
+    return 1 if counts["failed"] or counts["left_failed"] else 0
+
+
+def cmd_status(args) -> int:
+    from harness import store
+    from harness.grid import grid_status
+
+    rows = grid_status(Path(args.out))
+    holder = store.lock_holder(Path(args.out))
+    by_state = {s: sum(r["state"] == s for r in rows) for s in ("done", "running", "failed", "pending")}
+    print(f"{args.out}: {len(rows)} cells: " + ", ".join(f"{n} {s}" for s, n in by_state.items())
+          + (f"; harness run pid {holder} is using it" if holder else ""))
+    width = max([len(r["cell"]) for r in rows] + [4])
+    print(f"{'cell':{width}s}  {'state':8s}  {'step':>9s}  detail")
+    for r in rows:
+        step = f"{r['step']}/{r['steps'] if r['steps'] is not None else '?'}"
+        print(f"{r['cell']:{width}s}  {r['state']:8s}  {step:>9s}  {r['detail']}")
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -92,7 +126,7 @@ def cmd_list(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"run": cmd_run, "report": cmd_report, "list": cmd_list}[args.command](args)
+        return {"run": cmd_run, "status": cmd_status, "report": cmd_report, "list": cmd_list}[args.command](args)
     except HarnessError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return 2

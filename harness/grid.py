@@ -1,10 +1,28 @@
 """The grid: resolve every cell's configuration up front (bad input fails before anything is
-written), then run the cells one by one, skipping those already done and containing failures."""
+written), then run the cells (serially, in `--workers` processes, or as Ray tasks), skipping those
+already done, resuming unfinished ones from their last checkpoint, and containing failures.
+
+A cell's outcome lives in its status.json, written by the process that ran it:
+
+    running      {"pid", "host", "resumed_from", "attempt"}
+    done         {"final_step", "<role>_accuracy", "resumed_from", "attempt"}
+    failed       {"step", "reason", "traceback"}; left alone unless `--retry-failed`
+    interrupted  {"step", "reason"} (Ctrl-C); resumed by the next run like a crashed cell
+"""
 from __future__ import annotations
 
 import dataclasses
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 from typing import Any
 
@@ -104,35 +122,302 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
     return cells
 
 
-def run_grid(cells: list[Cell], cache_dir: Path | None = None, progress: bool = True) -> dict[str, int]:
-    """Run every cell not yet done. Returns counts of done / skipped / failed cells."""
+def say(message: str) -> None:
+    """A progress line that survives progress bars, worker processes and Ray's log forwarding."""
+    tqdm.write(message, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def same_config(cell: Cell) -> bool:
+    path = cell.path / "config.json"
+    try:
+        return store.read_json(path) == json.loads(json.dumps(store._clean(cell.cfg.to_dict())))
+    except (OSError, ValueError):
+        return False
+
+
+def run_cell(cell: Cell, cache_dir: Path | None = None, ckpt_every: int = 0, progress: bool = False) -> dict[str, Any]:
+    """Run one cell to the end in this process, resuming from its last checkpoint when its
+    configuration is unchanged; write its status.json; return that status. An exception inside
+    the cell (a non-finite loss, out of memory, a bug) marks it failed and does not propagate,
+    except bad input (`HarnessError`, e.g. a model that cannot load), which the grid stops on."""
     from harness.trainer import Trainer
 
-    counts = {"done": 0, "skipped": 0, "failed": 0}
-    bar = tqdm(cells, desc="grid", unit="cell", disable=not progress)
-    for cell in bar:
-        bar.set_postfix_str(cell.label)
-        status = store.read_status(cell.path)
-        if status and status.get("state") == "done":
-            counts["skipped"] += 1
-            continue
+    previous = store.read_status(cell.path) or {}
+    found = store.latest_checkpoint(cell.path) if same_config(cell) else None
+    if found is None:
+        if previous.get("state") in ("running", "interrupted", "failed") and store.last_step(cell.path) > 0:
+            why = "its configuration changed" if not same_config(cell) else "it has no checkpoint"
+            say(f"cell {cell.label}: restarting from step 0 ({why}; it had reached step {store.last_step(cell.path)})")
         store.reset_cell(cell.path)
         store.atomic_write_json(cell.path / "config.json", cell.cfg.to_dict())
-        store.write_status(cell.path, "running")
+    resumed_from = found[0] if found else 0
+    steps = cell.cfg.train.steps
+    if resumed_from:
+        left = steps - resumed_from
+        say(f"cell {cell.label}: resuming from the checkpoint at step {resumed_from} of {steps} "
+            f"({left} step{'s' if left != 1 else ''} left{'; only the final status is written' if left == 0 else ''})")
+    attempt = int(previous.get("attempt", 0)) + 1 if found else 1
+    info = {"resumed_from": resumed_from, "attempt": attempt, "steps": steps, "pid": os.getpid(),
+            "host": socket.gethostname()}
+    store.write_status(cell.path, "running", **info)
+    trainer = None
+    try:
+        trainer = Trainer(cell.cfg, cell.path, cache_dir=cache_dir, progress=progress)
+        summary = trainer.run(ckpt_every=ckpt_every)
+    except KeyboardInterrupt:
+        step = trainer.step if trainer else resumed_from
+        store.write_status(cell.path, "interrupted", step=step, reason="interrupted", **info)
+        raise
+    except HarnessError as exc:
+        step = trainer.step if trainer else resumed_from
+        store.write_status(cell.path, "failed", step=step, reason=str(exc), fatal=True, **info)
+        return store.read_status(cell.path)
+    except Exception as exc:  # noqa: BLE001 - a failing cell must not stop the grid
+        step = trainer.step if trainer else resumed_from
+        reason = f"{type(exc).__name__}: {exc}"
+        if "out of memory" in str(exc).lower() or isinstance(exc, MemoryError):
+            reason = f"out of memory: {reason}"
+        store.write_status(cell.path, "failed", step=step, reason=reason, traceback=traceback.format_exc(), **info)
+        return store.read_status(cell.path)
+    store.write_status(cell.path, "done", **summary, **info)
+    store.prune_checkpoints(cell.path)
+    return store.read_status(cell.path)
+
+
+def write_manifest(out: Path, cells: list[Cell]) -> None:
+    """`<out>/grid.json`: every cell any run on this folder asked for, so `harness status` can
+    list the pending ones."""
+    path = Path(out) / "grid.json"
+    known = {}
+    if path.exists():
         try:
-            summary = Trainer(cell.cfg, cell.path, cache_dir=cache_dir, progress=progress).run()
-        except KeyboardInterrupt:
-            store.write_status(cell.path, "failed", reason="interrupted")
-            raise
-        except HarnessError as exc:  # bad input met inside a cell (a model that cannot load): stop the grid
-            store.write_status(cell.path, "failed", reason=str(exc))
-            raise
-        except Exception as exc:  # a failing cell must not stop the grid
-            reason = f"{type(exc).__name__}: {exc}"
-            store.write_status(cell.path, "failed", reason=reason, traceback=traceback.format_exc())
-            tqdm.write(f"cell {cell.label} failed: {reason}")
+            known = {c["path"]: c for c in store.read_json(path)["cells"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            known = {}
+    for cell in cells:
+        rel = cell.path.relative_to(out).as_posix()
+        known[rel] = {"path": rel, "label": cell.label, "steps": cell.cfg.train.steps}
+    store.atomic_write_json(path, {"cells": sorted(known.values(), key=lambda c: c["path"])})
+
+
+def run_grid(cells: list[Cell], cache_dir: Path | None = None, progress: bool = True, workers: int = 1,
+             backend: str = "local", ray_address: str | None = None, ckpt_every: int = 0,
+             retry_failed: bool = False, out: Path | None = None) -> dict[str, int]:
+    """Run every cell not yet done. Returns counts: done (this run), skipped (done before), failed
+    (this run), left_failed (failed before, left alone without `retry_failed`), resumed."""
+    if workers < 1:
+        raise HarnessError(f"--workers must be a positive integer, got {workers}")
+    if ckpt_every < 0:
+        raise HarnessError(f"--ckpt-every must be >= 0 (0: no checkpoints), got {ckpt_every}")
+    if backend not in ("local", "ray"):
+        raise HarnessError(f"--backend must be local or ray, got {backend!r}")
+    counts = {"done": 0, "skipped": 0, "failed": 0, "left_failed": 0, "resumed": 0}
+    todo = []
+    for cell in cells:
+        state = (store.read_status(cell.path) or {}).get("state")
+        if state == "done":
+            counts["skipped"] += 1
+            store.prune_checkpoints(cell.path)  # a crash between "done" and the clean-up
+        elif state == "failed" and not retry_failed:
+            counts["left_failed"] += 1
+        else:
+            todo.append(cell)
+    if not cells:
+        return counts
+    out = Path(out) if out is not None else cells[0].path.parents[3]  # <out>/<suite>/<algo>/<noise>/seed<k>
+
+    lock = store.RunLock(out).acquire()
+    try:
+        if lock.stale_pid is not None:
+            say(f"took over the lock of {str(out)!r} left by pid {lock.stale_pid}, which is no longer running")
+        write_manifest(out, cells)
+        if backend == "ray":
+            outcomes = run_ray(todo, cache_dir, ckpt_every, ray_address)
+        elif workers > 1 and len(todo) > 1:
+            outcomes = run_processes(todo, cache_dir, ckpt_every, workers, progress)
+        else:
+            outcomes = run_serial(todo, cache_dir, ckpt_every, progress)
+    finally:
+        lock.release()
+    fatal = None
+    for cell, status in outcomes:
+        if status.get("resumed_from"):
+            counts["resumed"] += 1
+        if status.get("state") == "done":
+            counts["done"] += 1
+        else:
             counts["failed"] += 1
-            continue
-        store.write_status(cell.path, "done", **summary)
-        counts["done"] += 1
+            fatal = fatal or (status.get("reason") if status.get("fatal") else None)
+    if fatal:
+        raise HarnessError(fatal)
     return counts
+
+
+def report_failure(cell: Cell, status: dict[str, Any]) -> None:
+    if status.get("state") != "done":
+        say(f"cell {cell.label} failed at step {status.get('step', '?')}: {status.get('reason')}")
+
+
+def run_serial(todo: list[Cell], cache_dir, ckpt_every: int, progress: bool) -> list[tuple[Cell, dict]]:
+    outcomes = []
+    bar = tqdm(todo, desc="grid", unit="cell", disable=not progress)
+    for cell in bar:
+        bar.set_postfix_str(cell.label)
+        status = run_cell(cell, cache_dir, ckpt_every, progress)
+        report_failure(cell, status)
+        outcomes.append((cell, status))
+        if status.get("fatal"):
+            break
+    return outcomes
+
+
+def _die_with(grid_pid: int) -> None:
+    """Watchdog thread of a worker: a `kill -9` of the grid must not leave cells writing behind
+    the back of the next run, so a worker kills itself within a second of the grid's death."""
+    while store.pid_alive(grid_pid):
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _worker_main(cell: Cell, cache_dir, ckpt_every: int, grid_pid: int) -> None:
+    """Entry point of a worker process: runs one cell, dies with the grid."""
+    threading.Thread(target=_die_with, args=(grid_pid,), daemon=True).start()
+    run_cell(cell, cache_dir, ckpt_every, progress=False)
+
+
+def run_processes(todo: list[Cell], cache_dir, ckpt_every: int, workers: int, progress: bool) -> list[tuple[Cell, dict]]:
+    """One fresh process per cell, at most `workers` at once. Workers are forked from a forkserver
+    that imported the training code once (no state shared with this process, cheap starts). A
+    worker that dies (killed by the out-of-memory killer, a segfault) fails only its cell."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["harness.grid", "harness.trainer", "transformers.models.llama.modeling_llama"])
+    queue, running, outcomes = list(todo), {}, []
+    bar = tqdm(total=len(todo), desc=f"grid ({workers} workers)", unit="cell", disable=not progress)
+    try:
+        while queue or running:
+            stop = any(status.get("fatal") for _, status in outcomes)
+            while queue and len(running) < workers and not stop:
+                cell = queue.pop(0)
+                proc = ctx.Process(target=_worker_main, args=(cell, cache_dir, ckpt_every, os.getpid()), name=cell.label)
+                proc.start()
+                running[proc.sentinel] = (proc, cell)
+            if not running:
+                break
+            for sentinel in wait_for(list(running)):
+                proc, cell = running.pop(sentinel)
+                proc.join()
+                status = store.read_status(cell.path) or {}
+                if status.get("state") not in ("done", "failed"):
+                    how = f"killed by signal {-proc.exitcode}" if proc.exitcode < 0 else f"exit code {proc.exitcode}"
+                    reason = f"worker process died ({how}{'; out of memory?' if proc.exitcode == -9 else ''})"
+                    store.write_status(cell.path, "failed", step=store.last_step(cell.path), reason=reason,
+                                       **{k: v for k, v in status.items() if k not in ("state", "time")})
+                    status = store.read_status(cell.path)
+                report_failure(cell, status)
+                outcomes.append((cell, status))
+                bar.update(1)
+    finally:
+        for proc, _ in running.values():  # Ctrl-C: the workers got SIGINT too; wait for their status
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+        bar.close()
+    return outcomes
+
+
+def ray_resources(cfg: RunConfig) -> dict[str, float]:
+    """A cell's Ray resource request: `train.threads` CPUs, one GPU when it trains on cuda."""
+    return {"num_cpus": cfg.train.threads, "num_gpus": 1 if cfg.train.device == "cuda" else 0}
+
+
+def run_ray(todo: list[Cell], cache_dir, ckpt_every: int, address: str | None) -> list[tuple[Cell, dict]]:
+    """Each cell a Ray task with its resource request. Every node must see `--out` and the cache
+    (a shared filesystem) and have the harness installed; a local instance gets this checkout."""
+    try:
+        import ray
+    except ImportError:
+        raise HarnessError("--backend ray needs Ray: pip install 'noise-robust-rl-harness[ray]'") from None
+    started = not ray.is_initialized()
+    if started:
+        root = str(Path(__file__).resolve().parents[1])
+        env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        if "TRANSFORMERS_VERBOSITY" in os.environ:
+            env["TRANSFORMERS_VERBOSITY"] = os.environ["TRANSFORMERS_VERBOSITY"]
+        kwargs = {"address": address} if address else {"include_dashboard": False}
+        ray.init(runtime_env={"env_vars": env}, logging_level="ERROR", **kwargs)
+    task = ray.remote(max_retries=0)(run_cell)
+    pending = {task.options(**ray_resources(cell.cfg)).remote(cell, cache_dir, ckpt_every, False): cell
+               for cell in todo}
+    outcomes = []
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                cell = pending.pop(ref)
+                try:
+                    status = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - the task's worker died (OOM kill, node lost)
+                    store.write_status(cell.path, "failed", step=store.last_step(cell.path),
+                                       reason=f"ray task failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+                    status = store.read_status(cell.path)
+                report_failure(cell, status)
+                outcomes.append((cell, status))
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        if started:
+            ray.shutdown()
+    return outcomes
+
+
+# ---- harness status ------------------------------------------------------------------------------
+
+def grid_status(out: Path) -> list[dict[str, Any]]:
+    """One row per cell of `out` (those of grid.json and those on disk): label, state (done /
+    running / failed / pending), step reached, total steps, checkpoint step, detail."""
+    out = Path(out)
+    if not out.is_dir():
+        raise HarnessError(f"no run store at {str(out)!r} (give the --out folder of a harness run)")
+    cells: dict[str, dict[str, Any]] = {}
+    if (out / "grid.json").exists():
+        try:
+            for c in store.read_json(out / "grid.json")["cells"]:
+                cells[c["path"]] = {"label": c["label"], "steps": c.get("steps")}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    for status_path in out.glob("*/*/*/seed*/status.json"):
+        rel = status_path.parent.relative_to(out).as_posix()
+        cells.setdefault(rel, {"label": rel, "steps": None})
+    holder = store.lock_holder(out)
+    host = socket.gethostname()
+    rows = []
+    for rel, info in sorted(cells.items()):
+        path = out / rel
+        status = store.read_status(path) or {}
+        state = status.get("state")
+        steps = status.get("steps") or info["steps"]
+        step = store.last_step(path)
+        ckpt = store.latest_checkpoint(path)
+        detail = ""
+        if state == "done":
+            scores = ", ".join(f"{k} {v:.3f}" for k, v in sorted(status.items())
+                               if k.endswith("_accuracy") and isinstance(v, (int, float)))
+            detail = scores + (f"; resumed from step {status['resumed_from']}" if status.get("resumed_from") else "")
+        elif state == "failed":
+            step = status.get("step", step)
+            detail = status.get("reason", "")
+        elif state == "running" and holder is not None and (
+                status.get("host") != host or store.pid_alive(int(status.get("pid", -1)))):
+            detail = f"pid {status.get('pid')} on {status.get('host')}"
+            if ckpt:
+                detail += f"; checkpoint at step {ckpt[0]}"
+        elif state in ("running", "interrupted"):
+            state = "pending"
+            detail = f"interrupted at step {step}; " + (
+                f"resumes from the checkpoint at step {ckpt[0]}" if ckpt else "restarts from step 0 (no checkpoint)")
+        else:
+            state = "pending"
+        rows.append({"cell": info["label"], "state": state, "step": step, "steps": steps,
+                     "checkpoint": ckpt[0] if ckpt else None, "detail": detail})
+    return rows

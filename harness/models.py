@@ -3,6 +3,7 @@ Hugging Face models by hub id or local path."""
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -83,7 +84,13 @@ def load_policy(cfg: ModelConfig, suite: "Suite", seed: int, cache_dir: Path | N
         cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         path = cache_dir / "warmstart" / warmstart_key(cfg, suite, seed)
         if not (path / "done").exists():
-            build_tiny_warmstart(cfg, suite, seed, path, progress=progress)
+            # Cells in parallel (workers, Ray tasks, two runs) may need the same warm start: one
+            # builds it under an exclusive file lock, the others wait and then load it.
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path.parent / f"{path.name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (path / "done").exists():
+                    build_tiny_warmstart(cfg, suite, seed, path, progress=progress)
         return load_pretrained(str(path), cfg.dtype, device)
     return load_pretrained(cfg.name, cfg.dtype, device)
 

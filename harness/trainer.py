@@ -6,17 +6,20 @@
     (algorithm.actor_loss, algorithm.critic_loss) -> metrics line; ID/OOD evaluation with clean
     graders before the first step, every `eval_every` steps and at the end.
 
-`Trainer.train_step` is the whole step in one function.
+`Trainer.train_step` is the whole step in one function. `Trainer.run` trains a cell, saving a
+checkpoint every `ckpt_every` steps and resuming from the cell's last checkpoint when there is one.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -86,6 +89,9 @@ class Trainer:
         self.train_set = self.suite.train_problems()
         self.benchmarks = self.suite.eval_benchmarks()
         self.prompt_cache: dict[str, list[int]] = {}
+        self.step = 0  # the step in progress (or the last one done); a failed cell reports it
+        self.start_step = 0
+        self.resumed_summary: dict[str, float] = {}
 
     # ---- data -------------------------------------------------------------------------------
 
@@ -267,7 +273,7 @@ class Trainer:
 
     def optimise(self, loss: torch.Tensor, opt: torch.optim.Optimizer, params: list, which: str, step: int) -> float:
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"non-finite {which} loss ({float(loss)}) at step {step}")
+            raise NonFiniteLoss(f"non-finite {which} loss ({float(loss.detach())}) at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
@@ -319,18 +325,26 @@ class Trainer:
 
     # ---- the cell ---------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
-        """Train for `train.steps`, evaluating at 0, every `eval_every` steps and at the end."""
+    def run(self, ckpt_every: int = 0) -> dict[str, Any]:
+        """Train for `train.steps`, evaluating at 0, every `eval_every` steps and at the end.
+
+        Resumes from the cell's latest checkpoint when there is one (`self.start_step` tells from
+        where); saves one every `ckpt_every` steps (0: never). `self.step` is the step in progress."""
         t = self.cfg.train
         metrics_path, eval_path = self.cell / "metrics.jsonl", self.cell / "eval.jsonl"
-        if k := self.noise.needs_labels():  # pseudo-labels come from the initial policy, before step 1
+        if k := self.noise.needs_labels():  # pseudo-labels come from the initial policy: before any restore
             self.noise.set_labels(self.label_votes(k))
-        rows = self.evaluate(0)
-        store.append_jsonl(eval_path, rows)
-        summary = summarise(rows)
-        bar = tqdm(range(1, t.steps + 1), desc=f"{self.cfg.algo}/{self.cfg.noise}/seed{self.cfg.seed}",
-                   leave=False, disable=not self.progress)
+        self.start_step = self.restore_latest()
+        if self.start_step == 0:
+            rows = self.evaluate(0)
+            store.append_jsonl(eval_path, rows)
+            summary = summarise(rows)
+        else:
+            summary = self.resumed_summary
+        bar = tqdm(range(self.start_step + 1, t.steps + 1), desc=f"{self.cfg.algo}/{self.cfg.noise}/seed{self.cfg.seed}",
+                   leave=False, disable=not self.progress, initial=self.start_step, total=t.steps)
         for step in bar:
+            self.step = step
             metrics = self.train_step(step)
             if step % t.eval_every == 0 or step == t.steps:
                 rows = self.evaluate(step)
@@ -338,10 +352,76 @@ class Trainer:
                 summary = summarise(rows)
                 metrics.update({f"eval/{k}": v for k, v in summary.items()})
             store.append_jsonl(metrics_path, [metrics])
+            if ckpt_every and step % ckpt_every == 0:
+                self.save_checkpoint(step, summary)
             bar.set_postfix(reward=f"{metrics['reward/clean_mean']:.2f}",
                             **{k: f"{v:.2f}" for k, v in summary.items()})
         return {"final_step": t.steps, **summary}
 
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a step depends on that is not rebuilt from the configuration: the trained
+        modules, the optimisers, every global RNG, and any state an algorithm or noise injector keeps
+        (through their own `state_dict`, when they define one). The reference policy is not saved:
+        it is the initial policy, rebuilt from the warm start. The data order and the rollout,
+        noise and minibatch generators are pure functions of (seed, step)."""
+        state: dict[str, Any] = {
+            "policy": self.policy.state_dict(),
+            "heads": self.heads.state_dict(),
+            "actor_opt": self.actor_opt.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+        if self.critic is not None:
+            state["critic"] = self.critic.state_dict()
+            state["critic_opt"] = self.critic_opt.state_dict()
+        for name, obj in (("algo", self.algo), ("noise", self.noise)):
+            if hasattr(obj, "state_dict"):
+                state[name] = obj.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.heads.load_state_dict(state["heads"])
+        self.actor_opt.load_state_dict(state["actor_opt"])
+        if self.critic is not None:
+            self.critic.load_state_dict(state["critic"])
+            self.critic_opt.load_state_dict(state["critic_opt"])
+        for name, obj in (("algo", self.algo), ("noise", self.noise)):
+            if name in state:
+                obj.load_state_dict(state[name])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def save_checkpoint(self, step: int, summary: dict[str, float]) -> None:
+        """Atomically write `ckpt/step<k>/state.pt` (then drop older checkpoints). It records the
+        byte lengths of metrics.jsonl and eval.jsonl, so a resume cuts off lines written after it."""
+        final = store.checkpoint_dir(self.cell, step)
+        with store.atomic_dir(final) as tmp:
+            torch.save({
+                "step": step, "summary": summary, "config": self.cfg.to_dict(), **self.state_dict(),
+                "files": {name: store.file_size(self.cell / name) for name in ("metrics.jsonl", "eval.jsonl")},
+            }, tmp / "state.pt")
+        store.prune_checkpoints(self.cell, keep=final)
+
+    def restore_latest(self) -> int:
+        """Load the cell's latest checkpoint, truncate the JSONL files to it; return its step (0: none)."""
+        found = store.latest_checkpoint(self.cell)
+        if found is None:
+            return 0
+        step, path = found
+        state = torch.load(path / "state.pt", map_location=self.device, weights_only=False)
+        self.load_state_dict(state)
+        for name, size in state["files"].items():
+            store.truncate(self.cell / name, size)
+        self.resumed_summary = state["summary"]
+        self.step = step
+        return step
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Mean of the primary metric over the benchmarks of each role: {"ID_accuracy": .., "OOD_accuracy": ..}."""

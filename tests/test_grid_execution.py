@@ -1,0 +1,283 @@
+"""Grid execution: checkpoints and exact resume after `kill -9`, the run lock, contained failures,
+`--workers` and the Ray backend giving the same metrics as a serial run, `harness status`."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from algorithms import ALGOS
+from algorithms.grpo import GRPO
+from harness import store
+from harness.cli import main
+from harness.trainer import Trainer
+from tests.conftest import fast_args
+
+ROOT = Path(__file__).resolve().parents[1]
+CELLS = ("arith/grpo/none/seed0", "arith/ppo/none/seed0")
+
+
+def grid_args(out: Path, cache_dir: Path, steps: int = 6, algos: str = "ppo,grpo", *extra: str) -> list[str]:
+    return ["run", "--algos", algos, "--noise", "none", "--seeds", "1", "--steps", str(steps), "--out", str(out),
+            "--cache-dir", str(cache_dir), "--quiet", *fast_args(), *extra]
+
+
+def strip_timing(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))} for row in rows]
+
+
+def results(out: Path) -> dict[str, tuple[list[dict], list[dict]]]:
+    return {cell: (strip_timing(out / cell / "metrics.jsonl"), strip_timing(out / cell / "eval.jsonl")) for cell in CELLS}
+
+
+def squeeze(text: str) -> list[str]:
+    """Lines with runs of spaces made one (the status table pads its columns)."""
+    return [" ".join(line.split()) for line in text.splitlines()]
+
+
+def status(out: Path, cell: str) -> dict:
+    return json.loads((out / cell / "status.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir):
+    """The reference: the two-cell grid (6 steps, checkpoints every 3) run straight through."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert main(grid_args(out, cache_dir, 6, "ppo,grpo", "--ckpt-every", "3")) == 0
+    for cell in CELLS:
+        assert status(out, cell)["state"] == "done"
+        assert not (out / cell / "ckpt").exists(), "a finished cell keeps no checkpoint"
+    return results(out)
+
+
+# The run that gets killed: `python -m harness.cli run ...`, with one patch that holds the first
+# cell still at the start of step 6 (after its checkpoint at step 3 and the lines of steps 4 and 5,
+# and the evaluation at step 4, which the resume must cut off), so that the kill lands mid-cell
+# on any machine speed.
+KILLED_RUN = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from harness.trainer import Trainer
+    from harness.cli import main
+    marker = Path(sys.argv[1])
+    step = Trainer.train_step
+    def stall(self, n):
+        if n == 6 and self.cfg.algo == "grpo":
+            marker.write_text("stalled")
+            time.sleep(120)
+        return step(self, n)
+    Trainer.train_step = stall
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def test_kill_9_mid_cell_then_rerun_resumes_exactly(tmp_path, cache_dir, uninterrupted, monkeypatch, capsys):
+    out, marker = tmp_path / "runs", tmp_path / "stalled"
+    args = grid_args(out, cache_dir, 6, "ppo,grpo", "--ckpt-every", "3")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(marker), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "the run never reached step 6"
+        time.sleep(0.05)
+    grpo = out / CELLS[0]
+    assert store.latest_checkpoint(grpo)[0] == 3
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert [json.loads(line)["step"] for line in (grpo / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert status(out, CELLS[0])["state"] == "running"
+    assert status(out, CELLS[1])["state"] == "done"  # ppo runs first
+    ppo_before = (out / CELLS[1] / "metrics.jsonl").read_text()
+
+    # `harness status` after the crash: the killed cell is pending and resumes from step 3.
+    assert main(["status", "--out", str(out)]) == 0
+    lines = squeeze(capsys.readouterr().out)
+    assert lines[0].endswith("2 cells: 1 done, 0 running, 0 failed, 1 pending")
+    assert "arith/grpo/none/seed0 pending 5/6 interrupted at step 5; resumes from the checkpoint at step 3" in lines
+
+    # Re-run the same command, counting the training steps each cell runs.
+    ran: dict[str, list[int]] = {}
+    train_step = Trainer.train_step
+
+    def counting(self, n):
+        ran.setdefault(self.cfg.algo, []).append(n)
+        return train_step(self, n)
+
+    monkeypatch.setattr(Trainer, "train_step", counting)
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "cell arith/grpo/none/seed0: resuming from the checkpoint at step 3 of 6 (3 steps left)" in printed
+    assert "grid: 1 done, 1 already done, 0 failed, 1 resumed from a checkpoint" in printed
+    assert ran == {"grpo": [4, 5, 6]}, "no step ran twice past a checkpoint; the finished cell is skipped"
+    assert status(out, CELLS[0])["resumed_from"] == 3 and status(out, CELLS[0])["attempt"] == 2
+    assert (out / CELLS[1] / "metrics.jsonl").read_text() == ppo_before
+    assert results(out) == uninterrupted
+
+
+def test_workers_2_gives_the_serial_metrics(tmp_path, cache_dir, uninterrupted, capsys):
+    out = tmp_path / "runs"
+    assert main(grid_args(out, cache_dir, 6, "ppo,grpo", "--workers", "2", "--ckpt-every", "3")) == 0
+    assert "grid: 2 done" in capsys.readouterr().out
+    assert results(out) == uninterrupted
+    pids = {status(out, cell)["pid"] for cell in CELLS}
+    assert len(pids) == 2 and os.getpid() not in pids, "each cell ran in its own worker process"
+
+
+def test_ray_backend_gives_the_serial_metrics(tmp_path, cache_dir, uninterrupted, capsys):
+    # One cell (starting Ray and a worker costs most of this test), as a task of a local instance.
+    pytest.importorskip("ray")
+    out = tmp_path / "runs"
+    assert main(grid_args(out, cache_dir, 6, "grpo", "--backend", "ray", "--ckpt-every", "3")) == 0
+    assert "grid: 1 done" in capsys.readouterr().out
+    cell = CELLS[0]
+    assert (strip_timing(out / cell / "metrics.jsonl"), strip_timing(out / cell / "eval.jsonl")) == uninterrupted[cell]
+    assert status(out, cell)["pid"] != os.getpid()
+
+
+def test_resume_into_zero_steps_is_stated(tmp_path, cache_dir, monkeypatch, capsys):
+    # A crash between the final checkpoint and the "done" status: the re-run has no step left to
+    # run; it says so, and the metrics stay as they were.
+    out = tmp_path / "runs"
+    args = grid_args(out, cache_dir, 2, "grpo", "--ckpt-every", "2")
+    monkeypatch.setattr(store, "prune_checkpoints", lambda cell, keep=None: None)
+    assert main(args) == 0
+    cell = out / CELLS[0]
+    before = (cell / "metrics.jsonl").read_text()
+    store.write_status(cell, "running", pid=999999999)
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "resuming from the checkpoint at step 2 of 2 (0 steps left; only the final status is written)" in \
+        capsys.readouterr().out
+    assert status(out, CELLS[0])["state"] == "done" and status(out, CELLS[0])["resumed_from"] == 2
+    assert (cell / "metrics.jsonl").read_text() == before
+
+
+def test_checkpoint_holds_every_state_and_restores_it(tmp_path, cache_dir):
+    from harness.grid import build_cells
+    from tests.conftest import FAST
+
+    cell = build_cells("arith", ["ppo"], "none", [0], tmp_path, steps=2, overrides=FAST)[0]
+    cell.path.mkdir(parents=True)
+    a = Trainer(cell.cfg, cell.path, cache_dir=cache_dir, progress=False)
+    a.run(ckpt_every=2)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a.save_checkpoint(2, {"ID_accuracy": 0.5})
+    state = torch.load(store.checkpoint_dir(cell.path, 2) / "state.pt", weights_only=False)
+    assert {"policy", "heads", "critic", "actor_opt", "critic_opt", "rng", "step", "files", "summary"} <= set(state)
+    assert [p.name for p in (cell.path / "ckpt").iterdir()] == ["step00000002"], "older checkpoints are pruned"
+
+    b = Trainer(cell.cfg, cell.path, cache_dir=cache_dir, progress=False)
+    assert b.restore_latest() == 2
+    assert torch.equal(torch.rand(3), expected), "the global torch RNG is restored"
+    for (name, p), q in zip(a.policy.state_dict().items(), b.policy.state_dict().values()):
+        assert torch.equal(p, q), name
+    for (name, p), q in zip(a.critic.state_dict().items(), b.critic.state_dict().values()):
+        assert torch.equal(p, q), name
+    # two train steps of two minibatches each: four optimiser steps
+    assert b.actor_opt.state_dict()["state"][0]["step"] == a.actor_opt.state_dict()["state"][0]["step"] == 4
+
+
+HOLD_LOCK = "import sys, time; from harness.store import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
+
+
+def test_second_run_on_the_same_out_refuses_naming_the_holder(tmp_path, cache_dir, capsys):
+    out = tmp_path / "runs"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        assert main(grid_args(out, cache_dir, 1, "ppo")) == 2
+        err = capsys.readouterr().err
+        assert err == f"harness: error: another harness run (pid {holder.pid}) is using {str(out)!r}; " \
+                      "wait for it to finish or stop it\n"
+        assert not (out / "arith").exists()
+        assert store.lock_holder(out) == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path, cache_dir, capsys):
+    out = tmp_path / "runs"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=ROOT, stdout=subprocess.PIPE)
+    assert holder.stdout.readline() == b"held\n"
+    holder.kill()  # SIGKILL: the lock file still names it
+    holder.wait()
+    holder.stdout.close()
+    assert (out / store.LOCK_NAME).read_text().split()[0] == str(holder.pid)
+    assert store.lock_holder(out) is None
+    assert main(grid_args(out, cache_dir, 1, "ppo")) == 0
+    printed = capsys.readouterr().out
+    assert f"took over the lock of {str(out)!r} left by pid {holder.pid}, which is no longer running" in printed
+    assert (out / store.LOCK_NAME).read_text() == "", "released cleanly at the end"
+
+
+class NaNGRPO(GRPO):
+    """GRPO whose actor loss is NaN from the first step (test only)."""
+
+    name = "nangrpo"
+
+    def actor_loss(self, mb, fwd, heads):
+        loss, metrics = super().actor_loss(mb, fwd, heads)
+        return loss * float("nan"), metrics
+
+
+@pytest.fixture
+def nan_algo():
+    ALGOS.add("nangrpo", NaNGRPO)
+    yield "nangrpo"
+    del ALGOS._items["nangrpo"]
+
+
+def test_non_finite_loss_fails_its_cell_and_the_grid_goes_on(tmp_path, cache_dir, nan_algo, capsys):
+    out = tmp_path / "runs"
+    args = grid_args(out, cache_dir, 2, f"{nan_algo},ppo")
+    assert main(args) == 1
+    printed = capsys.readouterr().out
+    assert "cell arith/nangrpo/none/seed0 failed at step 1: NonFiniteLoss: non-finite actor loss (nan) at step 1" in printed
+    assert "grid: 1 done, 0 already done, 1 failed -> " in printed
+    failed = status(out, "arith/nangrpo/none/seed0")
+    assert failed["state"] == "failed" and failed["step"] == 1 and "NonFiniteLoss" in failed["reason"]
+    assert status(out, "arith/ppo/none/seed0")["state"] == "done"
+
+    # Without --retry-failed the failed cell is left as it is, and the summary says so.
+    assert main(args) == 1
+    assert "grid: 0 done, 1 already done, 0 failed, 1 failed earlier and left as they are " \
+           "(--retry-failed re-runs them)" in capsys.readouterr().out
+    assert status(out, "arith/nangrpo/none/seed0")["time"] == failed["time"]
+    assert main(["status", "--out", str(out)]) == 0
+    lines = squeeze(capsys.readouterr().out)
+    assert "arith/nangrpo/none/seed0 failed 1/2 NonFiniteLoss: non-finite actor loss (nan) at step 1" in lines
+    assert any(line.startswith("arith/ppo/none/seed0 done 2/2 ID_accuracy") for line in lines)
+
+    # --retry-failed runs it again (and it fails again, at the same step).
+    assert main([*args, "--retry-failed"]) == 1
+    assert "grid: 0 done, 1 already done, 1 failed -> " in capsys.readouterr().out
+    assert status(out, "arith/nangrpo/none/seed0")["time"] > failed["time"]
+
+
+def test_bad_execution_options_are_one_line_errors(tmp_path, cache_dir, capsys):
+    for extra, message in ((["--workers", "0"], "--workers must be a positive integer"),
+                           (["--ckpt-every", "-1"], "--ckpt-every must be >= 0"),
+                           (["--backend", "slurm"], "invalid choice: 'slurm'")):
+        assert main(grid_args(tmp_path / "runs", cache_dir, 1, "ppo", *extra)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("harness: error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "runs").exists()
+    assert main(["status", "--out", str(tmp_path / "nope")]) == 2
+    assert "no run store at" in capsys.readouterr().err
