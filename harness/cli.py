@@ -1,4 +1,4 @@
-"""`harness run | report | list`.
+"""`harness run | report | bench | list`.
 
 Bad input ends with one line `harness: error: ...` and exit status 2, before anything is written.
 """
@@ -38,6 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--runs", default="runs", help="run store folder (default: runs/)")
     report.add_argument("--out", default=None, help="report file (default: <runs>/report.md)")
 
+    bench = sub.add_parser("bench", help="seconds per step: this harness vs TRL GRPOTrainer, and every algorithm")
+    bench.add_argument("--steps", type=int, default=10, help="measured steps per configuration (default: 10)")
+    bench.add_argument("--warmup", type=int, default=2, help="warm-up steps, not measured (default: 2)")
+    bench.add_argument("--quick", action="store_true", help="2 steps after 1 warm-up (a smoke test)")
+    bench.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
+    bench.add_argument("--algos", default=None, help="comma list for the algorithm table (default: registered mission algorithms)")
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides, as for run")
+    bench.add_argument("--cache-dir", default=None, help="warm-start cache (default: $HARNESS_CACHE or ~/.cache/harness)")
+
     lst = sub.add_parser("list", help="list registered algorithms, suites or noise injectors")
     lst.add_argument("what", choices=["algos", "suites", "noise"])
     return parser
@@ -66,6 +75,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from harness.bench import QUICK, run_bench
+    from harness.config import parse_assignments
+    from harness.grid import parse_algos
+
+    steps, warmup = (QUICK["steps"], QUICK["warmup"]) if args.quick else (args.steps, args.warmup)
+    run_bench(steps, warmup, parse_assignments(args.set), args.cache_dir, with_trl=not args.no_trl,
+              algos=parse_algos(args.algos) if args.algos else None)
+    return 0
+
+
 def cmd_list(args) -> int:
     if args.what == "algos":
         from algorithms import ALGOS
@@ -89,7 +109,7 @@ def cmd_list(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"run": cmd_run, "report": cmd_report, "list": cmd_list}[args.command](args)
+        return {"run": cmd_run, "report": cmd_report, "bench": cmd_bench, "list": cmd_list}[args.command](args)
     except HarnessError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return 2
