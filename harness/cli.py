@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs", help="run store folder (default: runs/)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any config key, e.g. train.lr=1e-4, ppo.kl_coef=0.01, suite.id_max=99")
+    run.add_argument("--rollout", choices=["hf", "vllm"], default=None,
+                     help="rollout backend: hf (default) or vllm (GPU; sets train.rollout)")
     run.add_argument("--cache-dir", default=None, help="warm-start cache (default: $HARNESS_CACHE or ~/.cache/harness)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -57,9 +59,12 @@ def cmd_run(args) -> int:
     from harness.grid import build_cells, default_algos, parse_algos, parse_seeds, run_grid
 
     algos = parse_algos(args.algos) if args.algos is not None else default_algos()
+    overrides = parse_assignments(args.set)
+    if args.rollout:
+        overrides["train.rollout"] = args.rollout
     cells = build_cells(
         suite=args.suite, algos=algos, noise=args.noise, seeds=parse_seeds(args.seeds), out=Path(args.out),
-        model=args.model, steps=args.steps, eval_limit=args.eval_limit, overrides=parse_assignments(args.set),
+        model=args.model, steps=args.steps, eval_limit=args.eval_limit, overrides=overrides,
     )
     counts = run_grid(cells, cache_dir=Path(args.cache_dir) if args.cache_dir else None, progress=not args.quiet)
     print(f"grid: {counts['done']} done, {counts['skipped']} already done, {counts['failed']} failed -> {args.out}")
