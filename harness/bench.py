@@ -73,14 +73,18 @@ def resolve_config(algo: str, overrides: dict[str, str]):
     return cells[0].cfg
 
 
-def summarise_steps(step_seconds: list[float], phases: list[dict[str, float]], tokens: list[float], warmup: int) -> dict[str, Any]:
-    """Medians over the steps after `warmup`: seconds per step, response tokens per second, phases."""
+def summarise_steps(step_seconds: list[float], phases: list[dict[str, float]], tokens: list[float], warmup: int,
+                    cpu_seconds: list[float] | None = None) -> dict[str, Any]:
+    """Medians over the steps after `warmup`: seconds per step, response tokens per second, phases, and
+    CPU seconds per step (process time: with one torch thread, much less sensitive to other load)."""
     kept = slice(warmup, None)
+    cpu = (cpu_seconds or [math.nan] * len(step_seconds))[kept]
     secs, toks, ph = step_seconds[kept], tokens[kept], phases[kept]
     if not secs:
         raise HarnessError("no measured steps: --steps must be at least 1")
     return {
         "step_s": statistics.median(secs),
+        "cpu_s": statistics.median(cpu) if cpu else math.nan,
         "step_s_all": secs,
         "tokens_per_s": statistics.median(t / s for t, s in zip(toks, secs)),
         "phases": {p: statistics.median(d.get(p, 0.0) for d in ph) for p in PHASES},
@@ -98,11 +102,12 @@ def measure_harness(algo: str, steps: int, warmup: int, overrides: dict[str, str
     cfg = resolve_config(algo, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp), cache_dir=Path(cache_dir) if cache_dir else None, progress=False)
-        step_seconds, phases, tokens = [], [], []
+        step_seconds, phases, tokens, cpu_seconds = [], [], [], []
         for step in range(1, warmup + steps + 1):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             metrics = trainer.train_step(step)
             step_seconds.append(time.perf_counter() - start)
+            cpu_seconds.append(time.process_time() - cpu_start)
             split = dict.fromkeys(PHASES, 0.0)
             for key, value in metrics.items():
                 if key.startswith("time/") and key != "time/step":
@@ -112,7 +117,7 @@ def measure_harness(algo: str, steps: int, warmup: int, overrides: dict[str, str
             tokens.append(metrics["response/length_mean"] * cfg.train.prompts_per_step * cfg.train.group_size)
         if with_eval:
             trainer.evaluate(0)
-    return {"library": "harness", "algo": algo, **summarise_steps(step_seconds, phases, tokens, warmup)}
+    return {"library": "harness", "algo": algo, **summarise_steps(step_seconds, phases, tokens, warmup, cpu_seconds)}
 
 
 # ---- TRL -------------------------------------------------------------------------------------
@@ -179,14 +184,14 @@ def measure_trl(steps: int, warmup: int, overrides: dict[str, str], cache_dir: s
         return [float(suite.grade(text, problems[i])) for text, i in zip(completions, problem)]
 
     phase_total = dict.fromkeys(("generation", "reward", "forward", "score"), 0.0)
-    marks: list[tuple[float, dict[str, float], float]] = []  # (time, phase totals, tokens) at each optimiser step end
+    marks: list[tuple[float, dict[str, float], float, float]] = []  # (time, phase totals, tokens, CPU time) per step end
 
     class Marks(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            marks.append((time.perf_counter(), dict(phase_total), tokens[0]))
+            marks.append((time.perf_counter(), dict(phase_total), tokens[0], time.process_time()))
 
         def on_step_end(self, args, state, control, **kwargs):
-            marks.append((time.perf_counter(), dict(phase_total), tokens[0]))
+            marks.append((time.perf_counter(), dict(phase_total), tokens[0], time.process_time()))
 
     spg = cfg.train.num_minibatches
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,9 +205,10 @@ def measure_trl(steps: int, warmup: int, overrides: dict[str, str], cache_dir: s
               when=lambda: not torch.is_grad_enabled())
         trainer.train()
 
-    step_seconds, phases, step_tokens = [], [], []
+    step_seconds, phases, step_tokens, cpu_seconds = [], [], [], []
     for k in range(spg, len(marks), spg):  # one harness step = one generation = spg optimiser steps
-        (t0, p0, n0), (t1, p1, n1) = marks[k - spg], marks[k]
+        (t0, p0, n0, c0), (t1, p1, n1, c1) = marks[k - spg], marks[k]
+        cpu_seconds.append(c1 - c0)
         d = {name: p1[name] - p0[name] for name in p1}
         seconds = t1 - t0
         split = {"generation": d["generation"], "reward": d["reward"], "forward": d["forward"],
@@ -211,7 +217,7 @@ def measure_trl(steps: int, warmup: int, overrides: dict[str, str], cache_dir: s
         step_seconds.append(seconds)
         phases.append(split)
         step_tokens.append(n1 - n0)
-    return {"library": "trl", "algo": "grpo", **summarise_steps(step_seconds, phases, step_tokens, warmup)}
+    return {"library": "trl", "algo": "grpo", **summarise_steps(step_seconds, phases, step_tokens, warmup, cpu_seconds)}
 
 
 def timed(obj: Any, method: str, totals: dict[str, float], phase: str, when: Callable[[], bool] | None = None) -> None:
@@ -235,12 +241,18 @@ def timed(obj: Any, method: str, totals: dict[str, float], phase: str, when: Cal
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one configuration in this process (run as `python -m harness.bench --worker JSON`)."""
+    start = time.perf_counter()
     if spec["library"] == "trl":
         result = measure_trl(spec["steps"], spec["warmup"], spec["overrides"], spec["cache_dir"])
     else:
         result = measure_harness(spec["algo"], spec["steps"], spec["warmup"], spec["overrides"], spec["cache_dir"],
                                  with_eval=spec.get("with_eval", False))
+    import torch
+
     result["peak_rss_mib"] = peak_rss_mib()
+    result["torch_threads"] = torch.get_num_threads()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_per_wall"] = (usage.ru_utime + usage.ru_stime) / (time.perf_counter() - start)  # > 1: several threads busy
     return result
 
 
@@ -266,8 +278,10 @@ def load_average() -> str:
 def format_result(r: dict[str, Any]) -> str:
     ph = r["phases"]
     split = "  ".join(f"{p} {ph[p] * 1000:7.1f}" for p in PHASES)
-    return (f"{r['library']:8s} {r['algo']:7s} {r['step_s'] * 1000:9.1f} ms/step  {r['tokens_per_s']:9.0f} tok/s  "
-            f"peak RSS {r['peak_rss_mib']:7.0f} MiB  | ms: {split}  ({load_average()})")
+    return (f"{r['library']:8s} {r['algo']:7s} {r['step_s'] * 1000:9.1f} ms/step ({r['cpu_s'] * 1000:.1f} CPU ms)  "
+            f"{r['tokens_per_s']:9.0f} tok/s  "
+            f"peak RSS {r['peak_rss_mib']:7.0f} MiB  | ms: {split}  | {r['torch_threads']} torch thread(s), "
+            f"CPU/wall {r['cpu_per_wall']:.2f}  ({load_average()})")
 
 
 def run_bench(steps: int, warmup: int, overrides: dict[str, str], cache_dir: str | None, with_trl: bool = True,
@@ -306,6 +320,8 @@ def run_bench(steps: int, warmup: int, overrides: dict[str, str], cache_dir: str
         speedup = theirs["step_s"] / ours["step_s"]
         out(f"seconds per step: harness {ours['step_s']:.4f}, TRL {theirs['step_s']:.4f}; "
             f"harness steps {speedup:.2f}x as fast; tokens/s ratio {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}")
+        out(f"CPU seconds per step: harness {ours['cpu_s']:.4f}, TRL {theirs['cpu_s']:.4f}; "
+            f"ratio {theirs['cpu_s'] / ours['cpu_s']:.2f} (less sensitive to other load than wall time)")
         out(f"step seconds (after warm-up): harness {fmt_list(ours['step_s_all'])}; TRL {fmt_list(theirs['step_s_all'])}")
     names = algos if algos is not None else [a for a in MISSION_ALGOS if a in ALGOS]
     out(f"-- algorithms on the default arith configuration (registered: {', '.join(names)}); "

@@ -32,7 +32,7 @@ def test_bench_quick_prints_the_speedup_last(cache_dir):
 
 
 def test_without_trl_the_comparison_is_skipped_with_a_message(monkeypatch):
-    fake = {"library": "harness", "algo": "grpo", "step_s": 0.1, "tokens_per_s": 10.0, "peak_rss_mib": 1.0,
+    fake = {"library": "harness", "algo": "grpo", "step_s": 0.1, "cpu_s": 0.1, "tokens_per_s": 10.0, "peak_rss_mib": 1.0, "torch_threads": 1, "cpu_per_wall": 1.0,
             "phases": dict.fromkeys(bench.PHASES, 0.02), "step_s_all": [0.1]}
     monkeypatch.setattr(bench, "trl_available", lambda: False)
     monkeypatch.setattr(bench, "run_worker", lambda spec: {**fake, "algo": spec.get("algo", "grpo")})
@@ -45,7 +45,8 @@ def test_without_trl_the_comparison_is_skipped_with_a_message(monkeypatch):
 
 def test_summarise_steps_takes_medians_after_warmup():
     phases = [dict.fromkeys(bench.PHASES, x) for x in (9.0, 1.0, 3.0, 2.0)]
-    out = bench.summarise_steps([9.0, 1.0, 3.0, 2.0], phases, [90.0, 10.0, 60.0, 10.0], warmup=1)
-    assert out["step_s"] == 2.0 and out["steps"] == 3
+    out = bench.summarise_steps([9.0, 1.0, 3.0, 2.0], phases, [90.0, 10.0, 60.0, 10.0], warmup=1,
+                                cpu_seconds=[5.0, 0.5, 1.5, 1.0])
+    assert out["step_s"] == 2.0 and out["steps"] == 3 and out["cpu_s"] == 1.0
     assert out["tokens_per_s"] == 10.0  # median of 10/1, 60/3, 10/2 = 10, 20, 5
     assert out["phases"]["update"] == 2.0
