@@ -1,4 +1,4 @@
-"""`harness run | status | report | list`.
+"""`harness run | status | report | bench | list`.
 
 Bad input ends with one line `harness: error: ...` and exit status 2, before anything is written.
 """
@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs", help="run store folder (default: runs/)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any config key, e.g. train.lr=1e-4, ppo.kl_coef=0.01, suite.id_max=99")
+    run.add_argument("--rollout", choices=["hf", "vllm"], default=None,
+                     help="rollout backend: hf (default) or vllm (GPU; sets train.rollout)")
     run.add_argument("--cache-dir", default=None, help="warm-start cache (default: $HARNESS_CACHE or ~/.cache/harness)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--workers", type=int, default=1, help="cells run in parallel processes (default: 1, in-process)")
@@ -50,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--baseline", default=None, help="algorithm the significance tables compare against (default: ppo)")
     report.add_argument("--format", default=None, help="comma list of md,tex,csv,png,pdf (default: all)")
 
+    bench = sub.add_parser("bench", help="seconds per step: this harness vs TRL GRPOTrainer, and every algorithm")
+    bench.add_argument("--steps", type=int, default=10, help="measured steps per configuration (default: 10)")
+    bench.add_argument("--warmup", type=int, default=2, help="warm-up steps, not measured (default: 2)")
+    bench.add_argument("--quick", action="store_true", help="2 steps after 1 warm-up (a smoke test)")
+    bench.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
+    bench.add_argument("--algos", default=None, help="comma list for the algorithm table (default: registered mission algorithms)")
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides, as for run")
+    bench.add_argument("--cache-dir", default=None, help="warm-start cache (default: $HARNESS_CACHE or ~/.cache/harness)")
+
     lst = sub.add_parser("list", help="list registered algorithms, suites or noise injectors")
     lst.add_argument("what", choices=["algos", "suites", "noise"])
     return parser
@@ -60,9 +71,12 @@ def cmd_run(args) -> int:
     from harness.grid import build_cells, default_algos, parse_algos, parse_seeds, run_grid
 
     algos = parse_algos(args.algos) if args.algos is not None else default_algos()
+    overrides = parse_assignments(args.set)
+    if args.rollout:
+        overrides["train.rollout"] = args.rollout
     cells = build_cells(
         suite=args.suite, algos=algos, noise=args.noise, seeds=parse_seeds(args.seeds), out=Path(args.out),
-        model=args.model, steps=args.steps, eval_limit=args.eval_limit, overrides=parse_assignments(args.set),
+        model=args.model, steps=args.steps, eval_limit=args.eval_limit, overrides=overrides,
     )
     counts = run_grid(cells, cache_dir=Path(args.cache_dir) if args.cache_dir else None, progress=not args.quiet,
                       workers=args.workers, backend=args.backend, ray_address=args.ray_address,
@@ -103,6 +117,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from harness.bench import QUICK, run_bench
+    from harness.config import parse_assignments
+    from harness.grid import parse_algos
+
+    steps, warmup = (QUICK["steps"], QUICK["warmup"]) if args.quick else (args.steps, args.warmup)
+    run_bench(steps, warmup, parse_assignments(args.set), args.cache_dir, with_trl=not args.no_trl,
+              algos=parse_algos(args.algos) if args.algos else None)
+    return 0
+
+
 def cmd_list(args) -> int:
     if args.what == "algos":
         from algorithms import ALGOS
@@ -126,7 +151,8 @@ def cmd_list(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"run": cmd_run, "status": cmd_status, "report": cmd_report, "list": cmd_list}[args.command](args)
+        return {"run": cmd_run, "status": cmd_status, "report": cmd_report, "bench": cmd_bench,
+                "list": cmd_list}[args.command](args)
     except HarnessError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return 2

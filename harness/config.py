@@ -53,6 +53,7 @@ class TrainConfig:
     eval_every: int = 50
     threads: int = 1
     device: str = "cpu"
+    rollout: str = "hf"  # hf: transformers generation with a KV cache; vllm: harness.vllm_rollout (GPU)
 
 
 @dataclass
@@ -206,5 +207,11 @@ def validate_core(cfg: RunConfig) -> None:
         raise HarnessError("eval.limit, eval.max_new_tokens and model.warmstart_steps must be >= 0")
     if t.device not in ("cpu", "cuda", "auto"):
         raise HarnessError(f"train.device must be cpu, cuda or auto, got {t.device!r}")
+    if t.rollout not in ("hf", "vllm"):
+        raise HarnessError(f"train.rollout must be hf or vllm, got {t.rollout!r}")
+    if t.rollout == "vllm":
+        from harness.vllm_rollout import check_available
+
+        check_available()
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise HarnessError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")

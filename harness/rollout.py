@@ -23,13 +23,9 @@ class Rollout:
 
 def left_pad(token_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(t) for t in token_lists)
-    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
-    for i, toks in enumerate(token_lists):
-        if toks:
-            ids[i, width - len(toks):] = torch.tensor(toks)
-            mask[i, width - len(toks):] = 1
-    return ids, mask
+    ids = torch.tensor([[pad_id] * (width - len(t)) + list(t) for t in token_lists], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in token_lists], dtype=torch.long)
+    return ids.reshape(len(token_lists), width), mask.reshape(len(token_lists), width)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -65,10 +61,11 @@ def generate(
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    batch = prompt_ids.shape[0]
-    attention_mask = prompt_mask
+    batch, width = prompt_ids.shape
+    # One preallocated mask for prompt and response; step t attends to its first width + t + 1 columns.
+    attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, max_new_tokens)], dim=1)
     positions = position_ids(prompt_mask)
-    out = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
     past = out.past_key_values
     next_pos = positions[:, -1:] + 1
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -80,8 +77,7 @@ def generate(
         finished |= token == eos_id
         if bool(finished.all()) or t == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        out = model(input_ids=token.unsqueeze(1), attention_mask=attention_mask, position_ids=next_pos,
+        out = model(input_ids=token.unsqueeze(1), attention_mask=attention_mask[:, :width + t + 1], position_ids=next_pos,
                     past_key_values=past, use_cache=True)
         past = out.past_key_values
         next_pos = next_pos + 1

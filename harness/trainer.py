@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import random
 import time
@@ -67,6 +68,13 @@ class Trainer:
 
         self.policy, self.tokenizer = load_policy(cfg.model, self.suite, cfg.seed, cache_dir, self.device, progress)
         self.policy.eval()  # no dropout: rollout and update see the same function
+        self.rollout = functools.partial(generate, self.policy)  # prompts -> Rollout
+        self.vllm = None
+        if cfg.train.rollout == "vllm":  # generation by vLLM; weights pushed after every update
+            from harness.vllm_rollout import VLLMRollout
+
+            self.vllm = VLLMRollout.for_policy(self.policy, cfg.model.dtype, cfg.seed)
+            self.rollout = self.vllm.generate
         self.reference = None
         if self.algo.needs_reference():
             self.reference = copy.deepcopy(self.policy).requires_grad_(False)
@@ -131,8 +139,8 @@ class Trainer:
         repeated = [p for p in problems for _ in range(G)]
         with timer("rollout"):
             stream = ("rollout", step) if round_ == 0 else ("rollout", step, "round", round_)
-            roll = generate(
-                self.policy, [self.encode(p) for p in repeated], max_new_tokens=t.max_new_tokens,
+            roll = self.rollout(
+                [self.encode(p) for p in repeated], max_new_tokens=t.max_new_tokens,
                 eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
                 temperature=t.temperature, top_p=t.top_p, generator=torch_generator(self.cfg.seed, *stream),
             )
@@ -195,10 +203,15 @@ class Trainer:
             response_mask=mask, scores=scores.to(self.device), clean_scores=clean.to(self.device),
             group_ids=group_ids.to(self.device), prompt_len=roll.prompt_len,
         )
+        # The policy is unchanged until the first optimiser step, so the first minibatch's forward (with
+        # gradients, needed by the update anyway) also gives those rows' old log-probs; only the other
+        # rows need a no-grad forward. Same function, same weights: the same values as a full forward.
+        minibatches = self.minibatches(batch.size, step)
+        with timer("update"):
+            first_fwd = self.policy_forward(batch.select(minibatches[0]))
         with torch.no_grad():
             with timer("old_logp"):
-                batch["old_logp"], _, _ = forward_response(self.policy, roll.input_ids, roll.attention_mask,
-                                                           roll.prompt_len, t.temperature)
+                batch["old_logp"] = self.old_logp(batch, minibatches[0], first_fwd.logp.detach())
             if self.reference is not None:
                 with timer("reference"):
                     batch["ref_logp"], _, _ = forward_response(self.reference, roll.input_ids, roll.attention_mask,
@@ -210,7 +223,10 @@ class Trainer:
                 adv_metrics = self.algo.advantages(batch)
 
         with timer("update"):
-            update_metrics = self.update(batch, step)
+            update_metrics = self.update(batch, step, minibatches, first_fwd)
+        if self.vllm is not None:
+            with timer("weight_sync"):
+                self.vllm.sync_weights(self.policy)
 
         n_tokens = float(mask.sum())
         metrics: dict[str, Any] = {
@@ -249,27 +265,50 @@ class Trainer:
                 votes.setdefault(p.id, []).append((extract(text), self.suite.grade(text, p)))
         return votes
 
-    def update(self, batch: Batch, step: int) -> dict[str, float]:
+    def minibatches(self, size: int, step: int) -> list[torch.Tensor]:
+        """Row indices of each minibatch, every epoch in order: a seeded permutation per epoch, chunked."""
         t = self.cfg.train
-        sums: dict[str, float] = {}
-        count = 0
+        out = []
         for epoch in range(t.ppo_epochs):
-            order = torch.randperm(batch.size, generator=torch_generator(self.cfg.seed, "minibatch", step, epoch))
-            for index in order.chunk(t.num_minibatches):
-                mb = batch.select(index.to(self.device))
-                logp, entropy, hidden = forward_response(self.policy, mb["input_ids"], mb["attention_mask"],
-                                                         mb.prompt_len, t.temperature, want_hidden=self.algo.needs_hidden)
-                loss, metrics = self.algo.actor_loss(mb, PolicyForward(logp, entropy, hidden), self.heads)
-                metrics["actor/entropy"] = float(masked_mean(entropy.detach(), mb["response_mask"]))
-                metrics["actor/grad_norm"] = self.optimise(loss, self.actor_opt, self.actor_params, "actor", step)
-                if self.critic is not None:
-                    closs, cmetrics = self.algo.critic_loss(mb, self.critic)
-                    cmetrics["critic/grad_norm"] = self.optimise(closs, self.critic_opt, list(self.critic.parameters()), "critic", step)
-                    metrics.update(cmetrics)
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                count += 1
-        return {k: v / count for k, v in sums.items()}
+            order = torch.randperm(size, generator=torch_generator(self.cfg.seed, "minibatch", step, epoch))
+            out += [index.to(self.device) for index in order.chunk(t.num_minibatches)]
+        return out
+
+    def policy_forward(self, mb: Batch) -> PolicyForward:
+        logp, entropy, hidden = forward_response(self.policy, mb["input_ids"], mb["attention_mask"], mb.prompt_len,
+                                                 self.cfg.train.temperature, want_hidden=self.algo.needs_hidden)
+        return PolicyForward(logp, entropy, hidden)
+
+    @torch.no_grad()
+    def old_logp(self, batch: Batch, first: torch.Tensor, first_logp: torch.Tensor) -> torch.Tensor:
+        """Behaviour log-probs `[B, T]`: rows `first` from `first_logp`, the others from a no-grad forward."""
+        old = torch.empty_like(batch["response_mask"], dtype=first_logp.dtype)
+        old[first] = first_logp
+        rest = torch.ones(batch.size, dtype=torch.bool, device=old.device)
+        rest[first] = False
+        if rest.any():
+            rows = rest.nonzero().squeeze(-1)
+            old[rows] = self.policy_forward(batch.select(rows)).logp
+        return old
+
+    def update(self, batch: Batch, step: int, minibatches: list[torch.Tensor] | None = None,
+               first_fwd: PolicyForward | None = None) -> dict[str, float]:
+        """One optimiser step per minibatch; `first_fwd`, when given, is the policy's forward on the first one."""
+        minibatches = self.minibatches(batch.size, step) if minibatches is None else minibatches
+        sums: dict[str, float] = {}
+        for i, index in enumerate(minibatches):
+            mb = batch.select(index)
+            fwd = first_fwd if i == 0 and first_fwd is not None else self.policy_forward(mb)
+            loss, metrics = self.algo.actor_loss(mb, fwd, self.heads)
+            metrics["actor/entropy"] = float(masked_mean(fwd.entropy.detach(), mb["response_mask"]))
+            metrics["actor/grad_norm"] = self.optimise(loss, self.actor_opt, self.actor_params, "actor", step)
+            if self.critic is not None:
+                closs, cmetrics = self.algo.critic_loss(mb, self.critic)
+                cmetrics["critic/grad_norm"] = self.optimise(closs, self.critic_opt, list(self.critic.parameters()), "critic", step)
+                metrics.update(cmetrics)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return {k: v / len(minibatches) for k, v in sums.items()}
 
     def optimise(self, loss: torch.Tensor, opt: torch.optim.Optimizer, params: list, which: str, step: int) -> float:
         if not torch.isfinite(loss):
@@ -313,7 +352,7 @@ class Trainer:
         grades: list[int] = []
         for start in range(0, len(repeated), e.batch_size):
             chunk = repeated[start:start + e.batch_size]
-            roll = generate(self.policy, [self.encode(p) for p in chunk], max_new_tokens=max_new,
+            roll = self.rollout([self.encode(p) for p in chunk], max_new_tokens=max_new,
                             eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
                             temperature=e.temperature, top_p=e.top_p, generator=gen)
             texts = self.decode(roll.responses, roll.response_mask)

@@ -1,0 +1,343 @@
+"""`harness bench`: seconds per training step of this harness against TRL's `GRPOTrainer`, and of
+every registered mission algorithm, with peak resident memory.
+
+What is compared. One *step* is one rollout of `prompts_per_step x group_size` completions and the
+updates made from it (`num_minibatches` optimiser steps per `ppo_epochs`). Both libraries train
+the same GRPO configuration, the harness's resolved `arith` default (plus any `--set`):
+
+    harness                                 TRL GRPOConfig
+    train.prompts_per_step x group_size     generation batch = per_device_train_batch_size x steps_per_generation
+    train.group_size                        num_generations
+    train.num_minibatches                   steps_per_generation (one optimiser step per minibatch)
+    train.max_new_tokens                    max_completion_length
+    train.lr, weight_decay, max_grad_norm   learning_rate (constant), weight_decay, max_grad_norm
+    train.temperature, top_p                temperature, top_p (top_k 0)
+    grpo.clip_low / clip_high               epsilon / epsilon_high
+    grpo.kl_coef (k3, in the loss)          beta (k3, in the loss)
+    grpo.adv_scale std | none               scale_rewards group | none
+    grpo.agg_mode seq-mean-token-mean       loss_type grpo
+
+from the same warm-started tiny Llama (the harness's cached warm start folder is TRL's model
+path) with the byte tokenizer, the same prompts (arith train split) and reward (the arith grader),
+on the CPU with `train.threads` torch threads on both sides. The remaining differences: TRL's
+group-std epsilon is 1e-4 (harness 1e-6), TRL draws its own prompt order, and TRL's logging is
+switched off (which only helps TRL).
+
+Seconds per step are wall-clock between the ends of consecutive steps (everything the library
+does per step), median over `--steps` steps after `--warmup` steps. Each configuration runs in its
+own subprocess so that its peak RSS (`ru_maxrss`) is its own. Phases:
+
+    generation   harness: rollout (KV-cache sampling, decoding)     TRL: _generate
+    reward       harness: grader + noise injector                   TRL: _calculate_rewards
+    forward      harness: old log-probs, reference, critic values   TRL: no-grad log-prob passes
+    update       harness: minibatch forward/backward/optimiser      TRL: the step minus _generate_and_score_completions
+    other        the rest (advantages, padding, bookkeeping)
+
+The last line printed is `speedup_vs_trl=<ratio>` (`nan` when TRL is not installed).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from harness.errors import HarnessError
+
+PHASES = ("generation", "reward", "forward", "update", "other")
+HARNESS_PHASES = {  # time/* key -> bench phase
+    "rollout": "generation", "reward": "reward", "noise": "reward", "old_logp": "forward",
+    "reference": "forward", "critic": "forward", "update": "update",
+}
+QUICK = {"steps": 2, "warmup": 1}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process in MiB (Linux reports `ru_maxrss` in KiB)."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024 if sys.platform != "darwin" else kib / 2**20
+
+
+def resolve_config(algo: str, overrides: dict[str, str]):
+    """The resolved default `arith` configuration of one algorithm, with `--set` overrides."""
+    from harness.grid import build_cells
+
+    cells = build_cells("arith", [algo], "none", [0], Path(tempfile.gettempdir()) / "harness-bench", overrides=overrides)
+    return cells[0].cfg
+
+
+def summarise_steps(step_seconds: list[float], phases: list[dict[str, float]], tokens: list[float], warmup: int,
+                    cpu_seconds: list[float] | None = None) -> dict[str, Any]:
+    """Medians over the steps after `warmup`: seconds per step, response tokens per second, phases, and
+    CPU seconds per step (process time: with one torch thread, much less sensitive to other load)."""
+    kept = slice(warmup, None)
+    cpu = (cpu_seconds or [math.nan] * len(step_seconds))[kept]
+    secs, toks, ph = step_seconds[kept], tokens[kept], phases[kept]
+    if not secs:
+        raise HarnessError("no measured steps: --steps must be at least 1")
+    return {
+        "step_s": statistics.median(secs),
+        "cpu_s": statistics.median(cpu) if cpu else math.nan,
+        "step_s_all": secs,
+        "tokens_per_s": statistics.median(t / s for t, s in zip(toks, secs)),
+        "phases": {p: statistics.median(d.get(p, 0.0) for d in ph) for p in PHASES},
+        "steps": len(secs),
+    }
+
+
+# ---- this harness ----------------------------------------------------------------------------
+
+
+def measure_harness(algo: str, steps: int, warmup: int, overrides: dict[str, str], cache_dir: str | None,
+                    with_eval: bool = False) -> dict[str, Any]:
+    from harness.trainer import Trainer
+
+    cfg = resolve_config(algo, overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, Path(tmp), cache_dir=Path(cache_dir) if cache_dir else None, progress=False)
+        step_seconds, phases, tokens, cpu_seconds = [], [], [], []
+        for step in range(1, warmup + steps + 1):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            metrics = trainer.train_step(step)
+            step_seconds.append(time.perf_counter() - start)
+            cpu_seconds.append(time.process_time() - cpu_start)
+            split = dict.fromkeys(PHASES, 0.0)
+            for key, value in metrics.items():
+                if key.startswith("time/") and key != "time/step":
+                    split[HARNESS_PHASES.get(key[5:], "other")] += value
+            split["other"] += step_seconds[-1] - sum(split.values())
+            phases.append(split)
+            tokens.append(metrics["response/length_mean"] * cfg.train.prompts_per_step * cfg.train.group_size)
+        if with_eval:
+            trainer.evaluate(0)
+    return {"library": "harness", "algo": algo, **summarise_steps(step_seconds, phases, tokens, warmup, cpu_seconds)}
+
+
+# ---- TRL -------------------------------------------------------------------------------------
+
+
+def trl_available() -> bool:
+    try:
+        import datasets  # noqa: F401
+        import trl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def trl_grpo_config(cfg, output_dir: str) -> dict[str, Any]:
+    """GRPOConfig keyword arguments equivalent to the harness's GRPO configuration `cfg`."""
+    t, o = cfg.train, cfg.algo_options
+    if t.ppo_epochs != 1:
+        raise HarnessError("the TRL comparison needs train.ppo_epochs=1 (TRL's num_iterations is per minibatch)")
+    loss_types = {"seq-mean-token-mean": "grpo"}
+    if o["agg_mode"] not in loss_types or o["kl_loss_kind"] != "k3" or o["dual_clip"] is not None:
+        raise HarnessError("the TRL comparison needs grpo.agg_mode=seq-mean-token-mean, kl_loss_kind=k3, no dual_clip")
+    batch = t.prompts_per_step * t.group_size
+    if batch % t.num_minibatches:
+        raise HarnessError("the TRL comparison needs prompts_per_step x group_size divisible by num_minibatches")
+    return dict(
+        output_dir=output_dir, per_device_train_batch_size=batch // t.num_minibatches,
+        steps_per_generation=t.num_minibatches, gradient_accumulation_steps=1, num_iterations=1,
+        num_generations=t.group_size, max_completion_length=t.max_new_tokens,
+        learning_rate=t.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, temperature=t.temperature, top_p=t.top_p, top_k=0,
+        epsilon=o["clip_low"], epsilon_high=o["clip_high"],
+        beta=o["kl_coef"] if o["kl_mode"] == "loss" else 0.0,
+        scale_rewards={"std": "group", "none": "none"}[o["adv_scale"]], loss_type="grpo",
+        use_cpu=True, bf16=False, fp16=False, seed=cfg.seed, report_to=[], save_strategy="no",
+        logging_strategy="no", disable_dropout=True, dataloader_num_workers=0,
+    )
+
+
+def measure_trl(steps: int, warmup: int, overrides: dict[str, str], cache_dir: str | None) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from harness.models import default_cache_dir, load_policy, warmstart_key
+    from tasks import SUITES
+
+    cfg = resolve_config("grpo", overrides)
+    torch.set_num_threads(cfg.train.threads)
+    suite_cls = SUITES.get(cfg.suite)
+    suite = suite_cls(suite_cls.Options(**cfg.suite_options), cfg.seed)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    _, tokenizer = load_policy(cfg.model, suite, cfg.seed, cache, "cpu", progress=False)  # builds if missing
+    model_path = str(cache / "warmstart" / warmstart_key(cfg.model, suite, cfg.seed))
+    problems = suite.train_problems()
+    data = Dataset.from_dict({"prompt": [suite.format_prompt(p, tokenizer) for p in problems],
+                              "problem": list(range(len(problems)))})
+
+    tokens: list[float] = [0.0]  # cumulative response tokens
+
+    def arith_reward(prompts, completions, completion_ids, problem, **kwargs):
+        tokens[0] += sum(len(ids) for ids in completion_ids)
+        return [float(suite.grade(text, problems[i])) for text, i in zip(completions, problem)]
+
+    phase_total = dict.fromkeys(("generation", "reward", "forward", "score"), 0.0)
+    marks: list[tuple[float, dict[str, float], float, float]] = []  # (time, phase totals, tokens, CPU time) per step end
+
+    class Marks(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            marks.append((time.perf_counter(), dict(phase_total), tokens[0], time.process_time()))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            marks.append((time.perf_counter(), dict(phase_total), tokens[0], time.process_time()))
+
+    spg = cfg.train.num_minibatches
+    with tempfile.TemporaryDirectory() as tmp:
+        args = GRPOConfig(**trl_grpo_config(cfg, tmp), max_steps=(warmup + steps) * spg)
+        trainer = GRPOTrainer(model=model_path, reward_funcs=arith_reward, args=args, train_dataset=data,
+                              processing_class=tokenizer, callbacks=[Marks()])
+        timed(trainer, "_generate", phase_total, "generation")
+        timed(trainer, "_calculate_rewards", phase_total, "reward")
+        timed(trainer, "_generate_and_score_completions", phase_total, "score")
+        timed(trainer, "_get_per_token_logps_and_entropies", phase_total, "forward",
+              when=lambda: not torch.is_grad_enabled())
+        trainer.train()
+
+    step_seconds, phases, step_tokens, cpu_seconds = [], [], [], []
+    for k in range(spg, len(marks), spg):  # one harness step = one generation = spg optimiser steps
+        (t0, p0, n0, c0), (t1, p1, n1, c1) = marks[k - spg], marks[k]
+        cpu_seconds.append(c1 - c0)
+        d = {name: p1[name] - p0[name] for name in p1}
+        seconds = t1 - t0
+        split = {"generation": d["generation"], "reward": d["reward"], "forward": d["forward"],
+                 "update": seconds - d["score"]}
+        split["other"] = seconds - sum(split.values())
+        step_seconds.append(seconds)
+        phases.append(split)
+        step_tokens.append(n1 - n0)
+    return {"library": "trl", "algo": "grpo", **summarise_steps(step_seconds, phases, step_tokens, warmup, cpu_seconds)}
+
+
+def timed(obj: Any, method: str, totals: dict[str, float], phase: str, when: Callable[[], bool] | None = None) -> None:
+    """Wrap `obj.method` so that its wall time adds to `totals[phase]` (when `when()` holds)."""
+    inner = getattr(obj, method)
+
+    def wrapper(*args, **kwargs):
+        if when is not None and not when():
+            return inner(*args, **kwargs)
+        start = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            totals[phase] += time.perf_counter() - start
+
+    setattr(obj, method, wrapper)
+
+
+# ---- driver ----------------------------------------------------------------------------------
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure one configuration in this process (run as `python -m harness.bench --worker JSON`)."""
+    start = time.perf_counter()
+    if spec["library"] == "trl":
+        result = measure_trl(spec["steps"], spec["warmup"], spec["overrides"], spec["cache_dir"])
+    else:
+        result = measure_harness(spec["algo"], spec["steps"], spec["warmup"], spec["overrides"], spec["cache_dir"],
+                                 with_eval=spec.get("with_eval", False))
+    import torch
+
+    result["peak_rss_mib"] = peak_rss_mib()
+    result["torch_threads"] = torch.get_num_threads()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_per_wall"] = (usage.ru_utime + usage.ru_stime) / (time.perf_counter() - start)  # > 1: several threads busy
+    return result
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One configuration in a fresh subprocess, so that its peak RSS is its own."""
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "harness.bench", "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise HarnessError(f"benchmark worker {spec['library']}/{spec.get('algo')} failed: {tail[0]}")
+    return json.loads(lines[-1])
+
+
+def load_average() -> str:
+    try:
+        return "load average %.2f, %.2f, %.2f" % os.getloadavg()
+    except OSError:
+        return "load average unknown"
+
+
+def format_result(r: dict[str, Any]) -> str:
+    ph = r["phases"]
+    split = "  ".join(f"{p} {ph[p] * 1000:7.1f}" for p in PHASES)
+    return (f"{r['library']:8s} {r['algo']:7s} {r['step_s'] * 1000:9.1f} ms/step ({r['cpu_s'] * 1000:.1f} CPU ms)  "
+            f"{r['tokens_per_s']:9.0f} tok/s  "
+            f"peak RSS {r['peak_rss_mib']:7.0f} MiB  | ms: {split}  | {r['torch_threads']} torch thread(s), "
+            f"CPU/wall {r['cpu_per_wall']:.2f}  ({load_average()})")
+
+
+def run_bench(steps: int, warmup: int, overrides: dict[str, str], cache_dir: str | None, with_trl: bool = True,
+              algos: list[str] | None = None, out: Callable[[str], None] = print) -> float:
+    """Print the benchmark; return the speedup (harness steps per second / TRL's), nan without TRL."""
+    from algorithms import ALGOS
+    from harness.grid import MISSION_ALGOS
+    from harness.models import default_cache_dir, load_policy
+    from tasks import SUITES
+
+    if steps < 1 or warmup < 0:
+        raise HarnessError(f"--steps must be >= 1 and --warmup >= 0, got {steps}, {warmup}")
+    cfg = resolve_config("grpo", overrides)
+    t = cfg.train
+    suite_cls = SUITES.get(cfg.suite)
+    load_policy(cfg.model, suite_cls(suite_cls.Options(**cfg.suite_options), cfg.seed),
+                cfg.seed, Path(cache_dir) if cache_dir else default_cache_dir(), "cpu", progress=False)  # warm start once
+    out(f"bench: arith, tiny Llama (hidden {cfg.model.hidden_size}, {cfg.model.num_layers} layers), "
+        f"{t.prompts_per_step} prompts x {t.group_size} samples, {t.max_new_tokens} new tokens, "
+        f"{t.num_minibatches} minibatches, lr {t.lr}, {t.threads} thread(s), CPU; "
+        f"median of {steps} steps after {warmup} warm-up; {load_average()}")
+    out("phases: generation | reward | forward (old log-probs, reference, critic) | update | other; "
+        "peak RSS per configuration, each in its own process")
+    base = {"steps": steps, "warmup": warmup, "overrides": overrides, "cache_dir": cache_dir}
+    out("-- GRPO, harness vs TRL GRPOTrainer")
+    ours = run_worker({**base, "library": "harness", "algo": "grpo"})
+    out(format_result(ours))
+    speedup = math.nan
+    if not with_trl:
+        out("trl: skipped (--no-trl)")
+    elif not trl_available():
+        out("trl: not installed, TRL comparison skipped (pip install 'noise-robust-rl-harness[bench]')")
+    else:
+        theirs = run_worker({**base, "library": "trl", "algo": "grpo"})
+        out(format_result(theirs))
+        speedup = theirs["step_s"] / ours["step_s"]
+        out(f"seconds per step: harness {ours['step_s']:.4f}, TRL {theirs['step_s']:.4f}; "
+            f"harness steps {speedup:.2f}x as fast; tokens/s ratio {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}")
+        out(f"CPU seconds per step: harness {ours['cpu_s']:.4f}, TRL {theirs['cpu_s']:.4f}; "
+            f"ratio {theirs['cpu_s'] / ours['cpu_s']:.2f} (less sensitive to other load than wall time)")
+        out(f"step seconds (after warm-up): harness {fmt_list(ours['step_s_all'])}; TRL {fmt_list(theirs['step_s_all'])}")
+    names = algos if algos is not None else [a for a in MISSION_ALGOS if a in ALGOS]
+    out(f"-- algorithms on the default arith configuration (registered: {', '.join(names)}); "
+        "peak RSS includes one ID/OOD evaluation")
+    for name in names:
+        out(format_result(run_worker({**base, "library": "harness", "algo": name, "with_eval": True})))
+    out(f"speedup_vs_trl={speedup:.2f}" if not math.isnan(speedup) else "speedup_vs_trl=nan")
+    return speedup
+
+
+def fmt_list(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(json.loads(sys.argv[2]))))
+    else:
+        sys.exit("usage: python -m harness.cli bench [--quick] (this module's own entry is for benchmark workers)")
