@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from algorithms import ALGOS
 from harness.cli import main
 from tests.conftest import fast_args
 
@@ -43,7 +44,7 @@ def test_list_commands(capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run", "--algos", "foo"], "unknown algorithm 'foo' (valid: grpo, ppo"),
+    (["run", "--algos", "foo"], f"unknown algorithm 'foo' (valid: {', '.join(ALGOS.names())})"),
     (["run", "--suite", "nope"], "unknown suite 'nope' (valid: arith"),
     (["run", "--noise", "bogus0.1"], "unknown noise 'bogus'"),
     (["run", "--noise", "flip1.5"], "out of range [0, 1]"),
