@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rollout backend: hf (default) or vllm (GPU; sets train.rollout)")
     run.add_argument("--cache-dir", default=None, help="warm-start cache (default: $HARNESS_CACHE or ~/.cache/harness)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
-    run.add_argument("--workers", type=int, default=1, help="cells run in parallel processes (default: 1, in-process)")
+    run.add_argument("--workers", type=int, default=None,
+                     help="cells run in parallel processes (default: one per CPU core when every cell is a "
+                          "tiny-model CPU cell, whose training is single-threaded; otherwise 1, in-process)")
     run.add_argument("--backend", choices=["local", "ray"], default="local",
                      help="local processes (default) or one Ray task per cell (pip install '.[ray]')")
     run.add_argument("--ray-address", default=None, help="Ray cluster address, e.g. auto (default: a local Ray instance)")
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args) -> int:
     from harness.config import parse_assignments
-    from harness.grid import build_cells, default_algos, parse_algos, parse_seeds, run_grid
+    from harness.grid import build_cells, default_algos, default_workers, parse_algos, parse_seeds, run_grid
 
     algos = parse_algos(args.algos) if args.algos is not None else default_algos()
     overrides = parse_assignments(args.set)
@@ -79,7 +81,8 @@ def cmd_run(args) -> int:
         model=args.model, steps=args.steps, eval_limit=args.eval_limit, overrides=overrides,
     )
     counts = run_grid(cells, cache_dir=Path(args.cache_dir) if args.cache_dir else None, progress=not args.quiet,
-                      workers=args.workers, backend=args.backend, ray_address=args.ray_address,
+                      workers=args.workers if args.workers is not None else default_workers(cells),
+                      backend=args.backend, ray_address=args.ray_address,
                       ckpt_every=args.ckpt_every, retry_failed=args.retry_failed, out=Path(args.out))
     line = f"grid: {counts['done']} done, {counts['skipped']} already done, {counts['failed']} failed"
     if counts["resumed"]:

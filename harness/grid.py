@@ -58,6 +58,14 @@ def with_tiny_model_overrides(overrides: dict[str, str], algos: list[str], model
     return out
 
 
+def default_workers(cells: list["Cell"]) -> int:
+    """One worker per core when every cell is a tiny-model CPU cell (single-threaded training, about
+    0.5 GiB each); otherwise 1, so cells never share a GPU or a large model's memory by surprise."""
+    if all(c.cfg.model.name == "tiny" and c.cfg.train.device == "cpu" and c.cfg.train.threads == 1 for c in cells):
+        return max(1, min(os.cpu_count() or 1, len(cells)))
+    return 1
+
+
 def default_algos() -> list[str]:
     return [name for name in MISSION_ALGOS if name in ALGOS]
 

@@ -27,7 +27,7 @@ CELLS = ("arith/grpo/none/seed0", "arith/ppo/none/seed0")
 
 def grid_args(out: Path, cache_dir: Path, steps: int = 6, algos: str = "ppo,grpo", *extra: str) -> list[str]:
     return ["run", "--algos", algos, "--noise", "none", "--seeds", "1", "--steps", str(steps), "--out", str(out),
-            "--cache-dir", str(cache_dir), "--quiet", *fast_args(), *extra]
+            "--cache-dir", str(cache_dir), "--quiet", "--workers", "1", *fast_args(), *extra]  # serial unless extra says
 
 
 def strip_timing(path: Path) -> list[dict]:
@@ -281,3 +281,16 @@ def test_bad_execution_options_are_one_line_errors(tmp_path, cache_dir, capsys):
     assert not (tmp_path / "runs").exists()
     assert main(["status", "--out", str(tmp_path / "nope")]) == 2
     assert "no run store at" in capsys.readouterr().err
+
+
+def test_default_workers_one_per_core_only_for_tiny_cpu_cells(tmp_path, monkeypatch):
+    from harness.grid import build_cells, default_workers
+
+    monkeypatch.setattr("harness.grid.os.cpu_count", lambda: 2)
+    cells = build_cells("arith", ["ppo", "grpo"], "none", [0, 1], tmp_path, steps=1)
+    assert default_workers(cells) == 2
+    assert default_workers(cells[:1]) == 1  # never more workers than cells
+    real = build_cells("arith", ["ppo"], "none", [0, 1], tmp_path, steps=1, model="some/real-model")
+    assert default_workers(real) == 1
+    gpu = build_cells("arith", ["ppo"], "none", [0, 1], tmp_path, steps=1, overrides={"train.device": "cuda"})
+    assert default_workers(gpu) == 1
