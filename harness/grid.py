@@ -33,6 +33,7 @@ from harness import store
 from harness.config import (RunConfig, apply_section_overrides, options_dataclass, set_dataclass_field,
                             split_overrides)
 from harness.errors import HarnessError
+from harness.models import MODEL_ALIASES
 from noise import parse_noise_list
 from tasks import SUITES
 
@@ -120,7 +121,8 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
                 overrides: dict[str, str] | None = None) -> list[Cell]:
     suite_cls = SUITES.get(suite)
     noise_specs = parse_noise_list(noise)
-    groups = split_overrides(with_tiny_model_overrides(overrides or {}, algos, model), ALGOS.names())
+    overrides = {**getattr(suite_cls, "run_defaults", {}), **(overrides or {})}  # the user's --set wins
+    groups = split_overrides(with_tiny_model_overrides(overrides, algos, model), ALGOS.names())
     for key in groups.get("algo", {}):
         if not any(key in {f.name for f in dataclasses.fields(ALGOS.get(a).Options)} for a in algos):
             raise HarnessError(f"config key 'algo.{key}' is an option of none of: {', '.join(algos)}")
@@ -128,6 +130,12 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
         if name in ALGOS and name not in algos:
             raise HarnessError(f"--set {name}.* given but {name!r} is not in --algos ({', '.join(algos)})")
     suite_options = resolve_options(suite_cls.Options, groups, "suite", "suite")
+    model_name = model or overrides.get("model.name", "tiny")
+    if model_name in MODEL_ALIASES:
+        MODEL_ALIASES[model_name]()  # a missing offline model stops the grid before it writes anything
+    check_data = getattr(suite_cls, "check_data", None)
+    if check_data is not None:  # data that cannot be had stops the grid before it writes anything
+        check_data(suite_cls.Options(**suite_options))
     cells = []
     for algo in algos:
         algo_options = resolve_options(ALGOS.get(algo).Options, groups, "algo", algo)

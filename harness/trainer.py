@@ -335,7 +335,7 @@ class Trainer:
             decoding = {"temperature": e.temperature, "top_p": e.top_p, "k": e.k, "max_new_tokens": max_new,
                         "greedy": e.temperature == 0}
             base = {"step": step, "benchmark": bench.name, "role": bench.role, "n_problems": len(problems),
-                    "grader": bench.grader, "prompt_template": self.prompt_template_id(), "seed": self.cfg.seed,
+                    "grader": bench.grader, "prompt_template": self.prompt_template_id(bench), "seed": self.cfg.seed,
                     **decoding}
             if e.k == 1:
                 rows.append({**base, "metric": "accuracy", "value": sum(c[0] for c in correct) / len(problems)})
@@ -359,8 +359,10 @@ class Trainer:
             grades += [int(self.suite.grade(text, p) >= 1.0) for text, p in zip(texts, chunk)]
         return [grades[i * e.k:(i + 1) * e.k] for i in range(len(problems))]
 
-    def prompt_template_id(self) -> str:
-        return "chat" if getattr(self.tokenizer, "chat_template", None) else "raw"
+    def prompt_template_id(self, bench: Benchmark) -> str:
+        """The benchmark's template id (if it has one) and whether the chat template wrapped it."""
+        wrap = "chat" if getattr(self.tokenizer, "chat_template", None) else "raw"
+        return f"{bench.template}/{wrap}" if bench.template else wrap
 
     # ---- the cell ---------------------------------------------------------------------------
 

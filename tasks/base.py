@@ -21,6 +21,7 @@ class Benchmark:
     role: str  # "ID" or "OOD"
     problems: list[Problem]
     grader: str  # name and version of the grader, stored with every eval row
+    template: str = ""  # prompt template id, stored with every eval row (with "/chat" or "/raw")
 
 
 class Suite:
