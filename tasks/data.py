@@ -174,7 +174,7 @@ def hub_rows(hub: str, spec: BenchmarkSpec | None) -> Rows:
         import datasets
     except ImportError:
         raise HarnessError("loading benchmarks from the Hugging Face hub needs `datasets` "
-                           "(pip install '.[math]'), or give local files with --data-dir") from None
+                           "(pip install datasets), or give local files with --data-dir") from None
     name = spec.name if spec else hub
     try:
         if spec is None:
