@@ -6,6 +6,8 @@ P + t. The response mask is 1 on generated tokens up to and including EOS.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +48,21 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 
 @torch.no_grad()
+def kv_cache(out):
+    """The KV cache of a forward's output: `cache` from transformers 5.24, `past_key_values` before."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_cache(cls: type) -> bool:
+    return "cache" in inspect.signature(cls.forward).parameters
+
+
+def cache_argument(model) -> str:
+    """The keyword a model's forward takes its KV cache by (renamed in transformers 5.24)."""
+    return "cache" if _forward_takes_cache(type(model)) else "past_key_values"
+
+
 def generate(
     model,
     prompts: list[list[int]],
@@ -66,7 +83,7 @@ def generate(
     attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, max_new_tokens)], dim=1)
     positions = position_ids(prompt_mask)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
-    past = out.past_key_values
+    past = kv_cache(out)
     next_pos = positions[:, -1:] + 1
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens = []
@@ -78,8 +95,8 @@ def generate(
         if bool(finished.all()) or t == max_new_tokens - 1:
             break
         out = model(input_ids=token.unsqueeze(1), attention_mask=attention_mask[:, :width + t + 1], position_ids=next_pos,
-                    past_key_values=past, use_cache=True)
-        past = out.past_key_values
+                    use_cache=True, **{cache_argument(model): past})
+        past = kv_cache(out)
         next_pos = next_pos + 1
     responses = torch.stack(tokens, dim=1)
     response_mask = response_mask_from_tokens(responses, eos_id, pad_id)

@@ -14,7 +14,8 @@ import torch
 
 from algorithms.base import Batch
 from harness.grid import build_cells
-from harness.rollout import forward_response, generate, left_pad, position_ids, response_mask_from_tokens, sample_next
+from harness.rollout import (cache_argument, forward_response, generate, kv_cache, left_pad, position_ids,
+                             response_mask_from_tokens, sample_next)
 from harness.seeding import torch_generator
 from harness.trainer import Trainer
 from tests.conftest import FAST
@@ -48,7 +49,7 @@ def grown_mask_generate(model, prompts, max_new_tokens, eos_id, pad_id, generato
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=next_pos,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    use_cache=True, **{cache_argument(model): kv_cache(out)})
         next_pos = next_pos + 1
     return torch.stack(tokens, dim=1)
 
