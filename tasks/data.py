@@ -62,6 +62,9 @@ class BenchmarkSpec:
     note: str = ""  # appended to "cannot be had" errors, e.g. how to get a gated dataset
     template: str = ""  # prompt template id stored with evaluation rows, e.g. "math-boxed-v1"
     options: dict[str, Any] = field(default_factory=dict)  # converter settings (a domain, a split part)
+    # Side data a converter needs from where the rows come from (SGD's service schemas): called
+    # with the spec and the sources before the rows are read; returns the spec to convert with.
+    prepare: Callable[["BenchmarkSpec", "DataSources"], "BenchmarkSpec"] | None = None
 
 
 def register_benchmark(spec: BenchmarkSpec) -> BenchmarkSpec:
@@ -119,6 +122,8 @@ class DataSources:
     def check(self, spec: BenchmarkSpec, role: str, leave_out: str) -> None:
         """Fail now, before any output is written, when a benchmark's data cannot be had."""
         if self.local_file(spec) is not None:
+            if spec.prepare is not None:
+                spec.prepare(spec, self)  # its side data must be there too
             return
         hub = self.hub_id(spec)
         if Path(hub).exists() or hub_reachable():
@@ -138,6 +143,8 @@ class DataSources:
 
     def problems(self, spec: BenchmarkSpec, seed: int = 0) -> list[Problem]:
         """The benchmark's problems; `seed` fixes any shuffling a converter does (GPQA's options)."""
+        if spec.prepare is not None:
+            spec = spec.prepare(spec, self)
         problems = spec.to_problems(self.rows(spec), spec, seed)
         if not problems:
             raise HarnessError(f"benchmark {spec.name}: its data ({self.describe(spec)}) gave no problems")
