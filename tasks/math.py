@@ -114,7 +114,7 @@ def _math_verify():
         import math_verify
         from math_verify import ExprExtractionConfig, LatexExtractionConfig
     except ImportError:
-        raise HarnessError("the math grader needs math-verify (pip install '.[math]')") from None
+        raise HarnessError("the math grader needs math-verify (pip install math-verify)") from None
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     boxed_first = LatexExtractionConfig(boxed_match_priority=0)
     keep_units = replace(boxed_first, normalization_config=replace(boxed_first.normalization_config, units=False))

@@ -23,6 +23,7 @@ from harness.errors import HarnessError
 from harness.seeding import numpy_rng
 from tasks.base import Problem
 from tasks.data import BenchmarkSpec, Grader, Rows, field_of, register_benchmark, register_grader, stable_fraction
+from tasks.math import extract_boxed as last_boxed
 
 QA_TEMPLATE = "Answer the following question. Put your final answer within \\boxed{{}}.\n\n{question}"
 MC_TEMPLATE = ("Answer the following multiple-choice question. Put the letter of your final answer within "
@@ -32,22 +33,6 @@ SIMPLEQA_EVAL_FRACTION = 0.2
 
 
 # ---- reading answers out of responses -------------------------------------------------------
-
-def last_boxed(text: str) -> str | None:
-    """The content of the last `\\boxed{...}` (nested braces allowed), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1:j]
-    return None  # unclosed: no answer
-
 
 def strip_latex_text(text: str) -> str:
     """`\\text{B}` / `\\textbf{B}` / `\\mathrm{B}` -> `B`."""
