@@ -59,6 +59,14 @@ def with_tiny_model_overrides(overrides: dict[str, str], algos: list[str], model
     return out
 
 
+def with_real_model_defaults(overrides: dict[str, str], model: str | None) -> dict[str, str]:
+    """A real model trains with one torch thread per core unless `train.threads` is set: its cells
+    run one at a time (`default_workers`), while tiny-model cells run one per core, single-threaded."""
+    if (model or overrides.get("model.name", "tiny")) == "tiny" or "train.threads" in overrides:
+        return overrides
+    return {**overrides, "train.threads": str(os.cpu_count() or 1)}
+
+
 def default_workers(cells: list["Cell"]) -> int:
     """One worker per core when every cell is a tiny-model CPU cell (single-threaded training, about
     0.5 GiB each); otherwise 1, so cells never share a GPU or a large model's memory by surprise."""
@@ -122,7 +130,8 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
     suite_cls = SUITES.get(suite)
     noise_specs = parse_noise_list(noise)
     overrides = {**getattr(suite_cls, "run_defaults", {}), **(overrides or {})}  # the user's --set wins
-    groups = split_overrides(with_tiny_model_overrides(overrides, algos, model), ALGOS.names())
+    overrides = with_real_model_defaults(with_tiny_model_overrides(overrides, algos, model), model)
+    groups = split_overrides(overrides, ALGOS.names())
     for key in groups.get("algo", {}):
         if not any(key in {f.name for f in dataclasses.fields(ALGOS.get(a).Options)} for a in algos):
             raise HarnessError(f"config key 'algo.{key}' is an option of none of: {', '.join(algos)}")
