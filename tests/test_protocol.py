@@ -126,3 +126,17 @@ def test_hub_id_that_cannot_load_names_the_local_file_option(tmp_path, offline):
     (tmp_path / "empty-folder").mkdir()
     with pytest.raises(HarnessError, match="suite.paths=aime24=FILE"):
         sources.problems(BENCHMARKS.get("aime24"))
+
+
+def test_a_real_model_trains_on_every_core_unless_told(tmp_path, offline):
+    import os
+
+    from harness.grid import build_cells
+
+    def threads(model, overrides=None):
+        return build_cells(suite="arith", algos=["grpo"], noise="none", seeds=[0], out=tmp_path, model=model,
+                           overrides=overrides)[0].cfg.train.threads
+
+    assert threads(None) == 1 and threads("tiny") == 1
+    assert threads("smollm2") == (os.cpu_count() or 1)
+    assert threads("smollm2", {"train.threads": "1"}) == 1
