@@ -63,6 +63,17 @@ def cache_argument(model) -> str:
     return "cache" if _forward_takes_cache(type(model)) else "past_key_values"
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_keeps_logits(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def last_logits(model, n: int) -> dict[str, int]:
+    """Forward kwargs that compute logits for the last `n` positions only, where the model allows:
+    with a 49k vocabulary, logits over whole prompts are most of a step's memory."""
+    return {"logits_to_keep": n} if _forward_keeps_logits(type(model)) else {}
+
+
 def generate(
     model,
     prompts: list[list[int]],
@@ -82,7 +93,8 @@ def generate(
     # One preallocated mask for prompt and response; step t attends to its first width + t + 1 columns.
     attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, max_new_tokens)], dim=1)
     positions = position_ids(prompt_mask)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                **last_logits(model, 1))
     past = kv_cache(out)
     next_pos = positions[:, -1:] + 1
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -119,9 +131,10 @@ def forward_response(model, input_ids, attention_mask, prompt_len: int, temperat
     Returns `(logp [B, T], entropy [B, T], hidden [B, P + T, d] or None)`. Logits are divided by
     the rollout temperature so that `logp` is the log-prob of the distribution that sampled.
     """
+    width = input_ids.shape[1] - prompt_len  # response tokens; their logits sit one position earlier
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                output_hidden_states=want_hidden, use_cache=False)
-    logits = out.logits[:, prompt_len - 1:-1, :].float() / temperature
+                output_hidden_states=want_hidden, use_cache=False, **last_logits(model, width + 1))
+    logits = out.logits[:, -(width + 1):-1, :].float() / temperature
     log_probs = F.log_softmax(logits, dim=-1)
     responses = input_ids[:, prompt_len:]
     logp = log_probs.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
