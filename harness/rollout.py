@@ -47,7 +47,6 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
-@torch.no_grad()
 def kv_cache(out):
     """The KV cache of a forward's output: `cache` from transformers 5.24, `past_key_values` before."""
     return out["cache"] if "cache" in out else out.past_key_values
@@ -74,6 +73,7 @@ def last_logits(model, n: int) -> dict[str, int]:
     return {"logits_to_keep": n} if _forward_keeps_logits(type(model)) else {}
 
 
+@torch.no_grad()
 def generate(
     model,
     prompts: list[list[int]],
