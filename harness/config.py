@@ -53,6 +53,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     eval_every: int = 50
     threads: int = 1
+    gradient_checkpointing: bool = False  # recompute activations in the backward (real models default to on)
     device: str = "cpu"
     rollout: str = "hf"  # hf: transformers generation with a KV cache; vllm: harness.vllm_rollout (GPU)
 

@@ -60,11 +60,13 @@ def with_tiny_model_overrides(overrides: dict[str, str], algos: list[str], model
 
 
 def with_real_model_defaults(overrides: dict[str, str], model: str | None) -> dict[str, str]:
-    """A real model trains with one torch thread per core unless `train.threads` is set: its cells
-    run one at a time (`default_workers`), while tiny-model cells run one per core, single-threaded."""
-    if (model or overrides.get("model.name", "tiny")) == "tiny" or "train.threads" in overrides:
+    """Defaults for a real model, under anything the user sets: one torch thread per core (its cells
+    run one at a time, see `default_workers`, while tiny-model cells run one per core,
+    single-threaded), and gradient checkpointing (the activations of long responses are what fills
+    memory)."""
+    if (model or overrides.get("model.name", "tiny")) == "tiny":
         return overrides
-    return {**overrides, "train.threads": str(os.cpu_count() or 1)}
+    return {"train.threads": str(os.cpu_count() or 1), "train.gradient_checkpointing": "true", **overrides}
 
 
 def default_workers(cells: list["Cell"]) -> int:

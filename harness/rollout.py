@@ -125,11 +125,13 @@ def response_mask_from_tokens(responses: torch.Tensor, eos_id: int, pad_id: int)
 
 
 def forward_response(model, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0,
-                     want_hidden: bool = False):
+                     want_hidden: bool = False, entropy_grad: bool = True):
     """Token log-probs and entropies of the response under `model`.
 
     Returns `(logp [B, T], entropy [B, T], hidden [B, P + T, d] or None)`. Logits are divided by
-    the rollout temperature so that `logp` is the log-prob of the distribution that sampled.
+    the rollout temperature so that `logp` is the log-prob of the distribution that sampled. With
+    `entropy_grad=False` the entropy is a detached diagnostic, which spares the backward pass two
+    [B, T, vocab] tensors.
     """
     width = input_ids.shape[1] - prompt_len  # response tokens; their logits sit one position earlier
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
@@ -138,7 +140,8 @@ def forward_response(model, input_ids, attention_mask, prompt_len: int, temperat
     log_probs = F.log_softmax(logits, dim=-1)
     responses = input_ids[:, prompt_len:]
     logp = log_probs.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
     hidden = out.hidden_states[-1] if want_hidden else None
     return logp, entropy, hidden
 

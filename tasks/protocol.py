@@ -120,7 +120,7 @@ class MathSuite(ProtocolSuite):
     name = "math"
     description = "train MATH (answers); ID MATH500/AIME24/AMC23/Minerva; OOD GPQA/HLE/SimpleQA (math-verify)"
     Options = MathOptions
-    run_defaults = {"train.max_new_tokens": "256", "train.prompts_per_step": "8", "model.max_positions": "1024"}
+    run_defaults = {"train.max_new_tokens": "256", "train.prompts_per_step": "4", "model.max_positions": "1024"}
 
 
 @dataclass
@@ -135,7 +135,7 @@ class ScienceSuite(ProtocolSuite):
     name = "science"
     description = "train SimpleQA (80% part); ID GPQA/HLE/SimpleQA (20% part); OOD the four math sets"
     Options = ScienceOptions
-    run_defaults = {"train.max_new_tokens": "64", "train.prompts_per_step": "8", "model.max_positions": "1024"}
+    run_defaults = {"train.max_new_tokens": "64", "train.prompts_per_step": "4", "model.max_positions": "1024"}
 
 
 @dataclass
@@ -168,5 +168,5 @@ class DialogueSuite(ProtocolSuite):
     name = "dialogue"
     description = "SGD next system action as JSON: train two domains, OOD the held-out third (suite.heldout)"
     Options = DialogueOptions
-    run_defaults = {"train.max_new_tokens": "96", "train.prompts_per_step": "8", "model.max_positions": "2048"}
+    run_defaults = {"train.max_new_tokens": "96", "train.prompts_per_step": "4", "model.max_positions": "2048"}
 
