@@ -430,8 +430,8 @@ class DFPO(PPO):
         z, g = samples[valid], realised[valid]  # [N, M], [N]
         return {
             "critic/returns_mean": float(masked_mean(returns, mask)),
-            "critic/value_mean": float(z.mean()),
-            "critic/value_std": float(z.std(-1).mean()),
+            "critic/dist_mean": float(z.mean()),
+            "critic/dist_std": float(z.std(-1).mean()),
             "critic/cvar_lower_gap": float((z.mean(-1) - cvar_lower(z, o.alpha)).mean()),
             "critic/cvar_upper_gap": float((cvar_upper(z, o.alpha) - z.mean(-1)).mean()),
             "critic/explained_var": float(explained_variance(value, returns, mask)),

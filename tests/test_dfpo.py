@@ -233,7 +233,7 @@ def test_advantage_is_whitened_gae_on_the_flow_mean_and_risk_variant_differs():
     assert torch.allclose(batch["returns"], ret, atol=1e-5)
     assert batch["dist_returns"].shape == (4, 3, 4) and batch["tail_cap"].shape == (4,)
     assert batch["tail_cap"][0].item() == pytest.approx(batch["scores"].std().item())
-    for key in ("critic/value_mean", "critic/value_std", "critic/cvar_lower_gap", "critic/cvar_upper_gap",
+    for key in ("critic/dist_mean", "critic/dist_std", "critic/cvar_lower_gap", "critic/cvar_upper_gap",
                 "critic/explained_var", "critic/crps", "critic/coverage_10_90"):
         assert math.isfinite(metrics[key]), key
     risky = tiny_batch()
@@ -303,7 +303,7 @@ def test_cli_runs_dfpo_and_the_same_seed_gives_the_same_metrics(tmp_path, cache_
         rows.append(strip_timing(cell / "metrics.jsonl"))
     assert rows[0] == rows[1] and len(rows[0]) == 2
     for key in ("critic/cfm", "critic/anchor", "critic/geo", "critic/risk", "critic/shape", "critic/straightness_gap",
-                "critic/value_std", "critic/cvar_lower_gap", "critic/cvar_upper_gap", "critic/explained_var",
+                "critic/dist_std", "critic/cvar_lower_gap", "critic/cvar_upper_gap", "critic/explained_var",
                 "critic/crps", "critic/coverage_10_90", "actor/kl_ref", "eval/ID_accuracy"):
         assert key in rows[0][1], key
     config = json.loads((tmp_path / "a" / "arith" / "dfpo" / "flip0.2" / "seed0" / "config.json").read_text())
