@@ -55,7 +55,11 @@ def enable_gradient_checkpointing(model) -> None:
                            f"compute the same function); this one has {dropout}")
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise HarnessError(f"train.gradient_checkpointing: {type(model).__name__} does not support it; set it to false")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24; the old name is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
 
 
