@@ -53,10 +53,12 @@ class Critic(nn.Module):
         return self(mb["input_ids"], mb["attention_mask"], mb.prompt_len)
 
 
-def build_critic(kind: str, policy: nn.Module, options: dict) -> Critic:
-    """A separate critic initialised from the policy's transformer backbone."""
+def build_critic(kind: str, policy: nn.Module, options: dict, shared: bool = False) -> Critic:
+    """A critic on the policy's transformer backbone: a separate copy of it (initialised from the
+    policy, trained on its own), or with `shared` the policy's backbone module itself."""
     head_cls = CRITICS.get(kind)
-    backbone = copy.deepcopy(policy.get_decoder() if hasattr(policy, "get_decoder") else policy.model)
-    backbone.requires_grad_(True)
+    backbone = policy.get_decoder() if hasattr(policy, "get_decoder") else policy.model
+    if not shared:
+        backbone = copy.deepcopy(backbone).requires_grad_(True)
     head = head_cls(policy.config.hidden_size, **options)
     return Critic(backbone, head).to(next(policy.parameters()).device)

@@ -47,6 +47,12 @@ class TrainConfig:
     top_p: float = 1.0
     lr: float = 3e-4
     critic_lr: float = 1e-3
+    # separate: the critic is a copy of the initial policy's backbone with its own optimiser (spec §1.3,
+    # the papers' setting); shared: the critic head sits on the policy's own backbone and one optimiser
+    # steps actor loss + critic_coef * critic loss (one model in memory; the critic forward still runs
+    # the backbone a second time per minibatch)  [I]
+    critic_backbone: str = "separate"
+    critic_coef: float = 1.0
     weight_decay: float = 0.0
     ppo_epochs: int = 1
     num_minibatches: int = 2
@@ -202,13 +208,15 @@ def validate_core(cfg: RunConfig) -> None:
         raise HarnessError(f"eval.temperature must be >= 0 (0 is greedy), got {cfg.eval.temperature}")
     if cfg.eval.temperature == 0 and cfg.eval.k != 1:
         raise HarnessError("eval.k > 1 needs eval.temperature > 0 (greedy decoding gives one answer)")
-    for key, value in {"train.lr": t.lr, "train.critic_lr": t.critic_lr}.items():
+    for key, value in {"train.lr": t.lr, "train.critic_lr": t.critic_lr, "train.critic_coef": t.critic_coef}.items():
         if not value > 0:
             raise HarnessError(f"{key} must be > 0, got {value}")
     if cfg.eval.limit < 0 or cfg.eval.max_new_tokens < 0 or cfg.model.warmstart_steps < 0:
         raise HarnessError("eval.limit, eval.max_new_tokens and model.warmstart_steps must be >= 0")
     if t.device not in ("cpu", "cuda", "auto"):
         raise HarnessError(f"train.device must be cpu, cuda or auto, got {t.device!r}")
+    if t.critic_backbone not in ("separate", "shared"):
+        raise HarnessError(f"train.critic_backbone must be separate or shared, got {t.critic_backbone!r}")
     if t.rollout not in ("hf", "vllm"):
         raise HarnessError(f"train.rollout must be hf or vllm, got {t.rollout!r}")
     if t.rollout == "vllm":

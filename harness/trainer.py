@@ -101,19 +101,25 @@ class Trainer:
         if self.algo.needs_reference():
             self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
         seed_everything(cfg.seed, "heads-init")
+        t = cfg.train
         self.critic = None
         if self.algo.critic != "none":
-            self.critic = build_critic(self.algo.critic, self.policy, self.algo.critic_options())
+            self.critic = build_critic(self.algo.critic, self.policy, self.algo.critic_options(),
+                                       shared=t.critic_backbone == "shared")
+        # A shared critic is its head on the policy's backbone: the head joins the actor's optimiser
+        # and the critic loss joins the actor loss (`update`).
+        self.shared_critic = self.critic is not None and t.critic_backbone == "shared"
         self.heads = nn.ModuleDict(self.algo.extra_heads(self.policy.config.hidden_size)).to(self.device)
 
-        t = cfg.train
-        self.actor_params = [*self.policy.parameters(), *self.heads.parameters()]
         groups = [{"params": list(self.policy.parameters())}]
         if len(self.heads):
             groups.append({"params": list(self.heads.parameters()), "lr": t.lr * self.algo.heads_lr_scale()})
+        if self.shared_critic:
+            groups.append({"params": list(self.critic.head.parameters()), "lr": t.critic_lr})
+        self.actor_params = [p for group in groups for p in group["params"]]
         self.actor_opt = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
         self.critic_opt = None
-        if self.critic is not None:
+        if self.critic is not None and not self.shared_critic:
             self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=t.critic_lr, weight_decay=t.weight_decay)
 
         self.train_set = self.suite.train_problems()
@@ -324,8 +330,13 @@ class Trainer:
             fwd = first_fwd if i == 0 and first_fwd is not None else self.policy_forward(mb)
             loss, metrics = self.algo.actor_loss(mb, fwd, self.heads)
             metrics["actor/entropy"] = float(masked_mean(fwd.entropy.detach(), mb["response_mask"]))
-            metrics["actor/grad_norm"] = self.optimise(loss, self.actor_opt, self.actor_params, "actor", step)
-            if self.critic is not None:
+            if self.shared_critic:  # one backward through the shared backbone, one optimiser step
+                closs, cmetrics = self.algo.critic_loss(mb, self.critic)
+                loss = loss + self.cfg.train.critic_coef * closs
+                metrics.update(cmetrics)
+            metrics["actor/grad_norm"] = self.optimise(loss, self.actor_opt, self.actor_params,
+                                                       "actor+critic" if self.shared_critic else "actor", step)
+            if self.critic_opt is not None:
                 closs, cmetrics = self.algo.critic_loss(mb, self.critic)
                 cmetrics["critic/grad_norm"] = self.optimise(closs, self.critic_opt, list(self.critic.parameters()), "critic", step)
                 metrics.update(cmetrics)
@@ -437,8 +448,9 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
-        if self.critic is not None:
-            state["critic"] = self.critic.state_dict()
+        if self.critic is not None:  # a shared critic's backbone is saved as the policy
+            state["critic"] = (self.critic.head if self.shared_critic else self.critic).state_dict()
+        if self.critic_opt is not None:
             state["critic_opt"] = self.critic_opt.state_dict()
         for name, obj in (("algo", self.algo), ("noise", self.noise)):
             if hasattr(obj, "state_dict"):
@@ -450,7 +462,8 @@ class Trainer:
         self.heads.load_state_dict(state["heads"])
         self.actor_opt.load_state_dict(state["actor_opt"])
         if self.critic is not None:
-            self.critic.load_state_dict(state["critic"])
+            (self.critic.head if self.shared_critic else self.critic).load_state_dict(state["critic"])
+        if self.critic_opt is not None:
             self.critic_opt.load_state_dict(state["critic_opt"])
         for name, obj in (("algo", self.algo), ("noise", self.noise)):
             if name in state:

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from algorithms import ALGOS
+from harness.cli import main
 from harness.grid import build_cells, run_grid
 from harness.trainer import Trainer, pass_at_k
-from tests.conftest import FAST
+from tests.conftest import FAST, fast_args
 
 
 def make_trainer(algo: str, tmp_path: Path, cache_dir: Path, seed: int = 0, noise: str = "none", **extra) -> Trainer:
@@ -86,6 +87,54 @@ def test_critic_loss_does_not_reach_the_actor_and_actor_loss_not_the_critic(tmp_
     aloss, _ = trainer.algo.actor_loss(batch, PolicyForward(logp, ent, None), trainer.heads)
     aloss.backward()
     assert all(p.grad is None for p in trainer.critic.parameters())
+
+
+@pytest.mark.parametrize("backbone", ["separate", "shared"])
+def test_critic_backbone_separate_or_shared_with_the_policy(backbone, tmp_path, cache_dir, monkeypatch):
+    # Only the critic loss trains (the actor loss is multiplied by 0): a separate critic leaves the
+    # policy exactly as it was; a shared one moves the policy's backbone through its head.
+    trainer = make_trainer("ppo", tmp_path, cache_dir, noise="flip0.5",
+                           **{"train.critic_backbone": backbone, "train.lr": "1e-2", "train.critic_lr": "1e-2"})
+    shared = backbone == "shared"
+    assert (trainer.critic.backbone is trainer.policy.get_decoder()) == shared
+    assert (trainer.critic_opt is None) == shared
+    actor_ids = {id(p) for g in trainer.actor_opt.param_groups for p in g["params"]}
+    assert ({id(p) for p in trainer.critic.parameters()} <= actor_ids) == shared
+    actor_loss = trainer.algo.actor_loss
+    monkeypatch.setattr(trainer.algo, "actor_loss", lambda *a: (lambda out: (0 * out[0], out[1]))(actor_loss(*a)))
+    policy_before, head_before = snapshot(trainer.policy), snapshot(trainer.critic.head)
+    metrics = trainer.train_step(1)
+
+    assert metrics["critic/vf_loss"] > 0 and ("critic/grad_norm" in metrics) != shared
+    assert all(changed(head_before, trainer.critic.head).values()), "the value head trains either way"
+    moved = changed(policy_before, trainer.policy)
+    assert any(moved.values()) == shared
+    if shared:
+        assert all(v for k, v in moved.items() if k.startswith("model.layers.")), "every backbone layer moves"
+        assert trainer.cfg.train.critic_backbone == "shared"
+
+
+def test_shared_critic_checkpoint_restores_the_head_and_the_joint_optimiser(tmp_path, cache_dir):
+    from harness import store
+
+    a = make_trainer("ppo", tmp_path, cache_dir, **{"train.critic_backbone": "shared"})
+    a.run(ckpt_every=3)
+    state = torch.load(store.checkpoint_dir(a.cell, 3) / "state.pt", weights_only=False)
+    assert set(state["critic"]) == {"linear.weight", "linear.bias"}, "the shared backbone is saved once, as the policy"
+    assert "critic_opt" not in state
+    b = make_trainer("ppo", tmp_path, cache_dir, **{"train.critic_backbone": "shared"})
+    assert b.restore_latest() == 3
+    assert b.critic.backbone is b.policy.get_decoder()
+    for (name, p), q in zip(a.critic.state_dict().items(), b.critic.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert len(b.actor_opt.state_dict()["state"]) == len(b.actor_params)
+
+
+def test_bad_critic_backbone_is_a_one_line_error(tmp_path, capsys):
+    assert main(["run", "--set", "train.critic_backbone=tied", "--out", str(tmp_path / "r"), *fast_args()]) == 2
+    err = capsys.readouterr().err
+    assert err == "harness: error: train.critic_backbone must be separate or shared, got 'tied'\n"
+    assert not (tmp_path / "r").exists()
 
 
 def strip_timing(path: Path) -> list[dict]:
