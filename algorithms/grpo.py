@@ -73,6 +73,9 @@ class GRPOOptions:
     adv_scale: str = "std"  # "none" is Dr. GRPO
     adv_eps: float = 1e-6
     agg_mode: str = "seq-mean-token-mean"  # the original 1/|o_i| form (spec §4.4)
+    # C of agg_mode seq-mean-token-sum-norm (Dr. GRPO): "a constant, e.g. the max response length"
+    # (spec §0.2, §4.2). 0 stands for train.max_new_tokens, resolved per cell into config.json.  [I]
+    agg_norm_const: int = 0
     entropy_coef: float = 0.0
     dynamic_sampling: bool = False  # DAPO: train only on groups whose training rewards differ
     max_extra_rounds: int = 4  # dynamic sampling: at most this many extra rollout rounds per step
@@ -82,6 +85,8 @@ class GRPOOptions:
 
     def validate(self) -> None:
         check_clip_options(self)
+        if self.agg_norm_const < 0:
+            raise HarnessError(f"agg_norm_const must be >= 0 (0: train.max_new_tokens), got {self.agg_norm_const}")
         if self.max_extra_rounds < 0:
             raise HarnessError(f"max_extra_rounds must be >= 0, got {self.max_extra_rounds}")
         if self.overlong_buffer_len < 0 or self.overlong_penalty < 0:

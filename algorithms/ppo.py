@@ -22,6 +22,7 @@ def clip_policy_loss(
     clip_high: float = 0.2,
     agg_mode: str = "token-mean",
     dual_clip: float | None = None,
+    norm_const: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate loss (spec §5.3), with decoupled clip range (DAPO clip-higher).
 
@@ -33,7 +34,7 @@ def clip_policy_loss(
         loss = max(pg1, pg2)
 
     With ``dual_clip`` = c (> 1), tokens with A < 0 are further capped: min(loss, -A * c).
-    The per-token loss is reduced with ``agg_loss(..., agg_mode)``.
+    The per-token loss is reduced with ``agg_loss(..., agg_mode, norm_const)``.
 
     Returns (scalar loss with grad, metrics of python floats):
     ``actor/pg_loss``; ``actor/clipfrac`` (fraction of valid tokens with pg2 > pg1);
@@ -51,7 +52,7 @@ def clip_policy_loss(
     if dual_clip is not None:
         capped = torch.minimum(per_token, -advantages * dual_clip)
         per_token = torch.where(advantages < 0, capped, per_token)
-    loss = agg_loss(per_token, mask, agg_mode)
+    loss = agg_loss(per_token, mask, agg_mode, norm_const)
 
     with torch.no_grad():
         metrics = {
@@ -103,14 +104,16 @@ def actor_objective(mb: Batch, fwd: PolicyForward, opts) -> tuple[torch.Tensor, 
     """PPO-clip on `mb["advantages"]`, plus a KL-to-reference loss term when `opts.kl_mode == "loss"`
     and an entropy bonus when `opts.entropy_coef > 0`. Shared by every PPO-clip actor (PPO, GRPO, ...)."""
     mask = mb["response_mask"]
+    # Only the GRPO family has agg_norm_const; elsewhere seq-mean-token-sum-norm divides by T.
+    norm_const = getattr(opts, "agg_norm_const", 0) or None
     loss, metrics = clip_policy_loss(fwd.logp, mb["old_logp"], mb["advantages"], mask, opts.clip_low,
-                                     opts.clip_high, opts.agg_mode, opts.dual_clip)
+                                     opts.clip_high, opts.agg_mode, opts.dual_clip, norm_const)
     if opts.kl_mode == "loss" and opts.kl_coef > 0:
-        kl = agg_loss(kl_penalty(fwd.logp, mb["ref_logp"], opts.kl_loss_kind), mask, opts.agg_mode)
+        kl = agg_loss(kl_penalty(fwd.logp, mb["ref_logp"], opts.kl_loss_kind), mask, opts.agg_mode, norm_const)
         loss = loss + opts.kl_coef * kl
         metrics["actor/kl_loss"] = kl.item()
     if opts.entropy_coef > 0:
-        loss = loss - opts.entropy_coef * agg_loss(fwd.entropy, mask, opts.agg_mode)
+        loss = loss - opts.entropy_coef * agg_loss(fwd.entropy, mask, opts.agg_mode, norm_const)
     return loss, metrics
 
 

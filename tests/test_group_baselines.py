@@ -103,6 +103,26 @@ def test_variants_are_grpo_with_other_defaults():
     assert ALGOS.get("grpo")(GRPOOptions()).keep_groups(torch.zeros(2, 3)) is None
 
 
+def test_drgrpo_divides_the_token_sum_by_the_generation_limit():
+    from algorithms.base import PolicyForward
+    from algorithms.ppo import actor_objective
+
+    # C is resolved per cell from train.max_new_tokens (0 stands for it), unless set.
+    assert resolved("drgrpo", {"train.max_new_tokens": "5"})["agg_norm_const"] == 5
+    assert resolved("drgrpo", {"train.max_new_tokens": "5", "drgrpo.agg_norm_const": "9"})["agg_norm_const"] == 9
+    with pytest.raises(HarnessError, match="agg_norm_const must be >= 0"):
+        resolved("drgrpo", {"drgrpo.agg_norm_const": "-1"})
+    # ratio 1, so the per-token loss is -A: [[-1, -1, pad], [2, 2, 2]]; masked sum 4, over C = 5
+    # (not over the batch's padded length T = 3, which changes with the longest response).
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    mb = Batch(old_logp=torch.zeros(2, 3), advantages=torch.tensor([[1.0] * 3, [-2.0] * 3]), response_mask=mask)
+    fwd = PolicyForward(torch.zeros(2, 3), torch.zeros(2, 3), None)
+    opts = GRPOOptions(agg_mode="seq-mean-token-sum-norm", kl_mode="none", agg_norm_const=5)
+    assert actor_objective(mb, fwd, opts)[0].item() == pytest.approx(4 / 5)
+    opts.agg_norm_const = 0  # unresolved: the tensor's width, as before
+    assert actor_objective(mb, fwd, opts)[0].item() == pytest.approx(4 / 3)
+
+
 def test_informative_groups():
     scores = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.5, 0.5, 0.25]])
     assert informative_groups(scores).tolist() == [False, True, False, True]
