@@ -12,6 +12,7 @@ import copy
 import torch
 from torch import nn
 
+from harness import fast_llama
 from harness.registry import Registry
 from harness.rollout import position_ids
 
@@ -40,9 +41,13 @@ class Critic(nn.Module):
 
     def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
         """Backbone hidden states of the state s_t before each response token: `[B, T, d]`."""
-        hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
-        ).last_hidden_state
+        positions = position_ids(attention_mask)
+        if fast_llama.enabled(self.backbone):
+            _, hidden = fast_llama.forward(self.backbone, input_ids, attention_mask, positions, prompt_len=prompt_len,
+                                           want_hidden=True)
+        else:
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                   use_cache=False).last_hidden_state
         return hidden[:, prompt_len - 1:-1]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:

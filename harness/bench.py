@@ -25,7 +25,10 @@ switched off (which only helps TRL).
 
 Seconds per step are wall-clock between the ends of consecutive steps (everything the library
 does per step), median over `--steps` steps after `--warmup` steps. Each configuration runs in its
-own subprocess so that its peak RSS (`ru_maxrss`) is its own. Phases:
+own subprocess so that its peak RSS (`ru_maxrss`) is its own. The two libraries run in alternating
+rounds (`--rounds`, harness then TRL, each a fresh process) and each side's figure is the median
+over the steps of all its rounds, so that a machine whose speed drifts (shared hosts) slows both
+alike. Phases:
 
     generation   harness: rollout (KV-cache sampling, decoding)     TRL: _generate
     reward       harness: grader + noise injector                   TRL: _calculate_rewards
@@ -56,7 +59,7 @@ HARNESS_PHASES = {  # time/* key -> bench phase
     "rollout": "generation", "reward": "reward", "noise": "reward", "old_logp": "forward",
     "reference": "forward", "critic": "forward", "update": "update",
 }
-QUICK = {"steps": 2, "warmup": 1}
+QUICK = {"steps": 2, "warmup": 1, "rounds": 1}
 
 
 def peak_rss_mib() -> float:
@@ -284,16 +287,31 @@ def format_result(r: dict[str, Any]) -> str:
             f"CPU/wall {r['cpu_per_wall']:.2f}  ({load_average()})")
 
 
+def pool_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's rounds as one result: seconds per step over the steps of every round;
+    the other figures are medians of the rounds' (peak RSS: the largest)."""
+    pooled = dict(runs[0])
+    pooled["step_s_all"] = [s for r in runs for s in r["step_s_all"]]
+    pooled["step_s"] = statistics.median(pooled["step_s_all"])
+    for key in ("cpu_s", "tokens_per_s", "cpu_per_wall"):
+        pooled[key] = statistics.median(r[key] for r in runs)
+    pooled["phases"] = {p: statistics.median(r["phases"][p] for r in runs) for p in PHASES}
+    pooled["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    pooled["steps"] = len(pooled["step_s_all"])
+    pooled["round_step_s"] = [r["step_s"] for r in runs]
+    return pooled
+
+
 def run_bench(steps: int, warmup: int, overrides: dict[str, str], cache_dir: str | None, with_trl: bool = True,
-              algos: list[str] | None = None, out: Callable[[str], None] = print) -> float:
+              algos: list[str] | None = None, out: Callable[[str], None] = print, rounds: int = 3) -> float:
     """Print the benchmark; return the speedup (harness steps per second / TRL's), nan without TRL."""
     from algorithms import ALGOS
     from harness.grid import MISSION_ALGOS
     from harness.models import default_cache_dir, load_policy
     from tasks import SUITES
 
-    if steps < 1 or warmup < 0:
-        raise HarnessError(f"--steps must be >= 1 and --warmup >= 0, got {steps}, {warmup}")
+    if steps < 1 or warmup < 0 or rounds < 1:
+        raise HarnessError(f"--steps and --rounds must be >= 1 and --warmup >= 0, got {steps}, {rounds}, {warmup}")
     cfg = resolve_config("grpo", overrides)
     t = cfg.train
     suite_cls = SUITES.get(cfg.suite)
@@ -302,26 +320,35 @@ def run_bench(steps: int, warmup: int, overrides: dict[str, str], cache_dir: str
     out(f"bench: arith, tiny Llama (hidden {cfg.model.hidden_size}, {cfg.model.num_layers} layers), "
         f"{t.prompts_per_step} prompts x {t.group_size} samples, {t.max_new_tokens} new tokens, "
         f"{t.num_minibatches} minibatches, lr {t.lr}, {t.threads} thread(s), CPU; "
-        f"median of {steps} steps after {warmup} warm-up; {load_average()}")
+        f"median of {steps} steps after {warmup} warm-up, {rounds} round(s); {load_average()}")
     out("phases: generation | reward | forward (old log-probs, reference, critic) | update | other; "
         "peak RSS per configuration, each in its own process")
     base = {"steps": steps, "warmup": warmup, "overrides": overrides, "cache_dir": cache_dir}
     out("-- GRPO, harness vs TRL GRPOTrainer")
-    ours = run_worker({**base, "library": "harness", "algo": "grpo"})
+    compare = with_trl and trl_available()
+    ours_runs, theirs_runs = [], []
+    for _ in range(rounds):  # alternating, so that drift in the machine's speed reaches both sides
+        ours_runs.append(run_worker({**base, "library": "harness", "algo": "grpo"}))
+        if compare:
+            theirs_runs.append(run_worker({**base, "library": "trl", "algo": "grpo"}))
+    ours = pool_rounds(ours_runs)
     out(format_result(ours))
     speedup = math.nan
     if not with_trl:
         out("trl: skipped (--no-trl)")
-    elif not trl_available():
+    elif not compare:
         out("trl: not installed, TRL comparison skipped (pip install 'noise-robust-rl-harness[bench]')")
     else:
-        theirs = run_worker({**base, "library": "trl", "algo": "grpo"})
+        theirs = pool_rounds(theirs_runs)
         out(format_result(theirs))
         speedup = theirs["step_s"] / ours["step_s"]
         out(f"seconds per step: harness {ours['step_s']:.4f}, TRL {theirs['step_s']:.4f}; "
             f"harness steps {speedup:.2f}x as fast; tokens/s ratio {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}")
         out(f"CPU seconds per step: harness {ours['cpu_s']:.4f}, TRL {theirs['cpu_s']:.4f}; "
             f"ratio {theirs['cpu_s'] / ours['cpu_s']:.2f} (less sensitive to other load than wall time)")
+        per_round = [t / h for t, h in zip(theirs["round_step_s"], ours["round_step_s"])]
+        out(f"per round: harness {fmt_list(ours['round_step_s'])} s/step, TRL {fmt_list(theirs['round_step_s'])} s/step, "
+            f"ratio {fmt_list(per_round, 2)}")
         out(f"step seconds (after warm-up): harness {fmt_list(ours['step_s_all'])}; TRL {fmt_list(theirs['step_s_all'])}")
     names = algos if algos is not None else [a for a in MISSION_ALGOS if a in ALGOS]
     out(f"-- algorithms on the default arith configuration (registered: {', '.join(names)}); "
@@ -332,8 +359,8 @@ def run_bench(steps: int, warmup: int, overrides: dict[str, str], cache_dir: str
     return speedup
 
 
-def fmt_list(values: list[float]) -> str:
-    return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
+def fmt_list(values: list[float], digits: int = 3) -> str:
+    return "[" + ", ".join(f"{v:.{digits}f}" for v in values) + "]"
 
 
 if __name__ == "__main__":

@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="seconds per step: this harness vs TRL GRPOTrainer, and every algorithm")
     bench.add_argument("--steps", type=int, default=10, help="measured steps per configuration (default: 10)")
     bench.add_argument("--warmup", type=int, default=2, help="warm-up steps, not measured (default: 2)")
-    bench.add_argument("--quick", action="store_true", help="2 steps after 1 warm-up (a smoke test)")
+    bench.add_argument("--rounds", type=int, default=3,
+                       help="alternating harness/TRL rounds, pooled (default: 3; a drifting machine slows both alike)")
+    bench.add_argument("--quick", action="store_true", help="2 steps after 1 warm-up, 1 round (a smoke test)")
     bench.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
     bench.add_argument("--algos", default=None, help="comma list for the algorithm table (default: registered mission algorithms)")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides, as for run")
@@ -135,9 +137,10 @@ def cmd_bench(args) -> int:
     from harness.config import parse_assignments
     from harness.grid import parse_algos
 
-    steps, warmup = (QUICK["steps"], QUICK["warmup"]) if args.quick else (args.steps, args.warmup)
+    steps, warmup, rounds = (QUICK["steps"], QUICK["warmup"], QUICK["rounds"]) if args.quick \
+        else (args.steps, args.warmup, args.rounds)
     run_bench(steps, warmup, parse_assignments(args.set), args.cache_dir, with_trl=not args.no_trl,
-              algos=parse_algos(args.algos) if args.algos else None)
+              algos=parse_algos(args.algos) if args.algos else None, rounds=rounds)
     return 0
 
 

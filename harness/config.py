@@ -62,6 +62,13 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward (real models default to on)
     device: str = "cpu"
     rollout: str = "hf"  # hf: transformers generation with a KV cache; vllm: harness.vllm_rollout (GPU)
+    # auto: harness.fast_llama's lean forward for the Llama models it supports, on the CPU (the tiny model;
+    # not with gradient checkpointing); on: wherever supported, an error elsewhere; off: HF's forward  [I]
+    fast_model: str = "auto"
+    # The behaviour log-probs (old_logp). rollout: the sampler's own (same weights, same function, one
+    # forward fewer); recompute: a trainer forward. auto resolves per cell: rollout for the hf backend in
+    # float32, recompute for vLLM or lower precision, where sampler and trainer numerics differ  [I]
+    old_logp: str = "auto"
 
 
 @dataclass
@@ -181,6 +188,14 @@ def apply_section_overrides(cfg: RunConfig, groups: dict[str, dict[str, str]]) -
     validate_core(cfg)
 
 
+def resolved_old_logp(cfg: RunConfig) -> str:
+    """`train.old_logp` with auto resolved: the sampler's log-probs where they are the trainer's
+    function in the trainer's numerics (the hf backend in float32), else recomputed."""
+    if cfg.train.old_logp != "auto":
+        return cfg.train.old_logp
+    return "rollout" if cfg.train.rollout == "hf" and cfg.model.dtype == "float32" else "recompute"
+
+
 def validate_core(cfg: RunConfig) -> None:
     t = cfg.train
     positive = {
@@ -219,6 +234,12 @@ def validate_core(cfg: RunConfig) -> None:
         raise HarnessError(f"train.critic_backbone must be separate or shared, got {t.critic_backbone!r}")
     if t.rollout not in ("hf", "vllm"):
         raise HarnessError(f"train.rollout must be hf or vllm, got {t.rollout!r}")
+    if t.fast_model not in ("auto", "on", "off"):
+        raise HarnessError(f"train.fast_model must be auto, on or off, got {t.fast_model!r}")
+    if t.old_logp not in ("auto", "rollout", "recompute"):
+        raise HarnessError(f"train.old_logp must be auto, rollout or recompute, got {t.old_logp!r}")
+    if t.old_logp == "rollout" and t.rollout == "vllm":
+        raise HarnessError("train.old_logp=rollout needs train.rollout=hf (vLLM's log-probs are recomputed by the trainer)")
     if t.rollout == "vllm":
         from harness.vllm_rollout import check_available
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from algorithms import ALGOS
 from harness import store
-from harness.config import (RunConfig, apply_section_overrides, options_dataclass, set_dataclass_field,
+from harness.config import (RunConfig, apply_section_overrides, options_dataclass, resolved_old_logp, set_dataclass_field,
                             split_overrides)
 from harness.errors import HarnessError
 from harness.models import MODEL_ALIASES
@@ -165,6 +165,7 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
                 apply_section_overrides(cfg, groups)
                 if cfg.algo_options.get("agg_norm_const") == 0:  # 0 stands for the generation limit
                     cfg.algo_options = {**cfg.algo_options, "agg_norm_const": cfg.train.max_new_tokens}
+                cfg.train.old_logp = resolved_old_logp(cfg)
                 cells.append(Cell(cfg, store.cell_dir(out, suite, algo, spec.name, seed)))
     return cells
 

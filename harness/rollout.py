@@ -3,6 +3,9 @@
 Layout of a rolled-out batch: prompts left-padded to a common width P, responses right-padded
 to T, so `input_ids = [prompt | response]` is `[B, P + T]` and response token t sits at column
 P + t. The response mask is 1 on generated tokens up to and including EOS.
+
+Models with the fast path on (`harness.fast_llama`) run their forwards through it; others through
+their Hugging Face forward with a transformers KV cache.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from harness import fast_llama
+
 
 @dataclass
 class Rollout:
@@ -21,6 +26,7 @@ class Rollout:
     prompt_len: int  # P
     responses: torch.Tensor  # [B, T]
     response_mask: torch.Tensor  # [B, T] float
+    logp: torch.Tensor | None = None  # [B, T] log-probs of the sampled tokens (temperature-scaled); None when greedy
 
 
 def left_pad(token_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,15 +42,30 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     """`logits [B, V]` -> token ids `[B]`; temperature 0 is greedy."""
+    return sample_with_logp(logits, temperature, top_p, generator)[0]
+
+
+def sample_with_logp(logits: torch.Tensor, temperature: float, top_p: float,
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`logits [B, V]` -> (token ids `[B]`, their log-probs `[B]` under the temperature-scaled softmax,
+    before any top-p cut, i.e. the distribution `forward_response` scores; None when greedy).
+
+    Sampling inverts the CDF at one uniform draw per row (`searchsorted`), an exact draw from the
+    (top-p truncated) distribution at a small fraction of `torch.multinomial`'s cost on the CPU.
+    """
     if temperature == 0:
-        return logits.argmax(-1)
-    probs = F.softmax(logits.float() / temperature, dim=-1)
+        return logits.argmax(-1), None
+    log_probs = F.log_softmax(logits.float() / temperature, dim=-1)
+    probs = log_probs.exp()
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the top token
-        sorted_probs = sorted_probs * keep
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs * keep)
+    cdf = probs.cumsum(-1)
+    u = torch.rand(len(cdf), 1, generator=generator).to(cdf.device) * cdf[:, -1:]
+    # right=True: a token whose probability is 0 never owns an interval; clamp guards rounding at 1
+    token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
+    return token, log_probs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
 
 
 def kv_cache(out):
@@ -85,7 +106,8 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> Rollout:
-    """Sample one response per prompt with a KV cache; stops early once every row has ended."""
+    """Sample one response per prompt with a KV cache; stops early once every row has ended. The
+    rollout keeps each sampled token's log-prob (`Rollout.logp`) when sampling."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
@@ -93,28 +115,99 @@ def generate(
     # One preallocated mask for prompt and response; step t attends to its first width + t + 1 columns.
     attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, max_new_tokens)], dim=1)
     positions = position_ids(prompt_mask)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
-                **last_logits(model, 1))
-    past = kv_cache(out)
+    decode = (FastDecoder if fast_llama.enabled(model) else hf_decoder)(model, max_new_tokens)
+    logits = decode(prompt_ids, prompt_mask, positions)
     next_pos = positions[:, -1:] + 1
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens = []
+    tokens, logps = [], []
     for t in range(max_new_tokens):
-        token = sample_next(out.logits[:, -1, :], temperature, top_p, generator)
+        token, logp = sample_with_logp(logits, temperature, top_p, generator)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens.append(token)
+        logps.append(logp)
         finished |= token == eos_id
         if bool(finished.all()) or t == max_new_tokens - 1:
             break
-        out = model(input_ids=token.unsqueeze(1), attention_mask=attention_mask[:, :width + t + 1], position_ids=next_pos,
-                    use_cache=True, **{cache_argument(model): past})
-        past = kv_cache(out)
+        logits = decode(token.unsqueeze(1), attention_mask[:, :width + t + 1], next_pos, finished)
         next_pos = next_pos + 1
     responses = torch.stack(tokens, dim=1)
     response_mask = response_mask_from_tokens(responses, eos_id, pad_id)
     input_ids = torch.cat([prompt_ids, responses], dim=1)
     full_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
-    return Rollout(input_ids, full_mask, prompt_ids.shape[1], responses, response_mask)
+    logp = torch.stack(logps, dim=1) * response_mask if temperature != 0 else None
+    return Rollout(input_ids, full_mask, prompt_ids.shape[1], responses, response_mask, logp)
+
+
+def hf_decoder(model, max_new_tokens: int):
+    """`decode(input_ids, attention_mask, position_ids, finished=None) -> next-token logits [B, V]`
+    through the model's Hugging Face forward, carrying its KV cache from call to call."""
+    past = None
+
+    def decode(input_ids, attention_mask, positions, finished=None):
+        nonlocal past
+        cache = {cache_argument(model): past} if past is not None else {}
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                    **cache, **last_logits(model, 1))
+        past = kv_cache(out)
+        return out.logits[:, -1, :]
+
+    return decode
+
+
+def last_cells(input_ids: torch.Tensor) -> torch.Tensor:
+    """Flat grid indices of each row's last column."""
+    batch, length = input_ids.shape
+    return torch.arange(1, batch + 1, device=input_ids.device) * length - 1
+
+
+class FastDecoder:
+    """`decode` through `harness.fast_llama`: a KV cache preallocated for prompt and response; the
+    fused projection weights built once (they are fixed while generating); each distinct prompt
+    prefilled once (a group's G samples share it) and its cache rows copied to every sample; and
+    rows that have ended dropped from the cache once a quarter of those held have ended (their
+    logits are then zeros, and `generate` replaces their tokens with padding)."""
+
+    def __init__(self, model, max_new_tokens: int):
+        self.model, self.max_new_tokens = model, max_new_tokens
+        self.decoder = fast_llama.decoder_of(model)
+        self.weights = fast_llama.fused_weights(self.decoder)
+        self.cache: fast_llama.KVCache | None = None
+        self.live: torch.Tensor | None = None  # batch rows held in the cache, in cache order; None: all
+
+    def __call__(self, input_ids, attention_mask, positions, finished=None):
+        if self.cache is None:
+            return self.prefill(input_ids, attention_mask, positions)
+        if finished is not None:
+            self.drop_ended(finished)
+        rows = self.live
+        if rows is not None:
+            input_ids, attention_mask, positions = input_ids[rows], attention_mask[rows], positions[rows]
+        logits, _ = fast_llama.forward(self.model, input_ids, attention_mask, positions, logits_at=last_cells(input_ids),
+                                       cache=self.cache, weights=self.weights)
+        if rows is None:
+            return logits
+        return logits.new_zeros(len(finished), logits.shape[-1]).index_copy_(0, rows, logits)
+
+    def prefill(self, input_ids, attention_mask, positions):
+        first = fast_llama.first_rows(input_ids, attention_mask)
+        distinct = sorted(set(first))
+        rows = input_ids.new_tensor([distinct.index(f) for f in first])  # each row's prompt in `distinct`
+        distinct = input_ids.new_tensor(distinct)
+        self.cache = fast_llama.KVCache.empty(self.decoder, len(distinct), input_ids.shape[1] + self.max_new_tokens)
+        input_ids = input_ids[distinct]
+        logits, _ = fast_llama.forward(self.model, input_ids, attention_mask[distinct], positions[distinct],
+                                       logits_at=last_cells(input_ids), cache=self.cache, weights=self.weights)
+        self.cache = self.cache.select_rows(rows)
+        return logits.index_select(0, rows)
+
+    def drop_ended(self, finished: torch.Tensor) -> None:
+        held = self.live if self.live is not None else torch.arange(len(finished), device=finished.device)
+        going = ~finished[held]
+        if int(going.sum()) > 0.75 * len(held):
+            return
+        keep = going.nonzero().squeeze(-1)
+        self.cache = self.cache.select_rows(keep)
+        self.live = held[keep]
 
 
 def response_mask_from_tokens(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
@@ -134,16 +227,31 @@ def forward_response(model, input_ids, attention_mask, prompt_len: int, temperat
     [B, T, vocab] tensors.
     """
     width = input_ids.shape[1] - prompt_len  # response tokens; their logits sit one position earlier
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                output_hidden_states=want_hidden, use_cache=False, **last_logits(model, width + 1))
-    logits = out.logits[:, -(width + 1):-1, :].float() / temperature
-    log_probs = F.log_softmax(logits, dim=-1)
+    positions = position_ids(attention_mask)
     responses = input_ids[:, prompt_len:]
-    logp = log_probs.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    if fast_llama.enabled(model):  # logits only where a response token is scored
+        scored = attention_mask[:, prompt_len:].bool()
+        rows, cols = scored.nonzero(as_tuple=True)
+        logits, hidden = fast_llama.forward(model, input_ids, attention_mask, positions, prompt_len=prompt_len,
+                                            logits_at=rows * input_ids.shape[1] + prompt_len - 1 + cols,
+                                            want_hidden=want_hidden)
+        logp, entropy = token_logp_entropy(logits, responses[scored], temperature, entropy_grad)
+        grid = lambda values: values.new_zeros(scored.shape).masked_scatter(scored, values)  # noqa: E731
+        return grid(logp), grid(entropy), hidden
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                output_hidden_states=want_hidden, use_cache=False, **last_logits(model, width + 1))
+    logp, entropy = token_logp_entropy(out.logits[:, -(width + 1):-1, :], responses, temperature, entropy_grad)
+    return logp, entropy, out.hidden_states[-1] if want_hidden else None
+
+
+def token_logp_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                       entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of `tokens` and entropies under `logits [..., V]` / temperature."""
+    log_probs = F.log_softmax(logits.float() / temperature, dim=-1)
+    logp = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = -(log_probs.exp() * log_probs).sum(-1)
-    hidden = out.hidden_states[-1] if want_hidden else None
-    return logp, entropy, hidden
+    return logp, entropy
 
 
 def merge_rollouts(parts: list[tuple[Rollout, torch.Tensor]], pad_id: int) -> Rollout:
@@ -151,7 +259,7 @@ def merge_rollouts(parts: list[tuple[Rollout, torch.Tensor]], pad_id: int) -> Ro
     prompt P, responses right-padded to the longest T (padding is masked out)."""
     width_p = max(r.prompt_len for r, _ in parts)
     width_t = max(r.responses.shape[1] for r, _ in parts)
-    ids, attn, resp, rmask = [], [], [], []
+    ids, attn, resp, rmask, logps = [], [], [], [], []
     for r, index in parts:
         index = index.to(r.input_ids.device)
         left, right = width_p - r.prompt_len, width_t - r.responses.shape[1]
@@ -163,4 +271,7 @@ def merge_rollouts(parts: list[tuple[Rollout, torch.Tensor]], pad_id: int) -> Ro
         attn.append(torch.cat([prompt_mask, response_mask.long()], dim=1))
         resp.append(responses)
         rmask.append(response_mask)
-    return Rollout(torch.cat(ids), torch.cat(attn), width_p, torch.cat(resp), torch.cat(rmask))
+        if r.logp is not None:
+            logps.append(F.pad(r.logp[index], (0, right), value=0.0))
+    logp = torch.cat(logps) if len(logps) == len(parts) else None
+    return Rollout(torch.cat(ids), torch.cat(attn), width_p, torch.cat(resp), torch.cat(rmask), logp)

@@ -46,7 +46,9 @@ class StandInEngine:
 
 
 def make_trainer(tmp_path, cache_dir, algo="grpo") -> Trainer:
-    cell = build_cells("arith", [algo], "flip0.5", [0], tmp_path, steps=2, overrides={**FAST, "train.lr": "1e-2"})[0]
+    # train.old_logp as --rollout vllm resolves it: the trainer recomputes the log-probs it trains on
+    overrides = {**FAST, "train.lr": "1e-2", "train.old_logp": "recompute"}
+    cell = build_cells("arith", [algo], "flip0.5", [0], tmp_path, steps=2, overrides=overrides)[0]
     cell.path.mkdir(parents=True, exist_ok=True)
     return Trainer(cell.cfg, cell.path, cache_dir=cache_dir, progress=False)
 
