@@ -11,6 +11,7 @@ the same GRPO configuration, the harness's resolved `arith` default (plus any `-
     train.num_minibatches                   steps_per_generation (one optimiser step per minibatch)
     train.max_new_tokens                    max_completion_length
     train.lr, weight_decay, max_grad_norm   learning_rate (constant), weight_decay, max_grad_norm
+    train.gradient_checkpointing (off)      gradient_checkpointing (TRL's default is on)
     train.temperature, top_p                temperature, top_p (top_k 0)
     grpo.clip_low / clip_high               epsilon / epsilon_high
     grpo.kl_coef (k3, in the loss)          beta (k3, in the loss)
@@ -155,6 +156,7 @@ def trl_grpo_config(cfg, output_dir: str) -> dict[str, Any]:
         epsilon=o["clip_low"], epsilon_high=o["clip_high"],
         beta=o["kl_coef"] if o["kl_mode"] == "loss" else 0.0,
         scale_rewards={"std": "group", "none": "none"}[o["adv_scale"]], loss_type="grpo",
+        gradient_checkpointing=t.gradient_checkpointing,  # TRL's default is on; the tiny model trains without
         use_cpu=True, bf16=False, fp16=False, seed=cfg.seed, report_to=[], save_strategy="no",
         logging_strategy="no", disable_dropout=True, dataloader_num_workers=0,
     )

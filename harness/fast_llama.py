@@ -77,7 +77,18 @@ def enabled(model: nn.Module) -> bool:
 
 def rotary_tables(decoder: nn.Module, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's cos and sin `[N, 1, D]` at token positions `[N]`, with sin's first half negated so that
-    `rotate_half(x) * sin == roll(x, D / 2) * sin_signed`."""
+    `rotate_half(x) * sin == roll(x, D / 2) * sin_signed`. Looked up in a table of the first
+    `max_position_embeddings` positions, built once per model (decoding asks for a few rows a step)."""
+    table = getattr(decoder, "_harness_rotary_table", None)
+    if table is None or table[0].dtype != dtype or table[0].device != positions.device:
+        table = rotary_rows(decoder, torch.arange(decoder.config.max_position_embeddings, device=positions.device), dtype)
+        decoder._harness_rotary_table = table
+    if int(positions.max()) >= len(table[0]):
+        return rotary_rows(decoder, positions, dtype)
+    return table[0][positions], table[1][positions]
+
+
+def rotary_rows(decoder: nn.Module, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     rotary = decoder.rotary_emb
     freqs = positions[:, None].float() * rotary.inv_freq.to(positions.device, torch.float)
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -142,7 +153,7 @@ class Padded:
     def tokens(self, grid: torch.Tensor) -> torch.Tensor:
         return grid.reshape(self.batch * self.length, *grid.shape[2:])
 
-    def to_grid(self, rows: torch.Tensor) -> torch.Tensor:
+    def to_grid(self, rows: torch.Tensor, zero_padding: bool = True) -> torch.Tensor:
         return rows.view(self.batch, self.length, *rows.shape[1:])
 
     def token_at(self, cells: torch.Tensor) -> torch.Tensor:
@@ -174,13 +185,19 @@ class Packed:
         columns = torch.arange(length, device=device)
         # every valid cell reads its token (shared prompts: the owner's); padding reads row n, zeros
         self.gather = torch.where(valid, token_of_cell[source_row * length + columns], n).flatten()
+        self.gather_no_zero_row = self.gather.masked_fill(self.gather == n, 0)
 
     def tokens(self, grid: torch.Tensor) -> torch.Tensor:
         return grid.reshape(self.batch * self.length, *grid.shape[2:]).index_select(0, self.cells)
 
-    def to_grid(self, rows: torch.Tensor) -> torch.Tensor:
-        padded = torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])])
-        return padded.index_select(0, self.gather).view(self.batch, self.length, *rows.shape[1:])
+    def to_grid(self, rows: torch.Tensor, zero_padding: bool = True) -> torch.Tensor:
+        """`[B, L, ...]` from token rows. Padding cells are zeros, or with `zero_padding=False` a
+        copy of token 0 (cheaper, and enough inside attention: padding keys are masked, padding
+        queries' outputs are never read back, so no gradient reaches token 0 through them)."""
+        if zero_padding:
+            rows = torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])])
+        gather = self.gather if zero_padding else self.gather_no_zero_row
+        return rows.index_select(0, gather).view(self.batch, self.length, *rows.shape[1:])
 
     def token_at(self, cells: torch.Tensor) -> torch.Tensor:
         """The token rows that hold grid cells `cells` (flat indices; valid cells only)."""
@@ -199,6 +216,10 @@ def additive_mask(attention_mask: torch.Tensor, queries: int, offset: int, dtype
     """`[B, 1, queries, S]` with 0 where query i (at column offset + i) may see key j (j <= offset + i and
     `attention_mask[b, j]`, or j is the query itself) and -inf elsewhere."""
     keys = attention_mask.shape[1]
+    if queries == 1 and offset == keys - 1:  # decoding: every earlier valid key, and the query itself
+        allowed = attention_mask != 0  # a new tensor: the caller's mask is not touched
+        allowed[:, -1] = True
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))[:, None, None]
     q_cols = torch.arange(offset, offset + queries, device=attention_mask.device)[:, None]
     k_cols = torch.arange(keys, device=attention_mask.device)[None, :]
     allowed = ((k_cols <= q_cols) & attention_mask.bool()[:, None, :]) | (k_cols == q_cols)
@@ -257,7 +278,7 @@ def forward(
     for i, layer in enumerate(decoder.layers):
         qkv = F.linear(rms_norm(x, layer.input_layernorm), weights["qkv"][i])
         qk = rotate(qkv[:, :rotated].view(-1, heads + kv_heads, head_dim), cos, sin)
-        grid = layout.to_grid(torch.cat([qk.flatten(1), qkv[:, rotated:]], dim=-1))  # [B, L, (H + 2 H_kv) D]
+        grid = layout.to_grid(torch.cat([qk.flatten(1), qkv[:, rotated:]], dim=-1), zero_padding=False)
         grid = grid.view(batch, length, heads + 2 * kv_heads, head_dim).transpose(1, 2)
         q, k, v = grid.split((heads, kv_heads, kv_heads), dim=1)
         if cache is not None:

@@ -50,3 +50,20 @@ def test_summarise_steps_takes_medians_after_warmup():
     assert out["step_s"] == 2.0 and out["steps"] == 3 and out["cpu_s"] == 1.0
     assert out["tokens_per_s"] == 10.0  # median of 10/1, 60/3, 10/2 = 10, 20, 5
     assert out["phases"]["update"] == 2.0
+
+
+def test_trl_config_maps_the_harness_configuration_key_by_key(tmp_path):
+    pytest.importorskip("trl")
+    from trl import GRPOConfig
+
+    cfg = bench.resolve_config("grpo", {})
+    t, o = cfg.train, cfg.algo_options
+    trl = GRPOConfig(**bench.trl_grpo_config(cfg, str(tmp_path)), max_steps=4)
+    assert trl.num_generations == t.group_size
+    assert trl.per_device_train_batch_size * trl.steps_per_generation == t.prompts_per_step * t.group_size
+    assert trl.steps_per_generation == t.num_minibatches and trl.num_iterations == t.ppo_epochs == 1
+    assert trl.max_completion_length == t.max_new_tokens and trl.learning_rate == t.lr
+    assert (trl.epsilon, trl.epsilon_high, trl.beta) == (o["clip_low"], o["clip_high"], o["kl_coef"])
+    assert (trl.temperature, trl.top_p, trl.top_k) == (t.temperature, t.top_p, 0)
+    assert trl.loss_type == "grpo" and trl.scale_rewards == "group"
+    assert trl.gradient_checkpointing is False  # TRL's default is on; the harness's tiny model trains without
