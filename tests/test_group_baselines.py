@@ -130,15 +130,17 @@ def test_informative_groups():
 
 def test_merge_rollouts_repads_prompts_and_responses():
     a = Rollout(input_ids=torch.tensor([[0, 5, 6, 7], [8, 9, 1, 0]]), attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]]),
-                prompt_len=2, responses=torch.tensor([[6, 7], [1, 0]]), response_mask=torch.tensor([[1.0, 1.0], [1.0, 0.0]]))
+                prompt_len=2, responses=torch.tensor([[6, 7], [1, 0]]), response_mask=torch.tensor([[1.0, 1.0], [1.0, 0.0]]),
+                logp=torch.tensor([[-0.5, -0.25], [-2.0, 0.0]]))
     b = Rollout(input_ids=torch.tensor([[4, 3]]), attention_mask=torch.tensor([[1, 1]]), prompt_len=1,
-                responses=torch.tensor([[3]]), response_mask=torch.tensor([[1.0]]))
+                responses=torch.tensor([[3]]), response_mask=torch.tensor([[1.0]]), logp=torch.tensor([[-1.5]]))
     m = merge_rollouts([(a, torch.tensor([1])), (b, torch.tensor([0]))], pad_id=0)
     assert m.prompt_len == 2
     assert m.input_ids.tolist() == [[8, 9, 1, 0], [0, 4, 3, 0]]
     assert m.attention_mask.tolist() == [[1, 1, 1, 0], [0, 1, 1, 0]]
     assert m.responses.tolist() == [[1, 0], [3, 0]]
     assert m.response_mask.tolist() == [[1.0, 0.0], [1.0, 0.0]]
+    assert m.logp.tolist() == [[-2.0, 0.0], [-1.5, 0.0]]  # the sampler's log-probs follow their rows
 
 
 def test_dynamic_sampling_keeps_only_informative_groups_and_is_deterministic(tmp_path, cache_dir):
