@@ -75,17 +75,17 @@ def enabled(model: nn.Module) -> bool:
     return getattr(model, ATTRIBUTE, False)
 
 
-def rotary_tables(decoder: nn.Module, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """HF's cos and sin `[N, 1, D]` at token positions `[N]`, with sin's first half negated so that
-    `rotate_half(x) * sin == roll(x, D / 2) * sin_signed`. Looked up in a table of the first
-    `max_position_embeddings` positions, built once per model (decoding asks for a few rows a step)."""
+def rotary_tables(decoder: nn.Module, positions: torch.Tensor, dtype: torch.dtype,
+                  bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's cos and sin `[N, 1, D]` at token positions `[N]` (all `< bound`), with sin's first half
+    negated so that `rotate_half(x) * sin == roll(x, D / 2) * sin_signed`. Looked up in a table
+    built once per model (decoding asks for a few rows a step) and grown when `bound` needs it."""
     table = getattr(decoder, "_harness_rotary_table", None)
-    if table is None or table[0].dtype != dtype or table[0].device != positions.device:
-        table = rotary_rows(decoder, torch.arange(decoder.config.max_position_embeddings, device=positions.device), dtype)
+    if table is None or table[0].dtype != dtype or table[0].device != positions.device or len(table[0]) < bound:
+        rows = max(bound, decoder.config.max_position_embeddings)
+        table = rotary_rows(decoder, torch.arange(rows, device=positions.device), dtype)
         decoder._harness_rotary_table = table
-    if int(positions.max()) >= len(table[0]):
-        return rotary_rows(decoder, positions, dtype)
-    return table[0][positions], table[1][positions]
+    return table[0].index_select(0, positions), table[1].index_select(0, positions)
 
 
 def rotary_rows(decoder: nn.Module, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,18 +269,19 @@ def forward(
     layout = Packed(input_ids, attention_mask, prompt_len) if prompt_len is not None and cache is None \
         else Padded(batch, length)
     x = decoder.embed_tokens(layout.tokens(input_ids))  # [N, d]
-    cos, sin = rotary_tables(decoder, layout.tokens(position_ids), x.dtype)
+    # position ids count the valid columns before a token, so they stay below the mask's width
+    cos, sin = rotary_tables(decoder, layout.tokens(position_ids), x.dtype, bound=attention_mask.shape[1])
     mask = additive_mask(attention_mask, length, offset, x.dtype)
     if length > 1:
         mask = mask.expand(batch, heads, length, -1).reshape(batch * heads, length, -1)
     weights = weights or fused_weights(decoder)
-    rotated = (heads + kv_heads) * head_dim  # q and k, rotated alike; v follows
+    rotated = (heads + kv_heads) * head_dim  # q and k, rotated alike; v follows in qkv's columns
     for i, layer in enumerate(decoder.layers):
         qkv = F.linear(rms_norm(x, layer.input_layernorm), weights["qkv"][i])
         qk = rotate(qkv[:, :rotated].view(-1, heads + kv_heads, head_dim), cos, sin)
-        grid = layout.to_grid(torch.cat([qk.flatten(1), qkv[:, rotated:]], dim=-1), zero_padding=False)
-        grid = grid.view(batch, length, heads + 2 * kv_heads, head_dim).transpose(1, 2)
-        q, k, v = grid.split((heads, kv_heads, kv_heads), dim=1)
+        qk = layout.to_grid(qk, zero_padding=False).transpose(1, 2)  # [B, H + H_kv, L, D]
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = layout.to_grid(qkv[:, rotated:].view(-1, kv_heads, head_dim), zero_padding=False).transpose(1, 2)
         if cache is not None:
             k, v = cache.write(i, offset, k, v)
         if kv_heads != heads:

@@ -55,7 +55,7 @@ def sample_with_logp(logits: torch.Tensor, temperature: float, top_p: float,
     """
     if temperature == 0:
         return logits.argmax(-1), None
-    log_probs = F.log_softmax(logits.float() / temperature, dim=-1)
+    log_probs = F.log_softmax(scaled(logits, temperature), dim=-1)
     probs = log_probs.exp()
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -66,6 +66,12 @@ def sample_with_logp(logits: torch.Tensor, temperature: float, top_p: float,
     # right=True: a token whose probability is 0 never owns an interval; clamp guards rounding at 1
     token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
     return token, log_probs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+
+
+def scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float32 logits / temperature (no copy at temperature 1)."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def kv_cache(out):
@@ -247,7 +253,7 @@ def forward_response(model, input_ids, attention_mask, prompt_len: int, temperat
 def token_logp_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
                        entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of `tokens` and entropies under `logits [..., V]` / temperature."""
-    log_probs = F.log_softmax(logits.float() / temperature, dim=-1)
+    log_probs = F.log_softmax(scaled(logits, temperature), dim=-1)
     logp = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = -(log_probs.exp() * log_probs).sum(-1)
