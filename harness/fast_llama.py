@@ -216,10 +216,9 @@ def additive_mask(attention_mask: torch.Tensor, queries: int, offset: int, dtype
     """`[B, 1, queries, S]` with 0 where query i (at column offset + i) may see key j (j <= offset + i and
     `attention_mask[b, j]`, or j is the query itself) and -inf elsewhere."""
     keys = attention_mask.shape[1]
-    if queries == 1 and offset == keys - 1:  # decoding: every earlier valid key, and the query itself
-        allowed = attention_mask != 0  # a new tensor: the caller's mask is not touched
-        allowed[:, -1] = True
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))[:, None, None]
+    if queries == 1 and offset == keys - 1:  # decoding: every earlier valid key (the query's own column is valid)
+        mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+        return mask.masked_fill_(attention_mask == 0, float("-inf"))[:, None, None]
     q_cols = torch.arange(offset, offset + queries, device=attention_mask.device)[:, None]
     k_cols = torch.arange(keys, device=attention_mask.device)[None, :]
     allowed = ((k_cols <= q_cols) & attention_mask.bool()[:, None, :]) | (k_cols == q_cols)
@@ -232,7 +231,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     multiplies and sums instead, several times faster than B H matrix-vector products."""
     batch, heads, length, head_dim = q.shape
     if length == 1:
-        probs = ((q * k).sum(-1, keepdim=True).transpose(2, 3) * scale + mask).softmax(-1)  # [B, H, 1, S]
+        probs = torch.add(mask, (q * k).sum(-1).unsqueeze(2), alpha=scale).softmax(-1)  # [B, H, 1, S]
         return (probs.transpose(2, 3) * v).sum(2).view(batch, 1, heads * head_dim)
     scores = torch.baddbmm(mask, q.reshape(batch * heads, length, head_dim),
                            k.reshape(batch * heads, -1, head_dim).transpose(1, 2), alpha=scale)
@@ -287,9 +286,9 @@ def forward(
         if kv_heads != heads:
             k, v = k.repeat_interleave(heads // kv_heads, dim=1), v.repeat_interleave(heads // kv_heads, dim=1)
         out = attend(q, k, v, mask, head_dim ** -0.5)  # [B, L, H D]
-        x = x + layer.self_attn.o_proj(layout.tokens(out))
+        x = torch.addmm(x, layout.tokens(out), layer.self_attn.o_proj.weight.t())  # x + o_proj(out), one op
         gate, up = F.linear(rms_norm(x, layer.post_attention_layernorm), weights["gate_up"][i]).chunk(2, dim=-1)
-        x = x + layer.mlp.down_proj(F.silu(gate) * up)
+        x = torch.addmm(x, F.silu(gate) * up, layer.mlp.down_proj.weight.t())
     if cache is not None:
         cache.length = offset + length
     x = rms_norm(x, decoder.norm)

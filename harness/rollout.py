@@ -128,7 +128,7 @@ def generate(
     tokens, logps = [], []
     for t in range(max_new_tokens):
         token, logp = sample_with_logp(logits, temperature, top_p, generator)
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        token = token.masked_fill(finished, pad_id)
         tokens.append(token)
         logps.append(logp)
         finished |= token == eos_id
@@ -160,12 +160,6 @@ def hf_decoder(model, max_new_tokens: int):
     return decode
 
 
-def last_cells(input_ids: torch.Tensor) -> torch.Tensor:
-    """Flat grid indices of each row's last column."""
-    batch, length = input_ids.shape
-    return torch.arange(1, batch + 1, device=input_ids.device) * length - 1
-
-
 class FastDecoder:
     """`decode` through `harness.fast_llama`: a KV cache preallocated for prompt and response; the
     fused projection weights built once (they are fixed while generating); each distinct prompt
@@ -188,8 +182,7 @@ class FastDecoder:
         rows = self.live
         if rows is not None:
             input_ids, attention_mask, positions = input_ids[rows], attention_mask[rows], positions[rows]
-        logits, _ = fast_llama.forward(self.model, input_ids, attention_mask, positions, logits_at=last_cells(input_ids),
-                                       cache=self.cache, weights=self.weights)
+        logits = self.next_logits(input_ids, attention_mask, positions)
         if rows is None:
             return logits
         return logits.new_zeros(len(finished), logits.shape[-1]).index_copy_(0, rows, logits)
@@ -200,20 +193,23 @@ class FastDecoder:
         rows = input_ids.new_tensor([distinct.index(f) for f in first])  # each row's prompt in `distinct`
         distinct = input_ids.new_tensor(distinct)
         self.cache = fast_llama.KVCache.empty(self.decoder, len(distinct), input_ids.shape[1] + self.max_new_tokens)
-        input_ids = input_ids[distinct]
-        logits, _ = fast_llama.forward(self.model, input_ids, attention_mask[distinct], positions[distinct],
-                                       logits_at=last_cells(input_ids), cache=self.cache, weights=self.weights)
+        logits = self.next_logits(input_ids[distinct], attention_mask[distinct], positions[distinct])
         self.cache = self.cache.select_rows(rows)
         return logits.index_select(0, rows)
 
+    def next_logits(self, input_ids, attention_mask, positions):
+        """Logits after each row's last column `[B, V]` (the padded grid's hidden states are a view)."""
+        _, hidden = fast_llama.forward(self.model, input_ids, attention_mask, positions, want_hidden=True,
+                                       cache=self.cache, weights=self.weights)
+        return self.model.lm_head(hidden[:, -1])
+
     def drop_ended(self, finished: torch.Tensor) -> None:
-        held = self.live if self.live is not None else torch.arange(len(finished), device=finished.device)
-        going = ~finished[held]
-        if int(going.sum()) > 0.75 * len(held):
+        going = ~(finished if self.live is None else finished[self.live])
+        if int(going.sum()) > 0.75 * len(going):
             return
         keep = going.nonzero().squeeze(-1)
         self.cache = self.cache.select_rows(keep)
-        self.live = held[keep]
+        self.live = keep if self.live is None else self.live[keep]
 
 
 def response_mask_from_tokens(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
