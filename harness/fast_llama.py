@@ -83,7 +83,8 @@ def rotary_tables(decoder: nn.Module, positions: torch.Tensor, dtype: torch.dtyp
     table = getattr(decoder, "_harness_rotary_table", None)
     if table is None or table[0].dtype != dtype or table[0].device != positions.device or len(table[0]) < bound:
         rows = max(bound, decoder.config.max_position_embeddings)
-        table = rotary_rows(decoder, torch.arange(rows, device=positions.device), dtype)
+        with torch.inference_mode(False):  # a table built during a rollout serves the update too
+            table = rotary_rows(decoder, torch.arange(rows, device=positions.device), dtype)
         decoder._harness_rotary_table = table
     return table[0].index_select(0, positions), table[1].index_select(0, positions)
 

@@ -248,14 +248,17 @@ class Trainer:
                 first_fwd = self.policy_forward(batch.select(minibatches[0]))
             with torch.no_grad(), timer("old_logp"):
                 batch["old_logp"] = self.old_logp(batch, minibatches[0], first_fwd.logp.detach())
+        # Frozen passes run under inference mode (no autograd bookkeeping); their results are copied out.
+        if self.reference is not None:
+            with timer("reference"), torch.inference_mode():
+                ref_logp, _, _ = forward_response(self.reference, roll.input_ids, roll.attention_mask, roll.prompt_len,
+                                                  t.temperature)
+            batch["ref_logp"] = ref_logp.clone()
+        if self.critic is not None:
+            with timer("critic"), torch.inference_mode():
+                old_values = self.critic(roll.input_ids, roll.attention_mask, roll.prompt_len)
+            batch["old_values"] = old_values.clone()
         with torch.no_grad():
-            if self.reference is not None:
-                with timer("reference"):
-                    batch["ref_logp"], _, _ = forward_response(self.reference, roll.input_ids, roll.attention_mask,
-                                                               roll.prompt_len, t.temperature)
-            if self.critic is not None:
-                with timer("critic"):
-                    batch["old_values"] = self.critic(roll.input_ids, roll.attention_mask, roll.prompt_len)
             with timer("advantages"):
                 adv_metrics = self.algo.advantages(batch)
 
