@@ -253,7 +253,8 @@ def forward(
     weights: dict | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """`(logits [M, V] at the M grid cells logits_at (flat indices b * L + column), or None;
-    final normed hidden states [B, L, d] when want_hidden (zeros at padding), or None)`.
+    final normed hidden states [B, L, d] when want_hidden, or None)`. Padding cells of the hidden
+    states hold zeros in the packed layout and unused (finite) values in the padded one.
 
     With `prompt_len` (and no cache) the tokens are `Packed`; otherwise computed on the padded grid.
     `attention_mask [B, S]` covers the cache and the new tokens (S = cache.length + L); with a

@@ -197,9 +197,9 @@ class FastDecoder:
 
     def prefill(self, input_ids, attention_mask, positions):
         first = fast_llama.first_rows(input_ids, attention_mask)
-        distinct = sorted(set(first))
-        rows = input_ids.new_tensor([distinct.index(f) for f in first])  # each row's prompt in `distinct`
-        distinct = input_ids.new_tensor(distinct)
+        slot = {row: i for i, row in enumerate(dict.fromkeys(first))}  # distinct prompts, in order of appearance
+        rows = input_ids.new_tensor([slot[f] for f in first])  # each row's prompt among the distinct ones
+        distinct = input_ids.new_tensor(list(slot))
         self.cache = fast_llama.KVCache.empty(self.decoder, len(distinct), input_ids.shape[1] + self.max_new_tokens)
         logits = self.next_logits(input_ids[distinct], attention_mask[distinct], positions[distinct])
         self.cache = self.cache.select_rows(rows)
