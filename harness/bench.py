@@ -24,12 +24,15 @@ on the CPU with `train.threads` torch threads on both sides. The remaining diffe
 group-std epsilon is 1e-4 (harness 1e-6), TRL draws its own prompt order, and TRL's logging is
 switched off (which only helps TRL).
 
-Seconds per step are wall-clock between the ends of consecutive steps (everything the library
-does per step), median over `--steps` steps after `--warmup` steps. Each configuration runs in its
-own subprocess so that its peak RSS (`ru_maxrss`) is its own. The two libraries run in alternating
-rounds (`--rounds`, harness then TRL, each a fresh process) and each side's figure is the median
-over the steps of all its rounds, so that a machine whose speed drifts (shared hosts) slows both
-alike. Phases:
+Seconds per step are wall-clock from a step's start to its end (everything the library does per
+step), median over `--steps` steps after `--warmup` steps. Each configuration runs in its own
+subprocess so that its peak RSS (`ru_maxrss`) and phase split are its own. The two libraries run in
+alternating rounds (`--rounds`, harness then TRL, each a fresh process) and each side's figure is
+the median over the steps of all its rounds. A shared host's speed drifts within seconds, more
+than rounds can cancel, so the ratio that the last line reports comes from a *paired* run: both
+libraries in one process, a harness step after each TRL step (outside TRL's timed intervals), as
+many pairs as the rounds' pooled steps; the ratio is TRL's median seconds per step over the
+harness's, printed with the quartiles of the per-pair ratios. Phases:
 
     generation   harness: rollout (KV-cache sampling, decoding)     TRL: _generate
     reward       harness: grader + noise injector                   TRL: _calculate_rewards
@@ -37,7 +40,7 @@ alike. Phases:
     update       harness: minibatch forward/backward/optimiser      TRL: the step minus _generate_and_score_completions
     other        the rest (advantages, padding, bookkeeping)
 
-The last line printed is `speedup_vs_trl=<ratio>` (`nan` when TRL is not installed).
+The last line printed is `speedup_vs_trl=<paired ratio>` (`nan` when TRL is not installed).
 """
 from __future__ import annotations
 
@@ -106,22 +109,45 @@ def measure_harness(algo: str, steps: int, warmup: int, overrides: dict[str, str
     cfg = resolve_config(algo, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp), cache_dir=Path(cache_dir) if cache_dir else None, progress=False)
-        step_seconds, phases, tokens, cpu_seconds = [], [], [], []
+        record = StepRecord()
         for step in range(1, warmup + steps + 1):
-            start, cpu_start = time.perf_counter(), time.process_time()
-            metrics = trainer.train_step(step)
-            step_seconds.append(time.perf_counter() - start)
-            cpu_seconds.append(time.process_time() - cpu_start)
-            split = dict.fromkeys(PHASES, 0.0)
-            for key, value in metrics.items():
-                if key.startswith("time/") and key != "time/step":
-                    split[HARNESS_PHASES.get(key[5:], "other")] += value
-            split["other"] += step_seconds[-1] - sum(split.values())
-            phases.append(split)
-            tokens.append(metrics["response/length_mean"] * cfg.train.prompts_per_step * cfg.train.group_size)
+            record.add(*timed_harness_step(trainer, step))
         if with_eval:
             trainer.evaluate(0)
-    return {"library": "harness", "algo": algo, **summarise_steps(step_seconds, phases, tokens, warmup, cpu_seconds)}
+    return {"library": "harness", "algo": algo, **record.summary(warmup)}
+
+
+class StepRecord:
+    """Per-step seconds, CPU seconds, phase split and response tokens, summarised by `summarise_steps`."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self.cpu: list[float] = []
+        self.phases: list[dict[str, float]] = []
+        self.tokens: list[float] = []
+
+    def add(self, seconds: float, cpu: float, phases: dict[str, float], tokens: float) -> None:
+        self.seconds.append(seconds)
+        self.cpu.append(cpu)
+        self.phases.append(phases)
+        self.tokens.append(tokens)
+
+    def summary(self, warmup: int) -> dict[str, Any]:
+        return summarise_steps(self.seconds, self.phases, self.tokens, warmup, self.cpu)
+
+
+def timed_harness_step(trainer, step: int) -> tuple[float, float, dict[str, float], float]:
+    """One harness training step: (seconds, CPU seconds, phase split, response tokens)."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    metrics = trainer.train_step(step)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    split = dict.fromkeys(PHASES, 0.0)
+    for key, value in metrics.items():
+        if key.startswith("time/") and key != "time/step":
+            split[HARNESS_PHASES.get(key[5:], "other")] += value
+    split["other"] += seconds - sum(split.values())
+    t = trainer.cfg.train
+    return seconds, cpu, split, metrics["response/length_mean"] * t.prompts_per_step * t.group_size
 
 
 # ---- TRL -------------------------------------------------------------------------------------
@@ -162,7 +188,10 @@ def trl_grpo_config(cfg, output_dir: str) -> dict[str, Any]:
     )
 
 
-def measure_trl(steps: int, warmup: int, overrides: dict[str, str], cache_dir: str | None) -> dict[str, Any]:
+def measure_trl(steps: int, warmup: int, overrides: dict[str, str], cache_dir: str | None,
+                between: Callable[[], None] | None = None) -> dict[str, Any]:
+    """TRL's seconds per step, where a step is one generation and its optimiser steps. `between`, when
+    given, runs after every step, outside the timed intervals (the paired measurement's harness step)."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -189,16 +218,25 @@ def measure_trl(steps: int, warmup: int, overrides: dict[str, str], cache_dir: s
         return [float(suite.grade(text, problems[i])) for text, i in zip(completions, problem)]
 
     phase_total = dict.fromkeys(("generation", "reward", "forward", "score"), 0.0)
-    marks: list[tuple[float, dict[str, float], float, float]] = []  # (time, phase totals, tokens, CPU time) per step end
+    spg = cfg.train.num_minibatches  # one harness step = one generation = spg optimiser steps
+    starts: list[tuple[float, dict[str, float], float, float]] = []  # (time, phase totals, tokens, CPU time)
+    ends: list[tuple[float, dict[str, float], float, float]] = []
+
+    def mark() -> tuple[float, dict[str, float], float, float]:
+        return time.perf_counter(), dict(phase_total), tokens[0], time.process_time()
 
     class Marks(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            marks.append((time.perf_counter(), dict(phase_total), tokens[0], time.process_time()))
+            starts.append(mark())
 
         def on_step_end(self, args, state, control, **kwargs):
-            marks.append((time.perf_counter(), dict(phase_total), tokens[0], time.process_time()))
+            if state.global_step % spg:
+                return
+            ends.append(mark())
+            if between is not None:
+                between()
+            starts.append(mark())
 
-    spg = cfg.train.num_minibatches
     with tempfile.TemporaryDirectory() as tmp:
         args = GRPOConfig(**trl_grpo_config(cfg, tmp), max_steps=(warmup + steps) * spg)
         trainer = GRPOTrainer(model=model_path, reward_funcs=arith_reward, args=args, train_dataset=data,
@@ -210,19 +248,32 @@ def measure_trl(steps: int, warmup: int, overrides: dict[str, str], cache_dir: s
               when=lambda: not torch.is_grad_enabled())
         trainer.train()
 
-    step_seconds, phases, step_tokens, cpu_seconds = [], [], [], []
-    for k in range(spg, len(marks), spg):  # one harness step = one generation = spg optimiser steps
-        (t0, p0, n0, c0), (t1, p1, n1, c1) = marks[k - spg], marks[k]
-        cpu_seconds.append(c1 - c0)
+    record = StepRecord()
+    for (t0, p0, n0, c0), (t1, p1, n1, c1) in zip(starts, ends):
         d = {name: p1[name] - p0[name] for name in p1}
         seconds = t1 - t0
         split = {"generation": d["generation"], "reward": d["reward"], "forward": d["forward"],
                  "update": seconds - d["score"]}
         split["other"] = seconds - sum(split.values())
-        step_seconds.append(seconds)
-        phases.append(split)
-        step_tokens.append(n1 - n0)
-    return {"library": "trl", "algo": "grpo", **summarise_steps(step_seconds, phases, step_tokens, warmup, cpu_seconds)}
+        record.add(seconds, c1 - c0, split, n1 - n0)
+    return {"library": "trl", "algo": "grpo", **record.summary(warmup)}
+
+
+def measure_paired(steps: int, warmup: int, overrides: dict[str, str], cache_dir: str | None) -> dict[str, Any]:
+    """Harness and TRL in one process, their steps interleaved (a harness step after each TRL step), so
+    that the machine's speed at any moment reaches both: the steadiest estimate of their ratio."""
+    from harness.trainer import Trainer
+
+    cfg = resolve_config("grpo", overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        # Built before TRL's trainer, whose seeding then comes last, as in TRL's own process.
+        ours = Trainer(cfg, Path(tmp), cache_dir=Path(cache_dir) if cache_dir else None, progress=False)
+        record = StepRecord()
+        theirs = measure_trl(steps, warmup, overrides, cache_dir,
+                             between=lambda: record.add(*timed_harness_step(ours, len(record.seconds) + 1)))
+    harness = {"library": "harness", "algo": "grpo", **record.summary(warmup)}
+    ratios = [t / h for t, h in zip(theirs["step_s_all"], harness["step_s_all"])]
+    return {"library": "paired", "algo": "grpo", "harness": harness, "trl": theirs, "pair_ratios": ratios}
 
 
 def timed(obj: Any, method: str, totals: dict[str, float], phase: str, when: Callable[[], bool] | None = None) -> None:
@@ -249,6 +300,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     if spec["library"] == "trl":
         result = measure_trl(spec["steps"], spec["warmup"], spec["overrides"], spec["cache_dir"])
+    elif spec["library"] == "paired":
+        result = measure_paired(spec["steps"], spec["warmup"], spec["overrides"], spec["cache_dir"])
     else:
         result = measure_harness(spec["algo"], spec["steps"], spec["warmup"], spec["overrides"], spec["cache_dir"],
                                  with_eval=spec.get("with_eval", False))
@@ -343,21 +396,36 @@ def run_bench(steps: int, warmup: int, overrides: dict[str, str], cache_dir: str
     else:
         theirs = pool_rounds(theirs_runs)
         out(format_result(theirs))
-        speedup = theirs["step_s"] / ours["step_s"]
-        out(f"seconds per step: harness {ours['step_s']:.4f}, TRL {theirs['step_s']:.4f}; "
-            f"harness steps {speedup:.2f}x as fast; tokens/s ratio {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}")
-        out(f"CPU seconds per step: harness {ours['cpu_s']:.4f}, TRL {theirs['cpu_s']:.4f}; "
-            f"ratio {theirs['cpu_s'] / ours['cpu_s']:.2f} (less sensitive to other load than wall time)")
+        out(f"separate processes, {rounds} alternating round(s): seconds per step harness {ours['step_s']:.4f}, "
+            f"TRL {theirs['step_s']:.4f}, ratio {theirs['step_s'] / ours['step_s']:.2f}; tokens/s ratio "
+            f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}; CPU seconds per step ratio "
+            f"{theirs['cpu_s'] / ours['cpu_s']:.2f}")
         per_round = [t / h for t, h in zip(theirs["round_step_s"], ours["round_step_s"])]
         out(f"per round: harness {fmt_list(ours['round_step_s'])} s/step, TRL {fmt_list(theirs['round_step_s'])} s/step, "
             f"ratio {fmt_list(per_round, 2)}")
         out(f"step seconds (after warm-up): harness {fmt_list(ours['step_s_all'])}; TRL {fmt_list(theirs['step_s_all'])}")
+        # The headline ratio: both libraries in one process, steps interleaved, as many pairs as pooled steps.
+        paired = run_worker({**base, "steps": steps * rounds, "library": "paired", "algo": "grpo"})
+        speedup = report_paired(paired, out)
     names = algos if algos is not None else [a for a in MISSION_ALGOS if a in ALGOS]
     out(f"-- algorithms on the default arith configuration (registered: {', '.join(names)}); "
         "peak RSS includes one ID/OOD evaluation")
     for name in names:
         out(format_result(run_worker({**base, "library": "harness", "algo": name, "with_eval": True})))
     out(f"speedup_vs_trl={speedup:.2f}" if not math.isnan(speedup) else "speedup_vs_trl=nan")
+    return speedup
+
+
+def report_paired(paired: dict[str, Any], out: Callable[[str], None]) -> float:
+    """Print the paired measurement; return its ratio, TRL's median seconds per step over the harness's."""
+    ours, theirs, ratios = paired["harness"], paired["trl"], sorted(paired["pair_ratios"])
+    speedup = theirs["step_s"] / ours["step_s"]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    out(f"paired in one process ({len(ratios)} pairs, a harness step after each TRL step): seconds per step "
+        f"harness {ours['step_s']:.4f}, TRL {theirs['step_s']:.4f}; harness steps {speedup:.2f}x as fast "
+        f"(per-pair ratios: median {statistics.median(ratios):.2f}, quartiles {quartiles[0]:.2f}-{quartiles[2]:.2f}); "
+        f"CPU seconds per step ratio {theirs['cpu_s'] / ours['cpu_s']:.2f}; peak RSS of the pair "
+        f"{paired['peak_rss_mib']:.0f} MiB")
     return speedup
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,9 @@ def test_bench_quick_prints_the_speedup_last(cache_dir):
     ratio = float(value)
     if bench.trl_available():
         assert ratio > 0 and any(line.startswith("trl ") for line in lines)
+        paired = next(line for line in lines if line.startswith("paired in one process"))
+        assert "(2 pairs," in paired  # --quick: 2 steps x 1 round
+        assert f"harness steps {value}x as fast" in paired  # the last line reports the paired ratio
     else:
         assert math.isnan(ratio) and any("TRL comparison skipped" in line for line in lines)
     assert any(line.startswith("harness  grpo") and "peak RSS" in line for line in lines)
@@ -67,3 +71,18 @@ def test_trl_config_maps_the_harness_configuration_key_by_key(tmp_path):
     assert (trl.temperature, trl.top_p, trl.top_k) == (t.temperature, t.top_p, 0)
     assert trl.loss_type == "grpo" and trl.scale_rewards == "group"
     assert trl.gradient_checkpointing is False  # TRL's default is on; the harness's tiny model trains without
+
+
+def test_paired_ratio_is_trl_median_over_harness_median():
+    def side(library, seconds):
+        return {"library": library, "algo": "grpo", "step_s_all": seconds, "step_s": sorted(seconds)[len(seconds) // 2],
+                "cpu_s": sum(seconds) / len(seconds)}
+    harness, trl = side("harness", [0.1, 0.2, 0.1]), side("trl", [0.3, 0.3, 0.9])
+    paired = {"harness": harness, "trl": trl, "pair_ratios": [3.0, 1.5, 9.0], "peak_rss_mib": 600.0}
+    lines: list[str] = []
+    ratio = bench.report_paired(paired, lines.append)
+    assert ratio == pytest.approx(0.3 / 0.1)
+    assert "3 pairs" in lines[0] and "harness steps 3.00x as fast" in lines[0]
+    assert "median 3.00" in lines[0] and "peak RSS of the pair 600 MiB" in lines[0]
+    q1, _, q3 = statistics.quantiles([1.5, 3.0, 9.0], n=4)
+    assert f"quartiles {q1:.2f}-{q3:.2f}" in lines[0]
