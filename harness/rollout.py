@@ -40,11 +40,6 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """`logits [B, V]` -> token ids `[B]`; temperature 0 is greedy."""
-    return sample_with_logp(logits, temperature, top_p, generator)[0]
-
-
 def sample_with_logp(logits: torch.Tensor, temperature: float, top_p: float,
                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`logits [B, V]` -> (token ids `[B]`, their log-probs `[B]` under the temperature-scaled softmax,

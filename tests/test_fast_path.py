@@ -22,7 +22,7 @@ from harness.config import resolved_old_logp
 from harness.errors import HarnessError
 from harness.grid import build_cells
 from harness.rollout import (cache_argument, forward_response, generate, kv_cache, left_pad, position_ids,
-                             response_mask_from_tokens, sample_next)
+                             response_mask_from_tokens, sample_with_logp)
 from harness.seeding import torch_generator
 from harness.trainer import Trainer
 from tests.conftest import FAST
@@ -48,7 +48,7 @@ def grown_mask_generate(model, prompts, max_new_tokens, eos_id, pad_id, generato
     out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=pos, use_cache=True)
     next_pos, finished, tokens = pos[:, -1:] + 1, torch.zeros(len(prompts), dtype=torch.bool), []
     for t in range(max_new_tokens):
-        token = sample_next(out.logits[:, -1, :], 1.0, 1.0, generator)
+        token, _ = sample_with_logp(out.logits[:, -1, :], 1.0, 1.0, generator)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens.append(token)
         finished |= token == eos_id
