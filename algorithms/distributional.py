@@ -50,3 +50,10 @@ def interval_coverage(samples: torch.Tensor, target: torch.Tensor, low: float = 
     """1.0 where `target` lies within the [low, high] quantiles of the samples, else 0.0: `[...]`."""
     q = torch.quantile(samples.float(), torch.tensor([low, high], device=samples.device), dim=-1)
     return ((target >= q[0]) & (target <= q[1])).float()
+
+
+def reward_std_cap(scores: torch.Tensor) -> float:
+    """The default cap of the upper-tail gain term (delta_high, spec §9 #7), shared by DVPO and DFPO:
+    one (unbiased) standard deviation of the step's training rewards `scores [B]`; 0 when there are
+    fewer than two rewards (no spread is known, so the upper tail earns no gain)."""
+    return float(scores.float().std()) if scores.numel() > 1 else 0.0

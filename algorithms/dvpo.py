@@ -8,13 +8,13 @@ The whole method in one place:
   target quantiles T^{(h,i)} = theta_old^{(h,i)} + A^{(h,i)};
 - critic loss (`dvpo_critic_loss`), five terms, each with its own weight, off switch (weight 0)
   and metric `critic/<term>`:
-    qr           quantile-Huber regression, kappa = 1 (QR-DQN form),
+    qr           quantile-Huber regression, kappa = 1 (QR-DQN form, averaged over the H x N grid by default),
     cvar/gain    tail calibration: contract the lower tail (V - CVaR-_alpha), keep the upper tail
                  (CVaR+_alpha - V, capped) open; both at the "risk interval weight" 0.1,
     mean_shift   (mean_i theta_i - R)^2 toward the scalar GAE return,
     curvature    second differences of the sorted quantiles inside both alpha-tails,
-    consistency  sum_h ||theta^h - sg(mean_h theta^h)||^2 across the heads;
-- advantage: mean over (h, i) of A^{(h,i)}, whitened; actor: PPO-clip (`algorithms.ppo`).
+    consistency  sum_h ||theta^h - sg(mean_h theta^h)||^2 across the heads (also averaged over H x N);
+- advantage: mean over (h, i) of A^{(h,i)}, whitened; actor: PPO-clip (`algorithms.common`).
 
 Shapes: B sequences, T response tokens, H heads, N quantiles.
 """
@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from algorithms.base import ALGOS, Batch
-from algorithms.common import KL_KINDS, agg_loss, explained_variance, gae, masked_mean, masked_whiten
+from algorithms.common import KL_KINDS, KL_MODES, agg_loss, check_clip_options, explained_variance, gae, masked_mean, masked_whiten
 from algorithms.critics import CRITICS
-from algorithms.distributional import crps, cvar_lower, cvar_upper, interval_coverage, tail_curvature
-from algorithms.ppo import KL_MODES, PPO, check_clip_options
+from algorithms.distributional import crps, cvar_lower, cvar_upper, interval_coverage, reward_std_cap, tail_curvature
+from algorithms.ppo import PPO
 from harness.errors import HarnessError
 
 # ---- the critic head ----
@@ -187,21 +187,23 @@ def dvpo_critic_loss(quantiles: torch.Tensor, old_quantiles: torch.Tensor, targe
         L = w_qr L_qr + w_cvar L_cvar + w_gain L_gain + w_ms L_mean_shift + w_curv L_curv + w_cons L_cons
 
     each term a per-token value reduced with `agg_loss(.., opts.agg_mode)`:
-    L_qr = sum_h sum_i mean_k rho_{tau_i}(T^{(h,k)} - theta_i^{(h)}) (spec's form; `qr_reduction="mean"`
-    divides by H N); tail terms as in `lower_tail_risk`, `upper_tail_gain`; `tail_curvature` per head,
-    mean over heads; `head_consistency`. A term with weight 0 is neither computed nor logged.
+    L_qr = sum_h sum_i mean_k rho_{tau_i}(T^{(h,k)} - theta_i^{(h)}) and `head_consistency`, the two
+    terms that sum over the H x N quantile grid, divided by H N under `quantile_reduction="mean"` (the
+    default; "sum" keeps the spec's sums); tail terms as in `lower_tail_risk`, `upper_tail_gain`
+    (means over heads of tail statistics, already on the scale of one quantile); `tail_curvature` per
+    head, mean over heads. A term with weight 0 is neither computed nor logged.
     """
     taus = midpoint_taus(quantiles.shape[-1], quantiles.device)
     h, n = quantiles.shape[-2:]
+    grid = h * n if opts.quantile_reduction == "mean" else 1
     per_token: dict[str, tuple[float, callable]] = {
-        "qr": (opts.qr_weight, lambda: quantile_huber(quantiles, target_quantiles, taus, opts.kappa).sum(-1)
-               / (h * n if opts.qr_reduction == "mean" else 1)),
+        "qr": (opts.qr_weight, lambda: quantile_huber(quantiles, target_quantiles, taus, opts.kappa).sum(-1) / grid),
         "cvar": (opts.cvar_weight, lambda: lower_tail_risk(quantiles, opts.alpha, opts.delta_low)),
         "gain": (opts.gain_weight, lambda: upper_tail_gain(quantiles, opts.alpha, gain_cap.unsqueeze(-1))),
         "mean_shift": (opts.mean_shift_weight, lambda: mean_shift(
             quantiles, returns if opts.mean_shift_target == "return" else old_quantiles.mean((-1, -2)))),
         "curvature": (opts.curvature_weight, lambda: tail_curvature(quantiles, opts.alpha).mean(-1)),
-        "consistency": (opts.consistency_weight, lambda: head_consistency(quantiles)),
+        "consistency": (opts.consistency_weight, lambda: head_consistency(quantiles) / grid),
     }
     total = quantiles.new_zeros(())
     metrics: dict[str, float] = {}
@@ -217,7 +219,7 @@ def dvpo_critic_loss(quantiles: torch.Tensor, old_quantiles: torch.Tensor, targe
 
 # ---- the algorithm ----
 
-QR_REDUCTIONS = ("sum", "mean")
+QUANTILE_REDUCTIONS = ("mean", "sum")
 MEAN_SHIFT_TARGETS = ("return", "old")
 
 
@@ -243,12 +245,16 @@ class DVPOOptions:
     # critic loss (spec §2.3); a weight of 0 switches its term off
     kappa: float = 1.0
     qr_weight: float = 1.0
-    qr_reduction: str = "sum"  # "sum": sum_h sum_i mean_k (spec, QR-DQN); "mean": also / (H N)  [I]
+    # "mean": the QR and consistency terms, sums over the H x N quantile grid in the spec, are divided
+    # by H N, which puts them on the scale of the per-token tail, mean-shift and curvature terms, so the
+    # weights below weigh like against like at any H and N; "sum": the spec's sums (QR-DQN's form), at
+    # which the tail terms get ~1/1000 of QR's gradient at H=4, N=200 (README, DVPO)  [I]
+    quantile_reduction: str = "mean"
     alpha: float = 0.1  # CVaR level (spec §9 #7)
     cvar_weight: float = 0.1  # "risk interval weight" (spec §2.3)
     delta_low: float = 0.0
     gain_weight: float = 0.1  # "risk interval weight" (spec §2.3)
-    gain_cap: Optional[float] = None  # delta_high; None: 1 std of the batch's training rewards (spec §9 #7)
+    gain_cap: Optional[float] = None  # delta_high; None: 1 std of the step's training rewards, as DFPO (spec §9 #7)
     mean_shift_weight: float = 0.5  # [I] echoes DFPO's anchor weight (spec §1.8)
     mean_shift_target: str = "return"  # "return": scalar GAE return; "old": previous iteration's mean  [I]
     curvature_weight: float = 0.05  # [I] echoes DFPO's shape weight (spec §1.8)
@@ -275,8 +281,9 @@ class DVPOOptions:
                                                  "curvature_weight", "consistency_weight")}
         if any(w < 0 for w in weights.values()):
             raise HarnessError(f"DVPO loss weights must be >= 0 (0 switches a term off), got {weights}")
-        if self.qr_reduction not in QR_REDUCTIONS:
-            raise HarnessError(f"qr_reduction must be one of {', '.join(QR_REDUCTIONS)}, got {self.qr_reduction!r}")
+        if self.quantile_reduction not in QUANTILE_REDUCTIONS:
+            raise HarnessError(f"quantile_reduction must be one of {', '.join(QUANTILE_REDUCTIONS)}, "
+                               f"got {self.quantile_reduction!r}")
         if self.mean_shift_target not in MEAN_SHIFT_TARGETS:
             raise HarnessError(f"mean_shift_target must be one of {', '.join(MEAN_SHIFT_TARGETS)}, "
                                f"got {self.mean_shift_target!r}")
@@ -310,15 +317,13 @@ class DVPO(PPO):
         if self.opts.whiten_advantages:
             adv = masked_whiten(adv, mask)
         batch["advantages"], batch["returns"], batch["target_quantiles"] = adv, returns, targets
-        cap = self.opts.gain_cap
-        if cap is None:
-            cap = float(batch["scores"].float().std()) if batch["scores"].numel() > 1 else 0.0
+        cap = self.opts.gain_cap if self.opts.gain_cap is not None else reward_std_cap(batch["scores"])
         batch["gain_cap"] = torch.full_like(batch["scores"], cap, dtype=torch.float32)
         realised, _ = gae(rewards, torch.zeros_like(rewards), mask, self.opts.gamma, 1.0)
         return {"critic/returns_mean": float(masked_mean(returns, mask)), "critic/gain_cap": cap,
                 **distribution_diagnostics(old, returns, realised, mask, self.opts.alpha)}
 
-    def critic_loss(self, mb: Batch, critic) -> tuple[torch.Tensor, dict[str, float]]:
+    def critic_loss(self, mb: Batch, critic, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         return dvpo_critic_loss(critic.on_batch(mb), mb["old_values"], mb["target_quantiles"], mb["returns"],
                                 mb["gain_cap"], mb["response_mask"], self.opts)
 

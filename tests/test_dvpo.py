@@ -88,7 +88,7 @@ def test_dvpo_critic_loss_weights_switches_and_metrics():
     target = q.clone()
     returns, mask, cap = torch.tensor([[1.0]]), torch.ones(1, 1), torch.tensor([10.0])
     base = dict(qr_weight=0.0, cvar_weight=0.0, gain_weight=0.0, mean_shift_weight=0.0, curvature_weight=0.0,
-                consistency_weight=0.0, alpha=0.5)
+                consistency_weight=0.0, alpha=0.5, quantile_reduction="sum")
     expected = {  # per term, on this one token
         "qr": (quantile_huber(q[0, 0], target[0, 0], midpoint_taus(4))).sum().item(),
         # alpha .5 -> 2 samples per tail; head 1: mean - CVaR- = 2 - .5, CVaR+ - mean = 3.5 - 2; head 2: 0, 0
@@ -105,9 +105,12 @@ def test_dvpo_critic_loss_weights_switches_and_metrics():
     all_on = DVPOOptions(**{**base, **{f"{n}_weight": 1.0 for n in expected}})
     loss, metrics = dvpo_critic_loss(q, q, target, returns, cap, mask, all_on)
     assert loss.item() == pytest.approx(sum(expected.values()))
-    mean_form = dataclasses.replace(all_on, qr_reduction="mean")
+    # The default "mean": the two sums over the H x N = 8 grid are divided by 8, the others unchanged.
+    mean_form = dataclasses.replace(all_on, quantile_reduction="mean")
     _, metrics = dvpo_critic_loss(q, q, target, returns, cap, mask, mean_form)
-    assert metrics["critic/qr"] == pytest.approx(expected["qr"] / 8)
+    for name, value in expected.items():
+        assert metrics[f"critic/{name}"] == pytest.approx(value / 8 if name in ("qr", "consistency") else value), name
+    assert DVPOOptions().quantile_reduction == "mean"
 
 
 def test_every_dvpo_term_sends_gradient_to_the_quantile_head():
@@ -127,6 +130,45 @@ def test_every_dvpo_term_sends_gradient_to_the_quantile_head():
         assert head.linear.weight.grad.abs().sum() > 0, name
 
 
+TERMS = ("qr", "cvar", "gain", "mean_shift", "curvature", "consistency")
+
+
+def term_gradient_norms(opts: DVPOOptions) -> dict[str, float]:
+    """Per term, the norm of its weighted gradient on the quantile outputs `[B, T, H, N]`, on a batch
+    like a step's: default head (H=4, N=200) on random states, targets from distributional GAE on
+    0/1 outcome rewards, the gain cap one std of the rewards."""
+    torch.manual_seed(0)
+    b, t = 16, 6
+    head = QuantileHead(8, opts.n_heads, opts.n_quantiles)
+    with torch.no_grad():
+        old = head(torch.randn(b, t, 8))
+    mask = torch.ones(b, t)
+    scores = (torch.rand(b) < 0.5).float()
+    rewards = torch.zeros(b, t)
+    rewards[:, -1] = scores
+    _, targets = distributional_gae(rewards, old, mask, opts.gamma, opts.lam)
+    returns = targets.mean((-1, -2))
+    norms = {}
+    for name in TERMS:
+        only = dataclasses.replace(opts, **{f"{n}_weight": getattr(opts, f"{n}_weight") * (n == name) for n in TERMS})
+        quantiles = old.clone().requires_grad_(True)
+        loss, _ = dvpo_critic_loss(quantiles, old, targets, returns, torch.full((b,), float(scores.std())), mask, only)
+        (grad,) = torch.autograd.grad(loss, quantiles)
+        norms[name] = float(grad.norm())
+    return norms
+
+
+def test_tail_terms_are_not_inert_at_the_defaults():
+    # DVPO's asymmetric risk terms must move the critic about as much as QR does: at the defaults
+    # neither tail term's gradient on the quantile outputs may be more than 10x smaller than QR's.
+    # Under the spec's plain sums over the H x N grid they were ~1/1000 of it (README, DVPO).
+    norms = term_gradient_norms(DVPOOptions())
+    for name in ("cvar", "gain"):
+        assert norms[name] > norms["qr"] / 10, norms
+    summed = term_gradient_norms(DVPOOptions(quantile_reduction="sum"))
+    assert all(summed[name] < summed["qr"] / 100 for name in ("cvar", "gain")), summed  # the test can fail
+
+
 def test_quantile_head_is_monotone_and_starts_near_zero():
     head = QuantileHead(16)  # defaults: H=4, N=200
     out = head(torch.randn(3, 5, 16))
@@ -136,8 +178,8 @@ def test_quantile_head_is_monotone_and_starts_near_zero():
 
 
 def test_options_are_validated():
-    with pytest.raises(HarnessError, match="qr_reduction must be one of sum, mean"):
-        options_dataclass(DVPOOptions, {"qr_reduction": "max"}, "dvpo")
+    with pytest.raises(HarnessError, match="quantile_reduction must be one of mean, sum"):
+        options_dataclass(DVPOOptions, {"quantile_reduction": "max"}, "dvpo")
     with pytest.raises(HarnessError, match="weights must be >= 0"):
         options_dataclass(DVPOOptions, {"cvar_weight": "-1"}, "dvpo")
     with pytest.raises(HarnessError, match="n_heads"):
@@ -229,7 +271,7 @@ def test_critic_loss_reaches_only_the_critic_and_actor_loss_only_the_policy(algo
         batch["ref_logp"] = batch["old_logp"] - 0.1
         batch["old_values"] = trainer.critic(roll.input_ids, roll.attention_mask, roll.prompt_len)
         trainer.algo.advantages(batch)
-    closs, _ = trainer.algo.critic_loss(batch, trainer.critic)
+    closs, _ = trainer.algo.critic_loss(batch, trainer.critic, torch.Generator().manual_seed(0))
     closs.backward()
     assert all(p.grad is None for p in trainer.policy.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.critic.parameters())
