@@ -8,7 +8,9 @@ function Z_phi(x). Per sequence (spec §3.1, §3.2):
 
 with r^ the group-normalised outcome reward, both log-prob means masked means over the response
 (length normalisation), and w a detached sequence-level importance weight. log Z_phi is an MLP on
-the masked mean-pool of the policy's last hidden states over the prompt tokens; it is an extra
+the masked mean-pool of the policy's last hidden states over the prompt tokens but the prompt's last
+one, as the official code pools (`full_last_hidden[:, : -response_length - 1]` in `dp_actor.py`,
+which drops the column that predicts the first response token); it is an extra
 head (`extra_heads`), optimised with the actor and never part of the rollout weights. pi_ref
 enters only through delta: there is no separate KL term and no entropy bonus, as in the code.
 """
@@ -20,8 +22,7 @@ import torch
 from torch import nn
 
 from algorithms.base import ALGOS, Algorithm, Batch, PolicyForward
-from algorithms.common import masked_mean
-from algorithms.grpo import group_advantages
+from algorithms.common import group_advantages, masked_mean
 from harness.errors import HarnessError
 
 W_MODES = ("clip_eps", "clamp_max10", "none")
@@ -119,7 +120,7 @@ def flowrl_loss(
 
 
 class LogPartitionHead(nn.Module):
-    """log Z_phi(x) from the policy's last hidden states over the prompt (spec §3.2, `ProjZModule`).
+    """log Z_phi(x) from the policy's last hidden states over prompt columns (spec §3.2, `ProjZModule`).
 
     ``num_layers - 1`` blocks of [Linear(d, d), GELU, LayerNorm, Dropout], then Linear(d, 1), on
     the masked mean-pool of the prompt's hidden states. With ``detach_backbone`` the pooled
@@ -197,8 +198,8 @@ class FlowRL(Algorithm):
 
     def actor_loss(self, mb: Batch, fwd: PolicyForward, heads: nn.ModuleDict) -> tuple[torch.Tensor, dict[str, float]]:
         mask = mb["response_mask"]
-        P = mb.prompt_len
-        log_z = heads["log_z"](fwd.hidden[:, :P], mb["attention_mask"][:, :P])
+        pooled = mb.prompt_len - 1  # the prompt columns but the last, as the reference code pools
+        log_z = heads["log_z"](fwd.hidden[:, :pooled], mb["attention_mask"][:, :pooled])
         r_hat = masked_mean(mb["advantages"], mask, dim=-1)
         o = self.opts
         return flowrl_loss(log_z, fwd.logp, mb["old_logp"], mb["ref_logp"], r_hat, mask, o.beta, o.w_mode,
