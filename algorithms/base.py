@@ -12,15 +12,27 @@ The trainer never branches on an algorithm's name. An algorithm *declares* what 
 - `keep_groups(scores)` and `extra_sampling_rounds()`: dynamic sampling (DAPO). When
   `keep_groups` returns a mask, the trainer trains only on the kept groups and rolls out up to
   `extra_sampling_rounds()` more rounds of fresh prompts to fill `prompts_per_step` groups;
+- `entropy_needs_grad()`: whether `actor_loss` differentiates `fwd.entropy` (an entropy bonus);
+  otherwise the trainer computes the entropy without a graph, for the metric only;
+- `cell_options(options, train)` (a classmethod): the options dict of a cell with the values that
+  stand for something resolved against the cell's `TrainConfig` (GRPO's `agg_norm_const=0` becomes
+  `train.max_new_tokens`); the grid stores the result in the cell's config.json;
 
 and supplies the math:
 
 - `advantages(batch)`: fills `batch["advantages"]` (and `batch["returns"]` for critics) in place;
 - `actor_loss(mb, fwd, heads)`: the policy loss on a minibatch;
-- `critic_loss(mb, critic)`: the critic loss on a minibatch (critic algorithms only); it receives the
-  critic module (`algorithms.critics.Critic`) so that it can evaluate the head as it needs
-  (`critic.on_batch(mb)` for the head's output, `critic.states(...)` and the head's own methods
-  for critics such as a flow field that are queried at sampled points).
+- `critic_loss(mb, critic, generator)`: the critic loss on a minibatch (critic algorithms only); it
+  receives the critic module (`algorithms.critics.Critic`) so that it can evaluate the head as it
+  needs (`critic.on_batch(mb)` for the head's output, `critic.states(...)` and the head's own
+  methods for critics such as a flow field that are queried at sampled points), and a
+  `torch.Generator` keyed by (seed, step, minibatch) for any random draw the loss makes.
+
+Random state: an algorithm, critic or head holds none. Every draw comes from a generator the
+trainer derives from the global seed and what is sampled (`harness.seeding`), or from the global
+torch RNG (dropout), which the checkpoint saves; so a resumed run repeats an uninterrupted one.
+An algorithm that must keep state across steps defines `state_dict()` / `load_state_dict()`, and the
+trainer checkpoints it (tensors, numbers, strings and lists or dicts of them only).
 
 Batch keys the trainer provides (B sequences, P prompt columns, T response columns):
 `input_ids [B, P+T]`, `attention_mask [B, P+T]`, `responses [B, T]`, `response_mask [B, T]`,
@@ -97,13 +109,20 @@ class Algorithm:
     def extra_sampling_rounds(self) -> int:
         return 0
 
+    def entropy_needs_grad(self) -> bool:
+        return False
+
+    @classmethod
+    def cell_options(cls, options: dict[str, Any], train: Any) -> dict[str, Any]:
+        return options
+
     def advantages(self, batch: Batch) -> dict[str, float]:
         raise NotImplementedError
 
     def actor_loss(self, mb: Batch, fwd: PolicyForward, heads: nn.ModuleDict) -> LossAndMetrics:
         raise NotImplementedError
 
-    def critic_loss(self, mb: Batch, critic: nn.Module) -> LossAndMetrics:
+    def critic_loss(self, mb: Batch, critic: nn.Module, generator: torch.Generator) -> LossAndMetrics:
         raise NotImplementedError(f"{self.name} has no critic")
 
 

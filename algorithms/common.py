@@ -1,6 +1,9 @@
-"""Shared tensor math for the RL algorithms (spec §0.2, §4, §5).
+"""What the RL algorithms share (spec §0.2, §4, §5): tensor math, the PPO-clip actor, group baselines.
 
-Pure functions over tensors, no state and no config objects. Token-level tensors are
+Pure functions over tensors, no state, except at the end: the PPO-clip actor (`actor_objective`,
+`check_clip_options`, `ClipActor`), which reads an algorithm's options by their shared field names
+(`clip_low`, `clip_high`, `dual_clip`, `kl_mode`, `kl_coef`, `kl_loss_kind`, `agg_mode`,
+`entropy_coef`). Algorithm modules import these from here, never from each other. Token-level tensors are
 ``[B, T]`` (B sequences, T response positions), right-padded, with a 0/1 ``mask``
 (float or bool) that is 1 on the generated tokens up to and including EOS.
 
@@ -12,9 +15,12 @@ from __future__ import annotations
 
 import torch
 
+from algorithms.base import Algorithm, Batch, PolicyForward
 from harness.errors import HarnessError
 
 KL_KINDS = ("k1", "k2", "k3", "low_var_kl")
+KL_MODES = ("reward", "loss", "none")
+GROUP_SCALES = ("std", "none")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
@@ -190,3 +196,175 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     var_residual = masked_var(returns - values, mask)
     nan = torch.full_like(var_returns, float("nan"))
     return torch.where(var_returns > 0, 1.0 - var_residual / var_returns, nan)
+
+
+# ---- group baselines ----
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, scale: str = "std", eps: float = 1e-6
+) -> torch.Tensor:
+    """Group-normalised outcome advantage (spec §4.1, §4.2).
+
+    rewards: ``[N]`` float, one scalar reward per response. group_ids: ``[N]`` integer, the
+    prompt (group) of each response; any values, in any order. Returns ``[N]``:
+
+    - ``std`` (GRPO): (r - group_mean) / (group_std + eps), group_std unbiased as in
+      ``torch.std``;
+    - ``none`` (Dr. GRPO): r - group_mean.
+
+    A group of one response gets advantage 0 under both scales (there is nothing to compare
+    it with); RLOO's `leave_one_out_advantages` follows the same rule. Note verl instead uses mean
+    0 and std 1 for such a group, i.e. A = r / (1 + eps) (and r for its RLOO).
+    """
+    if scale not in GROUP_SCALES:
+        raise HarnessError(f"unknown advantage scale {scale!r} (valid: {', '.join(GROUP_SCALES)})")
+
+    ids, group = torch.unique(group_ids, return_inverse=True)  # group: [N] in 0..G-1
+    count = rewards.new_zeros(ids.numel()).index_add_(0, group, torch.ones_like(rewards))  # [G]
+    total = rewards.new_zeros(ids.numel()).index_add_(0, group, rewards)  # [G]
+    adv = rewards - (total / count)[group]
+    if scale == "std":
+        sum_sq = rewards.new_zeros(ids.numel()).index_add_(0, group, adv**2)  # [G]
+        std = (sum_sq / (count - 1).clamp(min=1)).sqrt()  # unbiased, as torch.std
+        adv = adv / (std[group] + eps)
+    singleton = count[group] == 1
+    return torch.where(singleton, torch.zeros_like(adv), adv)
+
+
+# ---- PPO-clip: policy and value losses ----
+
+
+def clip_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    agg_mode: str = "token-mean",
+    dual_clip: float | None = None,
+    norm_const: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO clipped surrogate loss (spec §5.3), with decoupled clip range (DAPO clip-higher).
+
+    logp, old_logp, advantages, mask: ``[B, T]``. Per token, with
+    ratio = exp(clamp(logp - old_logp, -20, 20)):
+
+        pg1  = -A * ratio
+        pg2  = -A * clamp(ratio, 1 - clip_low, 1 + clip_high)
+        loss = max(pg1, pg2)
+
+    With ``dual_clip`` = c (> 1), tokens with A < 0 are further capped: min(loss, -A * c).
+    The per-token loss is reduced with ``agg_loss(..., agg_mode, norm_const)``.
+
+    Returns (scalar loss with grad, metrics of python floats):
+    ``actor/pg_loss``; ``actor/clipfrac`` (fraction of valid tokens with pg2 > pg1);
+    ``actor/approx_kl`` (masked mean of old_logp - logp, the k1 estimate of KL(old || new));
+    ``actor/ratio_mean`` (masked mean ratio).
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise HarnessError(f"dual_clip must be greater than 1, got {dual_clip}")
+
+    log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(pg1, pg2)
+    if dual_clip is not None:
+        capped = torch.minimum(per_token, -advantages * dual_clip)
+        per_token = torch.where(advantages < 0, capped, per_token)
+    loss = agg_loss(per_token, mask, agg_mode, norm_const)
+
+    with torch.no_grad():
+        metrics = {
+            "actor/pg_loss": loss.item(),
+            "actor/clipfrac": masked_mean((pg2 > pg1).float(), mask).item(),
+            "actor/approx_kl": masked_mean(-log_ratio, mask).item(),
+            "actor/ratio_mean": masked_mean(ratio, mask).item(),
+        }
+    return loss, metrics
+
+
+def clipped_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    agg_mode: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped value loss (spec §5.3).
+
+    values, old_values, returns, mask: ``[B, T]``. Per token,
+
+        v_clip = old + clamp(v - old, -clip, clip)
+        loss   = 0.5 * agg( max((v - R)^2, (v_clip - R)^2) )
+
+    Returns (scalar loss with grad, metrics of python floats): ``critic/vf_loss``;
+    ``critic/vf_clipfrac`` (fraction of valid tokens where the clipped error is strictly
+    larger); ``critic/vpred_mean`` (masked mean of ``values``).
+    """
+    v_clip = old_values + (values - old_values).clamp(-clip, clip)
+    err = (values - returns) ** 2
+    err_clip = (v_clip - returns) ** 2
+    loss = 0.5 * agg_loss(torch.maximum(err, err_clip), mask, agg_mode)
+
+    with torch.no_grad():
+        metrics = {
+            "critic/vf_loss": loss.item(),
+            "critic/vf_clipfrac": masked_mean((err_clip > err).float(), mask).item(),
+            "critic/vpred_mean": masked_mean(values, mask).item(),
+        }
+    return loss, metrics
+
+
+# ---- the PPO-clip actor ----
+
+
+def actor_objective(mb: Batch, fwd: PolicyForward, opts, norm_const: float | None = None
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO-clip on `mb["advantages"]`, plus a KL-to-reference loss term when `opts.kl_mode == "loss"`
+    and an entropy bonus when `opts.entropy_coef > 0`, every term reduced with `agg_loss(..,
+    opts.agg_mode, norm_const)` (`norm_const` None: seq-mean-token-sum-norm divides by T)."""
+    mask = mb["response_mask"]
+    loss, metrics = clip_policy_loss(fwd.logp, mb["old_logp"], mb["advantages"], mask, opts.clip_low,
+                                     opts.clip_high, opts.agg_mode, opts.dual_clip, norm_const)
+    if opts.kl_mode == "loss" and opts.kl_coef > 0:
+        kl = agg_loss(kl_penalty(fwd.logp, mb["ref_logp"], opts.kl_loss_kind), mask, opts.agg_mode, norm_const)
+        loss = loss + opts.kl_coef * kl
+        metrics["actor/kl_loss"] = kl.item()
+    if opts.entropy_coef > 0:
+        loss = loss - opts.entropy_coef * agg_loss(fwd.entropy, mask, opts.agg_mode, norm_const)
+    return loss, metrics
+
+
+def check_clip_options(opts) -> None:
+    """Validation shared by every PPO-clip options class."""
+    if opts.clip_low < 0 or opts.clip_high < 0:
+        raise HarnessError(f"clip_low and clip_high must be >= 0, got {opts.clip_low}, {opts.clip_high}")
+    if opts.dual_clip is not None and opts.dual_clip <= 1:
+        raise HarnessError(f"dual_clip must be greater than 1 (or none), got {opts.dual_clip}")
+    if opts.kl_coef < 0 or opts.entropy_coef < 0:
+        raise HarnessError(f"kl_coef and entropy_coef must be >= 0, got {opts.kl_coef}, {opts.entropy_coef}")
+    if opts.agg_mode not in AGG_MODES:
+        raise HarnessError(f"unknown agg_mode {opts.agg_mode!r} (valid: {', '.join(AGG_MODES)})")
+
+
+class ClipActor(Algorithm):
+    """An algorithm whose actor loss is `actor_objective` on its options (PPO, GRPO and its variants,
+    RLOO, REINFORCE++, and PPO's subclasses): the reference is needed for a KL term, the entropy
+    needs a gradient for an entropy bonus. Subclasses supply `advantages` (and a critic's loss)."""
+
+    def needs_reference(self) -> bool:
+        return self.opts.kl_mode != "none" and self.opts.kl_coef > 0
+
+    def entropy_needs_grad(self) -> bool:
+        return self.opts.entropy_coef > 0
+
+    def loss_norm_const(self) -> float | None:
+        """C of agg_mode seq-mean-token-sum-norm; None: the response width T."""
+        return None
+
+    def actor_loss(self, mb: Batch, fwd: PolicyForward, heads) -> tuple[torch.Tensor, dict[str, float]]:
+        return actor_objective(mb, fwd, self.opts, self.loss_norm_const())

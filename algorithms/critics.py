@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from harness import fast_llama
+from harness.fast_llama import position_ids
 from harness.registry import Registry
-from harness.rollout import position_ids
 
 CRITICS: Registry[type[nn.Module]] = Registry("critic kind")
 

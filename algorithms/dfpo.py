@@ -12,11 +12,20 @@ field of `DFPOOptions` with the spec's default. This module holds the whole of i
 - diagnostics: spread and tails of the predicted distribution, explained variance, flow
   straightness, CRPS and 10-90% coverage against realised returns.
 
-One decision goes beyond the spec's text (see `cfm_coupling`): with target samples paired to
-independent base noise, the CFM-optimal velocity at tau = 0 is E[Z] - z, so the *one-step* Euler
-sample collapses onto the mean. The default pairs the M base-noise draws with the M target samples
-of a token by rank (the 1-D optimal-transport coupling), which makes the marginal flow straight and
-the one-step map the quantile map; `cfm_coupling=independent` is the literal reading.
+Two decisions go beyond the spec's text:
+
+- `cfm_coupling`: with target samples paired to independent base noise, the CFM-optimal velocity
+  at tau = 0 is E[Z] - z, so the *one-step* Euler sample collapses onto the mean. The default pairs
+  the M base-noise draws with the M target samples of a token by rank (the 1-D optimal-transport
+  coupling), which makes the marginal flow straight and the one-step map the quantile map;
+  `cfm_coupling=independent` is the literal reading.
+- The critic's M samples per token (its output, the value V-bar = their mean, the coupled-noise
+  GAE targets, the anchor's clip, the tail terms) come from M fixed noise levels, the normal
+  quantiles eps_j = Phi^-1((j - 1/2) / M) (`noise_levels`), not from random draws: V-bar is then a
+  midpoint rule for E[Z] instead of a Monte-Carlo mean, two critic passes on a batch give the same
+  advantages, and the anchor compares new and old values at the same levels. Random draws remain
+  where the flow is trained (the CFM and BCFM base noise and times, the consistency term's times),
+  from the generator the trainer passes to `critic_loss`, keyed by (seed, step, minibatch).
 """
 from __future__ import annotations
 
@@ -28,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.base import ALGOS, Batch, PolicyForward
+from algorithms.base import ALGOS, Batch
 from algorithms.common import explained_variance, gae, masked_mean, masked_whiten
 from algorithms.critics import CRITICS
-from algorithms.distributional import crps, cvar_lower, cvar_upper, interval_coverage, tail_curvature
-from algorithms.ppo import PPO, PPOOptions, actor_objective
+from algorithms.distributional import crps, cvar_lower, cvar_upper, interval_coverage, reward_std_cap, tail_curvature
+from algorithms.ppo import PPO, PPOOptions
 from harness.errors import HarnessError
 
 WEIGHT_MODES = ("value_flows", "inverse_cov", "none")
@@ -158,6 +167,24 @@ def shape_loss(samples: torch.Tensor, alpha: float, cap: torch.Tensor) -> tuple[
 # ---- the flow critic head ----
 
 
+def noise_levels(m: int, device=None) -> torch.Tensor:
+    """The M fixed base-noise levels eps_j = Phi^-1((j - 1/2) / M), j = 1..M: `[M]`, increasing,
+    symmetric about 0. The mean of a one-step map over them is the midpoint rule for E[Z] (exact for
+    a map that is linear in eps), where M random draws give a Monte-Carlo mean."""
+    u = (torch.arange(1, m + 1, dtype=torch.float64) - 0.5) / m
+    return torch.special.ndtri(u).float().to(device)
+
+
+def randn(generator: torch.Generator, *shape: int, device=None) -> torch.Tensor:
+    """N(0, 1) draws from `generator` (a CPU generator), moved to `device`."""
+    return torch.randn(*shape, generator=generator).to(device)
+
+
+def rand(generator: torch.Generator, *shape: int, device=None) -> torch.Tensor:
+    """U[0, 1) draws from `generator` (a CPU generator), moved to `device`."""
+    return torch.rand(*shape, generator=generator).to(device)
+
+
 def sinusoidal_embedding(tau: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
     """Sinusoidal time embedding: ``tau [...]`` in [0, 1] -> ``[..., dim]`` (cos half, sin half),
     frequencies 10000^(-i/(dim/2)) applied to scale * tau."""
@@ -178,9 +205,9 @@ class FlowHead(nn.Module):
     initial field is 0 and the first samples are the base noise.
 
     `forward(states [B, T, d])` returns M one-step Euler samples per token, `[B, T, M]`:
-    z^(j) = eps^(j) + v(eps^(j), 0, h_t) with eps^(j) ~ N(0, 1) shared by every token of a sequence
-    (coupled noise). Noise comes from a generator seeded from the global torch RNG when the head is
-    built, so a run's noise is a deterministic function of its seed.
+    z^(j) = eps_j + v(eps_j, 0, h_t) at the fixed levels eps_j of `noise_levels(M)`, the same at
+    every token (coupled noise: sample j of a sequence is its j-th quantile path). The head holds
+    no random state.
     """
 
     def __init__(self, hidden_size: int, width: int = 1024, layers: int = 3, time_dim: int = 128, n_samples: int = 16):
@@ -195,14 +222,6 @@ class FlowHead(nn.Module):
         self.out = nn.Linear(width, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        self.generator = torch.Generator()
-        self.generator.manual_seed(int(torch.randint(0, 2**62, ())))
-
-    def randn(self, *shape: int, device=None) -> torch.Tensor:
-        return torch.randn(*shape, generator=self.generator).to(device or self.out.weight.device)
-
-    def rand(self, *shape: int, device=None) -> torch.Tensor:
-        return torch.rand(*shape, generator=self.generator).to(device or self.out.weight.device)
 
     def velocity(self, z: torch.Tensor, tau: torch.Tensor | float, h: torch.Tensor) -> torch.Tensor:
         """v(z, tau, h): z ``[..., M]``, tau a float or ``[..., M]``, h ``[..., d]`` -> ``[..., M]``.
@@ -224,43 +243,48 @@ class FlowHead(nn.Module):
         return z
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
-        """One-step samples `[B, T, M]` from coupled noise (one eps^(j) per sequence)."""
+        """One-step samples `[B, T, M]` at the fixed noise levels, the same at every token."""
         b, t, _ = states.shape
-        noise = self.randn(b, 1, self.n_samples, device=states.device).expand(b, t, self.n_samples)
+        noise = noise_levels(self.n_samples, states.device).expand(b, t, self.n_samples)
         return self.sample(noise, states, steps=1)
 
 
 # ---- the critic loss ----
 
 
-def flow_critic_loss(head: FlowHead, h: torch.Tensor, tokens: dict[str, torch.Tensor], opts: "DFPOOptions"
-                     ) -> tuple[torch.Tensor, dict[str, float]]:
+def flow_critic_loss(head: FlowHead, h: torch.Tensor, tokens: dict[str, torch.Tensor], opts: "DFPOOptions",
+                     generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
     """The whole DFPO critic loss (spec §1.5) on N valid tokens:
 
         L_V = L_CFM + lambda_anc L_anchor + lambda_geo L_geo + lambda_risk L_risk + lambda_shape L_shape
 
     h: ``[N, d]`` critic states (with grad). tokens (no grad): ``old_samples [N, M]`` (the old
     critic's one-step samples), ``targets [N, M]`` (Z-hat), ``returns [N]`` (R-hat), ``td_targets
-    [N, M]`` (r_t + gamma z_{t+1}, for the `bcfm` anchor), ``tail_cap [N]`` (delta_high). Noise and
-    tau are drawn afresh from the head's generator. Each term has a switch (`use_*`) and a weight;
+    [N, M]`` (r_t + gamma z_{t+1}, for the `bcfm` anchor), ``tail_cap [N]`` (delta_high).
+
+    The one-step samples z (anchor, risk, shape, the consistency paths) are taken at the fixed
+    `noise_levels`, as the critic's output is, so the anchor clips the new value against the old one
+    at the same levels. The flow-matching base noise and times (CFM, BCFM) and the consistency
+    term's times are random, drawn from `generator`. Each term has a switch (`use_*`) and a weight;
     a switched-off term is not computed. Returns (loss, metrics: `critic/<term>` unweighted, the
     total, the one-step vs K-step straightness gap).
     """
     old, targets = tokens["old_samples"], tokens["targets"]
     n, m = targets.shape
-    noise = head.randn(n, m)
+    device = h.device
+    noise = noise_levels(m, device).expand(n, m)
 
     # All velocity queries that need no earlier query's result go through the MLP in one call:
     # the one-step samples (tau = 0), the CFM path points, and the BCFM path points.
     queries: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = [("one_step", noise, torch.zeros_like(noise), noise)]
     if opts.use_cfm:
-        base = couple_noise(head.randn(n, m), targets, opts.cfm_coupling)
-        tau = head.rand(n, m)
+        base = couple_noise(randn(generator, n, m, device=device), targets, opts.cfm_coupling)
+        tau = rand(generator, n, m, device=device)
         queries.append(("cfm", (1 - tau) * base + tau * targets, tau, base))
     if opts.use_anchor and opts.anchor_mode == "bcfm":
         td = tokens["td_targets"]
-        base = couple_noise(head.randn(n, m), td, opts.cfm_coupling)
-        tau = head.rand(n, m)
+        base = couple_noise(randn(generator, n, m, device=device), td, opts.cfm_coupling)
+        tau = rand(generator, n, m, device=device)
         queries.append(("bcfm", (1 - tau) * base + tau * td, tau, base))
     v_all = head.velocity(torch.cat([q[1] for q in queries], -1), torch.cat([q[2] for q in queries], -1), h)
     v = dict(zip([q[0] for q in queries], v_all.split(m, dim=-1)))
@@ -270,7 +294,7 @@ def flow_critic_loss(head: FlowHead, h: torch.Tensor, tokens: dict[str, torch.Te
 
     terms: dict[str, torch.Tensor] = {}
     metrics: dict[str, float] = {}
-    total = torch.zeros((), device=h.device)
+    total = torch.zeros((), device=device)
     if opts.use_cfm:
         weight = uncertainty_weight(old, opts.weight_mode, opts.kappa, opts.cov_c)
         terms["cfm"] = cfm_loss(v["cfm"], targets, bases["cfm"], weight)
@@ -281,7 +305,7 @@ def flow_critic_loss(head: FlowHead, h: torch.Tensor, tokens: dict[str, torch.Te
             terms["anchor"], clipfrac = anchor_loss(z1.mean(-1), old.mean(-1), tokens["returns"], opts.value_clip)
             metrics["critic/anchor_clipfrac"] = float(clipfrac)
         else:
-            ones = torch.ones(n, device=h.device)
+            ones = torch.ones(n, device=device)
             terms["anchor"] = cfm_loss(v["bcfm"], tokens["td_targets"], bases["bcfm"], ones)
         total = total + opts.anchor_weight * terms["anchor"]
 
@@ -297,7 +321,7 @@ def flow_critic_loss(head: FlowHead, h: torch.Tensor, tokens: dict[str, torch.Te
     metrics["critic/straightness_gap"] = float((z1.detach()[sub] - z_k).abs().mean())
 
     if opts.use_geo:
-        tau = head.rand(n, m)
+        tau = rand(generator, n, m, device=device)
         v_path = head.velocity(noise + tau * v0.detach(), tau, h)
         terms["geo"] = geo_loss(v_path, v0)
         if opts.geo_endpoint:
@@ -423,13 +447,17 @@ class DFPO(PPO):
         if o.use_anchor and o.anchor_mode == "bcfm":
             td = coupled_gae(rewards, samples, mask, o.gamma, 0.0)[1]  # lam = 0: r_t + gamma z_{t+1}
             batch["td_returns"] = td if o.return_clip is None else td.clamp(-o.return_clip, o.return_clip)
-        cap = o.delta_high if o.delta_high is not None else float(batch["scores"].float().std()) if batch.size > 1 else 1.0
-        batch["tail_cap"] = torch.full_like(batch["scores"], max(cap, 1e-6), dtype=torch.float32)
+        cap = o.delta_high if o.delta_high is not None else reward_std_cap(batch["scores"])
+        batch["tail_cap"] = torch.full_like(batch["scores"], cap, dtype=torch.float32)
 
         realised = realised_returns(rewards, mask, o.gamma)
         z, g = samples[valid], realised[valid]  # [N, M], [N]
         return {
             "critic/returns_mean": float(masked_mean(returns, mask)),
+            "critic/tail_cap": cap,
+            # What a Monte-Carlo mean of M random one-step samples would scatter by (std_j z / sqrt(M)),
+            # the noise the fixed levels keep out of V-bar and the advantages.
+            "critic/value_mc_se": float((z.std(-1) / math.sqrt(z.shape[-1])).mean()),
             "critic/dist_mean": float(z.mean()),
             "critic/dist_std": float(z.std(-1).mean()),
             "critic/cvar_lower_gap": float((z.mean(-1) - cvar_lower(z, o.alpha)).mean()),
@@ -439,14 +467,11 @@ class DFPO(PPO):
             "critic/coverage_10_90": float(interval_coverage(z, g).mean()),
         }
 
-    def actor_loss(self, mb: Batch, fwd: PolicyForward, heads) -> tuple[torch.Tensor, dict[str, float]]:
-        return actor_objective(mb, fwd, self.opts)
-
-    def critic_loss(self, mb: Batch, critic) -> tuple[torch.Tensor, dict[str, float]]:
+    def critic_loss(self, mb: Batch, critic, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         valid = mb["response_mask"].bool()
         h = critic.states(mb["input_ids"], mb["attention_mask"], mb.prompt_len)[valid]  # [N, d]
         tokens = {"old_samples": mb["old_values"][valid].float(), "targets": mb["dist_returns"][valid],
                   "returns": mb["returns"][valid], "tail_cap": mb["tail_cap"].unsqueeze(-1).expand_as(valid)[valid]}
         if "td_returns" in mb:
             tokens["td_targets"] = mb["td_returns"][valid]
-        return flow_critic_loss(critic.head, h, tokens, self.opts)
+        return flow_critic_loss(critic.head, h, tokens, self.opts, generator)

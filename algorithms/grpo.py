@@ -8,44 +8,11 @@ from typing import Optional
 
 import torch
 
-from algorithms.base import ALGOS, Algorithm, Batch, PolicyForward, informative_groups
-from algorithms.common import KL_KINDS
-from algorithms.ppo import actor_objective, check_clip_options
+from algorithms.base import ALGOS, Batch, informative_groups
+from algorithms.common import GROUP_SCALES, KL_KINDS, ClipActor, check_clip_options, group_advantages
 from harness.errors import HarnessError
 
-GROUP_SCALES = ("std", "none")
-
 # ---- pure math ----
-
-
-def group_advantages(
-    rewards: torch.Tensor, group_ids: torch.Tensor, scale: str = "std", eps: float = 1e-6
-) -> torch.Tensor:
-    """Group-normalised outcome advantage (spec §4.1, §4.2).
-
-    rewards: ``[N]`` float, one scalar reward per response. group_ids: ``[N]`` integer, the
-    prompt (group) of each response; any values, in any order. Returns ``[N]``:
-
-    - ``std`` (GRPO): (r - group_mean) / (group_std + eps), group_std unbiased as in
-      ``torch.std``;
-    - ``none`` (Dr. GRPO): r - group_mean.
-
-    A group of one response gets advantage 0 under both scales (there is nothing to compare
-    it with). Note verl instead uses mean 0 and std 1 for such a group, i.e. A = r / (1 + eps).
-    """
-    if scale not in GROUP_SCALES:
-        raise HarnessError(f"unknown advantage scale {scale!r} (valid: {', '.join(GROUP_SCALES)})")
-
-    ids, group = torch.unique(group_ids, return_inverse=True)  # group: [N] in 0..G-1
-    count = rewards.new_zeros(ids.numel()).index_add_(0, group, torch.ones_like(rewards))  # [G]
-    total = rewards.new_zeros(ids.numel()).index_add_(0, group, rewards)  # [G]
-    adv = rewards - (total / count)[group]
-    if scale == "std":
-        sum_sq = rewards.new_zeros(ids.numel()).index_add_(0, group, adv**2)  # [G]
-        std = (sum_sq / (count - 1).clamp(min=1)).sqrt()  # unbiased, as torch.std
-        adv = adv / (std[group] + eps)
-    singleton = count[group] == 1
-    return torch.where(singleton, torch.zeros_like(adv), adv)
 
 
 def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int, factor: float = 1.0) -> torch.Tensor:
@@ -104,14 +71,21 @@ class GRPOOptions:
 
 
 @ALGOS.register("grpo")
-class GRPO(Algorithm):
+class GRPO(ClipActor):
     name = "grpo"
     description = "group-normalised outcome advantage, PPO-clip, k3 KL loss, no critic"
     paper = "Shao et al. 2024 (DeepSeekMath, arXiv 2402.03300)"
     Options = GRPOOptions
 
-    def needs_reference(self) -> bool:
-        return self.opts.kl_mode == "loss" and self.opts.kl_coef > 0
+    @classmethod
+    def cell_options(cls, options: dict, train) -> dict:
+        """agg_norm_const 0 stands for the generation limit, train.max_new_tokens (spec §4.2)."""
+        if options.get("agg_norm_const") == 0:
+            return {**options, "agg_norm_const": train.max_new_tokens}
+        return options
+
+    def loss_norm_const(self) -> float | None:
+        return self.opts.agg_norm_const or None
 
     def keep_groups(self, scores: torch.Tensor) -> torch.Tensor | None:
         return informative_groups(scores) if self.opts.dynamic_sampling else None
@@ -130,9 +104,6 @@ class GRPO(Algorithm):
         batch["advantages"] = adv.unsqueeze(-1) * batch["response_mask"]
         solved = group_advantages(scores, batch["group_ids"], "none") != 0
         return {"actor/nonzero_adv_frac": float(solved.float().mean()), **metrics}
-
-    def actor_loss(self, mb: Batch, fwd: PolicyForward, heads) -> tuple[torch.Tensor, dict[str, float]]:
-        return actor_objective(mb, fwd, self.opts)
 
 
 # ---- named variants: GRPO with other defaults ----

@@ -1,6 +1,6 @@
 """REINFORCE-style baselines without a critic: RLOO and REINFORCE++.
 
-Both update with the PPO-clip surrogate (`algorithms.ppo.actor_objective`). On the first,
+Both update with the PPO-clip surrogate (`algorithms.common.actor_objective`). On the first,
 on-policy minibatch the ratio is 1 and the surrogate's gradient is exactly REINFORCE's
 A * grad log pi; the clip only matters for later minibatches and epochs. Plain REINFORCE is
 `--set rloo.clip_low=1 --set rloo.clip_high=1e9` (the clip then never binds).
@@ -12,10 +12,9 @@ from typing import Optional
 
 import torch
 
-from algorithms.base import ALGOS, Algorithm, Batch, PolicyForward, outcome_token_rewards
-from algorithms.common import kl_penalty, masked_mean, masked_sum, masked_whiten
-from algorithms.grpo import group_advantages
-from algorithms.ppo import KL_MODES, actor_objective, check_clip_options
+from algorithms.base import ALGOS, Batch, outcome_token_rewards
+from algorithms.common import (KL_MODES, ClipActor, check_clip_options, group_advantages, kl_penalty, masked_mean,
+                               masked_sum, masked_whiten)
 from harness.errors import HarnessError
 
 # ---- pure math ----
@@ -25,7 +24,11 @@ def leave_one_out_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> 
     """RLOO advantage (Ahmadian et al. 2024, Eq. 7): each reward minus the mean of the others in its group.
 
     rewards ``[N]``, group_ids ``[N]`` (any ids, any order) -> ``[N]``:
-    A_i = r_i - (sum_{j in g(i), j != i} r_j) / (n_g - 1). A group of one response gets 0.
+    A_i = r_i - (sum_{j in g(i), j != i} r_j) / (n_g - 1).
+
+    A group of one response has no other sample to be its baseline and gets A = 0, the same rule
+    as GRPO's `group_advantages` (nothing to compare it with, so it does not move the policy).
+    verl's RLOO instead gives it A = r (no baseline), as its GRPO gives r / (1 + eps).
     """
     _, group = torch.unique(group_ids, return_inverse=True)
     n_groups = int(group.max()) + 1 if group.numel() else 0
@@ -69,14 +72,11 @@ class RLOOOptions:
 
 
 @ALGOS.register("rloo")
-class RLOO(Algorithm):
+class RLOO(ClipActor):
     name = "rloo"
     description = "REINFORCE with a leave-one-out group baseline on the sequence reward (KL in reward), PPO-clip"
     paper = "Ahmadian et al. 2024 (Back to Basics, arXiv 2402.14740)"
     Options = RLOOOptions
-
-    def needs_reference(self) -> bool:
-        return self.opts.kl_mode != "none" and self.opts.kl_coef > 0
 
     def advantages(self, batch: Batch) -> dict[str, float]:
         mask, rewards = batch["response_mask"], batch["scores"].float()
@@ -88,9 +88,6 @@ class RLOO(Algorithm):
         adv = leave_one_out_advantages(rewards, batch["group_ids"])
         batch["advantages"] = adv.unsqueeze(-1) * mask
         return {"actor/adv_abs_mean": float(adv.abs().mean()), **metrics}
-
-    def actor_loss(self, mb: Batch, fwd: PolicyForward, heads) -> tuple[torch.Tensor, dict[str, float]]:
-        return actor_objective(mb, fwd, self.opts)
 
 
 # ---- REINFORCE++ ----
@@ -123,15 +120,12 @@ class ReinforcePPOptions:
 
 
 @ALGOS.register("reinforce_pp")
-class ReinforcePP(Algorithm):
+class ReinforcePP(ClipActor):
     name = "reinforce_pp"
     description = ("REINFORCE++(-baseline): group-mean baseline, token KL in the reward, reward-to-go, "
                    "batch-normalised advantage, PPO-clip")
     paper = "Hu 2025 (REINFORCE++, arXiv 2501.03262)"
     Options = ReinforcePPOptions
-
-    def needs_reference(self) -> bool:
-        return self.opts.kl_mode != "none" and self.opts.kl_coef > 0
 
     def advantages(self, batch: Batch) -> dict[str, float]:
         mask, scores = batch["response_mask"], batch["scores"].float()
@@ -144,6 +138,3 @@ class ReinforcePP(Algorithm):
         returns = reward_to_go(rewards, mask, self.opts.gamma)
         batch["advantages"] = masked_whiten(returns, mask)  # over every valid token of the batch
         return {"actor/returns_mean": float(masked_mean(returns, mask))}
-
-    def actor_loss(self, mb: Batch, fwd: PolicyForward, heads) -> tuple[torch.Tensor, dict[str, float]]:
-        return actor_objective(mb, fwd, self.opts)

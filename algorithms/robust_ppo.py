@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from algorithms.base import ALGOS, Batch
-from algorithms.common import explained_variance, gae, masked_mean, masked_whiten
+from algorithms.common import clipped_value_loss, explained_variance, gae, masked_mean, masked_whiten
 from algorithms.critics import CRITICS
-from algorithms.ppo import PPO, PPOOptions, clipped_value_loss
+from algorithms.ppo import PPO, PPOOptions
 from harness.errors import HarnessError
 
 
@@ -85,7 +85,7 @@ class RobustPPO(PPO):
                 "critic/explained_var": float(explained_variance(values.mean(-1), returns, mask)),
                 "critic/head_spread": float(masked_mean(spread, mask))}
 
-    def critic_loss(self, mb: Batch, critic) -> tuple[torch.Tensor, dict[str, float]]:
+    def critic_loss(self, mb: Batch, critic, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         values = critic.on_batch(mb)
         n = values.shape[-1]
         total, sums = values.new_zeros(()), {}

@@ -28,6 +28,12 @@ from torch import nn
 
 from harness.errors import HarnessError
 
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: `attention_mask [B, L]` -> `[B, L]`, 0 on the padding
+    and 0, 1, ... from each row's first real token (what both the rollout and a critic feed the model)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
 ATTRIBUTE = "_harness_fast_llama"  # set on a model (and inherited by deep copies) when the fast path is on
 STATIC_ROPE = ("default", "linear", "llama3")
 

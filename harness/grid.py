@@ -163,8 +163,7 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
                 if eval_limit is not None:
                     set_dataclass_field(cfg.eval, "limit", str(eval_limit), "--eval-limit")
                 apply_section_overrides(cfg, groups)
-                if cfg.algo_options.get("agg_norm_const") == 0:  # 0 stands for the generation limit
-                    cfg.algo_options = {**cfg.algo_options, "agg_norm_const": cfg.train.max_new_tokens}
+                cfg.algo_options = ALGOS.get(algo).cell_options(cfg.algo_options, cfg.train)
                 cfg.train.old_logp = resolved_old_logp(cfg)
                 cells.append(Cell(cfg, store.cell_dir(out, suite, algo, spec.name, seed)))
     return cells

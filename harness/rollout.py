@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from harness import fast_llama
+from harness.fast_llama import position_ids
 
 
 @dataclass
@@ -34,10 +35,6 @@ def left_pad(token_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, t
     ids = torch.tensor([[pad_id] * (width - len(t)) + list(t) for t in token_lists], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in token_lists], dtype=torch.long)
     return ids.reshape(len(token_lists), width), mask.reshape(len(token_lists), width)
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def sample_with_logp(logits: torch.Tensor, temperature: float, top_p: float,

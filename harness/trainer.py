@@ -319,7 +319,7 @@ class Trainer:
     def policy_forward(self, mb: Batch) -> PolicyForward:
         logp, entropy, hidden = forward_response(self.policy, mb["input_ids"], mb["attention_mask"], mb.prompt_len,
                                                  self.cfg.train.temperature, want_hidden=self.algo.needs_hidden,
-                                                 entropy_grad=getattr(self.algo.opts, "entropy_coef", 0) > 0)
+                                                 entropy_grad=self.algo.entropy_needs_grad())
         return PolicyForward(logp, entropy, hidden)
 
     @torch.no_grad()
@@ -341,17 +341,18 @@ class Trainer:
         sums: dict[str, float] = {}
         for i, index in enumerate(minibatches):
             mb = batch.select(index)
+            critic_generator = torch_generator(self.cfg.seed, "critic-loss", step, i)  # the critic loss's draws
             fwd = first_fwd if i == 0 and first_fwd is not None else self.policy_forward(mb)
             loss, metrics = self.algo.actor_loss(mb, fwd, self.heads)
             metrics["actor/entropy"] = float(masked_mean(fwd.entropy.detach(), mb["response_mask"]))
             if self.shared_critic:  # one backward through the shared backbone, one optimiser step
-                closs, cmetrics = self.algo.critic_loss(mb, self.critic)
+                closs, cmetrics = self.algo.critic_loss(mb, self.critic, critic_generator)
                 loss = loss + self.cfg.train.critic_coef * closs
                 metrics.update(cmetrics)
             metrics["actor/grad_norm"] = self.optimise(loss, self.actor_opt, self.actor_params,
                                                        "actor+critic" if self.shared_critic else "actor", step)
             if self.critic_opt is not None:
-                closs, cmetrics = self.algo.critic_loss(mb, self.critic)
+                closs, cmetrics = self.algo.critic_loss(mb, self.critic, critic_generator)
                 cmetrics["critic/grad_norm"] = self.optimise(closs, self.critic_opt, list(self.critic.parameters()), "critic", step)
                 metrics.update(cmetrics)
             for k, v in metrics.items():
@@ -454,7 +455,8 @@ class Trainer:
         modules, the optimisers, every global RNG, and any state an algorithm or noise injector keeps
         (through their own `state_dict`, when they define one). The reference policy is not saved:
         it is the initial policy, rebuilt from the warm start. The data order and the rollout,
-        noise and minibatch generators are pure functions of (seed, step)."""
+        noise, minibatch and critic-loss generators are pure functions of (seed, step, ...), and
+        algorithms, critics and heads hold no random state of their own (`algorithms.base`)."""
         state: dict[str, Any] = {
             "policy": self.policy.state_dict(),
             "heads": self.heads.state_dict(),

@@ -20,8 +20,8 @@ from algorithms.common import (
     masked_var,
     masked_whiten,
 )
-from algorithms.grpo import group_advantages
-from algorithms.ppo import clip_policy_loss, clipped_value_loss
+from algorithms.common import group_advantages
+from algorithms.common import clip_policy_loss, clipped_value_loss
 from harness.errors import HarnessError
 
 NAN = float("nan")

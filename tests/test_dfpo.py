@@ -12,7 +12,8 @@ import torch
 from algorithms.base import Batch, PolicyForward
 from algorithms.common import gae
 from algorithms.dfpo import (DFPO, DFPOOptions, FlowHead, anchor_loss, cfm_loss, couple_noise, coupled_gae,
-                             flow_critic_loss, geo_loss, realised_returns, risk_loss, shape_loss, uncertainty_weight)
+                             flow_critic_loss, geo_loss, noise_levels, realised_returns, risk_loss, shape_loss,
+                             uncertainty_weight)
 from harness.cli import main
 from harness.config import options_dataclass
 from harness.errors import HarnessError
@@ -82,12 +83,12 @@ def test_cfm_term_of_the_critic_loss_is_zero_for_the_exact_field():
               "tail_cap": torch.ones(n)}
     for coupling in ("sorted", "independent"):
         opts = DFPOOptions(use_anchor=False, use_risk=False, use_shape=False, use_geo=False, cfm_coupling=coupling)
-        loss, metrics = flow_critic_loss(head, torch.zeros(n, 2), tokens, opts)
+        loss, metrics = flow_critic_loss(head, torch.zeros(n, 2), tokens, opts, torch.Generator().manual_seed(0))
         assert metrics["critic/cfm"] < 1e-8 and loss.item() < 1e-8
     # A field that misses the target by 1 everywhere: loss = mean weight * 1.
     head.offset = 1.0
     loss, metrics = flow_critic_loss(head, torch.zeros(n, 2), tokens, DFPOOptions(
-        use_anchor=False, use_risk=False, use_shape=False, use_geo=False, weight_mode="none"))
+        use_anchor=False, use_risk=False, use_shape=False, use_geo=False, weight_mode="none"), torch.Generator())
     assert metrics["critic/cfm"] == pytest.approx(1.0, rel=1e-4)
 
 
@@ -179,13 +180,13 @@ def _fit_flow(coupling: str, iterations: int) -> tuple[torch.Tensor, torch.Tenso
     for _ in range(iterations):
         targets = bimodal(8, 64, gen)
         tokens = {"old_samples": targets, "targets": targets, "returns": targets.mean(-1), "tail_cap": torch.ones(8)}
-        loss, _ = flow_critic_loss(head, h, tokens, opts)
+        loss, _ = flow_critic_loss(head, h, tokens, opts, gen)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         schedule.step()
     with torch.no_grad():
-        samples = head.sample(head.randn(1, 4000), h[:1], steps=1)[0]
+        samples = head.sample(noise_levels(4000).unsqueeze(0), h[:1], steps=1)[0]
     return samples, bimodal(1, 200_000, gen)[0]
 
 
@@ -207,6 +208,67 @@ def test_independent_coupling_collapses_the_one_step_samples():
     samples, truth = fit_flow("independent", iterations=100)
     assert samples.std() < 0.4 * truth.std()
     assert samples.mean().item() == pytest.approx(truth.mean().item(), abs=0.15)
+
+
+# ---- fixed noise levels: the value without Monte-Carlo noise ----
+
+
+def test_noise_levels_are_the_normal_quantiles_of_the_midpoints():
+    levels = noise_levels(4)
+    expected = [-1.1503493803760079, -0.3186393639643752, 0.3186393639643752, 1.1503493803760079]  # Phi^-1(1/8, 3/8, ..)
+    assert levels.tolist() == pytest.approx(expected, abs=1e-6)
+    assert noise_levels(2).tolist() == pytest.approx([-0.6744897501960817, 0.6744897501960817], abs=1e-6)
+
+
+def test_flow_head_output_is_deterministic_and_the_anchor_compares_the_same_levels():
+    torch.manual_seed(0)
+    head = FlowHead(hidden_size=4, width=16, layers=1, time_dim=8, n_samples=8)
+    torch.nn.init.normal_(head.out.weight, std=0.5)
+    h = torch.randn(2, 3, 4)
+    with torch.no_grad():
+        out = head(h)
+    assert torch.equal(out, head(h).detach()), "two passes give the same samples"
+    # The samples are the one-step map at the levels, the same levels at every token (coupled).
+    with torch.no_grad():
+        assert torch.allclose(out, head.sample(noise_levels(8).expand(2, 3, 8), h))
+    # The anchor's new value is taken at the old value's levels: with an unchanged head it equals the
+    # old value exactly whatever the random draws, so its loss is 0.5 (V_old - R)^2 for any generator.
+    old = out.reshape(6, 8)
+    returns = old.mean(-1) + 0.5
+    tokens = {"old_samples": old, "targets": old, "returns": returns, "tail_cap": torch.ones(6)}
+    opts = DFPOOptions(cfm_weight=0.0, use_geo=False, use_risk=False, use_shape=False)
+    anchors = [flow_critic_loss(head, h.reshape(6, 4), tokens, opts, torch.Generator().manual_seed(k))[1]
+               for k in (0, 1)]
+    assert anchors[0]["critic/anchor"] == pytest.approx(0.5 * 0.25, rel=1e-5)
+    assert anchors[0]["critic/anchor"] == anchors[1]["critic/anchor"] and anchors[0]["critic/anchor_clipfrac"] == 0.0
+    assert anchors[0]["critic/cfm"] != anchors[1]["critic/cfm"], "the flow-matching draws come from the generator"
+
+
+def test_two_critic_passes_on_a_batch_give_identical_advantages(tmp_path, cache_dir):
+    from harness.rollout import forward_response, generate
+    from tests.test_training import make_trainer
+
+    trainer = make_trainer("dfpo", tmp_path, cache_dir)
+    torch.nn.init.normal_(trainer.critic.head.out.weight, std=0.5)  # a field that is not zero
+    problems = trainer.step_problems(1)
+    roll = generate(trainer.policy, [trainer.encode(p) for p in problems], max_new_tokens=4,
+                    eos_id=trainer.tokenizer.eos_token_id, pad_id=trainer.tokenizer.pad_token_id)
+    advantages, metrics = [], []
+    for _ in range(2):
+        batch = Batch(input_ids=roll.input_ids, attention_mask=roll.attention_mask, responses=roll.responses,
+                      response_mask=roll.response_mask, scores=torch.tensor([1.0, 0.0, 1.0, 0.0]),
+                      clean_scores=torch.ones(4), group_ids=torch.arange(4), prompt_len=roll.prompt_len)
+        with torch.no_grad():
+            batch["old_logp"], _, _ = forward_response(trainer.policy, roll.input_ids, roll.attention_mask,
+                                                       roll.prompt_len)
+            batch["ref_logp"] = batch["old_logp"].clone()
+            batch["old_values"] = trainer.critic(roll.input_ids, roll.attention_mask, roll.prompt_len)
+            metrics.append(trainer.algo.advantages(batch))
+        advantages.append(batch["advantages"])
+    assert torch.equal(advantages[0], advantages[1])
+    assert advantages[0].abs().sum() > 0
+    # The spread the fixed levels keep out of V-bar: std_j z / sqrt(M), logged as a diagnostic.
+    assert metrics[0]["critic/value_mc_se"] > 0 and metrics[0] == metrics[1]
 
 
 # ---- the algorithm ----
@@ -277,7 +339,7 @@ def test_critic_loss_reaches_only_the_critic_and_actor_loss_only_the_actor(overr
     assert batch["old_values"].shape == (*batch["response_mask"].shape, 16)
     # Give the zero-initialised output layer a value so that gradients reach every critic tensor.
     torch.nn.init.normal_(trainer.critic.head.out.weight, std=0.1)
-    closs, metrics = trainer.algo.critic_loss(batch, trainer.critic)
+    closs, metrics = trainer.algo.critic_loss(batch, trainer.critic, torch.Generator().manual_seed(0))
     closs.backward()
     assert all(p.grad is None for p in trainer.policy.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.critic.parameters())
@@ -303,6 +365,7 @@ def test_cli_runs_dfpo_and_the_same_seed_gives_the_same_metrics(tmp_path, cache_
         rows.append(strip_timing(cell / "metrics.jsonl"))
     assert rows[0] == rows[1] and len(rows[0]) == 2
     for key in ("critic/cfm", "critic/anchor", "critic/geo", "critic/risk", "critic/shape", "critic/straightness_gap",
+                "critic/value_mc_se", "critic/tail_cap",
                 "critic/dist_std", "critic/cvar_lower_gap", "critic/cvar_upper_gap", "critic/explained_var",
                 "critic/crps", "critic/coverage_10_90", "actor/kl_ref", "eval/ID_accuracy"):
         assert key in rows[0][1], key

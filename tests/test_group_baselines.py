@@ -105,7 +105,6 @@ def test_variants_are_grpo_with_other_defaults():
 
 def test_drgrpo_divides_the_token_sum_by_the_generation_limit():
     from algorithms.base import PolicyForward
-    from algorithms.ppo import actor_objective
 
     # C is resolved per cell from train.max_new_tokens (0 stands for it), unless set.
     assert resolved("drgrpo", {"train.max_new_tokens": "5"})["agg_norm_const"] == 5
@@ -118,9 +117,9 @@ def test_drgrpo_divides_the_token_sum_by_the_generation_limit():
     mb = Batch(old_logp=torch.zeros(2, 3), advantages=torch.tensor([[1.0] * 3, [-2.0] * 3]), response_mask=mask)
     fwd = PolicyForward(torch.zeros(2, 3), torch.zeros(2, 3), None)
     opts = GRPOOptions(agg_mode="seq-mean-token-sum-norm", kl_mode="none", agg_norm_const=5)
-    assert actor_objective(mb, fwd, opts)[0].item() == pytest.approx(4 / 5)
+    assert GRPO(opts).actor_loss(mb, fwd, None)[0].item() == pytest.approx(4 / 5)
     opts.agg_norm_const = 0  # unresolved: the tensor's width, as before
-    assert actor_objective(mb, fwd, opts)[0].item() == pytest.approx(4 / 3)
+    assert GRPO(opts).actor_loss(mb, fwd, None)[0].item() == pytest.approx(4 / 3)
 
 
 def test_informative_groups():
