@@ -1,6 +1,7 @@
 """`harness run | status | report | bench | list`.
 
 Bad input ends with one line `harness: error: ...` and exit status 2, before anything is written.
+SIGINT or SIGTERM ends a run with one line `harness: interrupted: ...` and exit status 130.
 """
 from __future__ import annotations
 
@@ -92,10 +93,15 @@ def cmd_run(args) -> int:
         suite=args.suite, algos=algos, noise=args.noise, seeds=parse_seeds(args.seeds), out=Path(args.out),
         model=args.model, steps=args.steps, eval_limit=args.eval_limit, overrides=overrides,
     )
-    counts = run_grid(cells, cache_dir=Path(args.cache_dir) if args.cache_dir else None, progress=not args.quiet,
-                      workers=args.workers if args.workers is not None else default_workers(cells),
-                      backend=args.backend, ray_address=args.ray_address,
-                      ckpt_every=args.ckpt_every, retry_failed=args.retry_failed, out=Path(args.out))
+    try:
+        counts = run_grid(cells, cache_dir=Path(args.cache_dir) if args.cache_dir else None, progress=not args.quiet,
+                          workers=args.workers if args.workers is not None else default_workers(cells),
+                          backend=args.backend, ray_address=args.ray_address,
+                          ckpt_every=args.ckpt_every, retry_failed=args.retry_failed, out=Path(args.out))
+    except KeyboardInterrupt:  # SIGINT or SIGTERM, to the process or its group (harness.grid.interrupt_signals)
+        print(f"harness: interrupted: cells that were running are marked interrupted; the same command "
+              f"resumes them from their last checkpoints ({args.out})", file=sys.stderr)
+        return 130
     line = f"grid: {counts['done']} done, {counts['skipped']} already done, {counts['failed']} failed"
     if counts["resumed"]:
         line += f", {counts['resumed']} resumed from a checkpoint"
@@ -172,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("harness: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

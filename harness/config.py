@@ -118,6 +118,8 @@ def convert(text: str, annotation: Any, key: str) -> Any:
         if text.lower() in ("none", "null"):
             return None
         annotation = next(a for a in args if a is not type(None))
+    if typing.get_origin(annotation) is tuple and "" in text.split(",") and text.strip(","):
+        raise HarnessError(f"--set {key}={text!r}: an empty item in a comma list (',' must separate two items)")
     try:
         if annotation is bool:
             lowered = text.lower()

@@ -7,10 +7,12 @@ A cell's outcome lives in its status.json, written by the process that ran it:
     running      {"pid", "host", "resumed_from", "attempt"}
     done         {"final_step", "<role>_accuracy", "resumed_from", "attempt"}
     failed       {"step", "reason", "traceback"}; left alone unless `--retry-failed`
-    interrupted  {"step", "reason"} (Ctrl-C); resumed by the next run like a crashed cell
+    interrupted  {"step", "reason"} (SIGINT or SIGTERM, to the run or its process group); resumed by
+                 the next run like a crashed cell
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -33,7 +35,7 @@ from harness import store
 from harness.config import (RunConfig, apply_section_overrides, options_dataclass, resolved_old_logp, set_dataclass_field,
                             split_overrides)
 from harness.errors import HarnessError
-from harness.models import MODEL_ALIASES
+from harness.models import MODEL_ALIASES, check_local_model
 from noise import parse_noise_list
 from tasks import SUITES
 
@@ -91,9 +93,17 @@ class Cell:
         return f"{self.cfg.suite}/{self.cfg.algo}/{self.cfg.noise}/seed{self.cfg.seed}"
 
 
+def comma_list(text: str, flag: str) -> list[str]:
+    """`"a, b"` -> ["a", "b"]; an empty item (`"a,,b"`, a trailing comma) is refused."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if "" in parts and any(parts):
+        raise HarnessError(f"{flag} has an empty item in {text!r}: ',' must separate two names")
+    return [p for p in parts if p]
+
+
 def parse_seeds(text: str) -> list[int]:
     """`"3"` -> [0, 1, 2]; `"0,5,7"` -> [0, 5, 7]."""
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    parts = comma_list(text, "--seeds")
     try:
         values = [int(p) for p in parts]
     except ValueError:
@@ -108,7 +118,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def parse_algos(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    names = comma_list(text, "--algos")
     if not names:
         raise HarnessError(f"--algos needs at least one algorithm (valid: {', '.join(ALGOS.names())})")
     for name in names:
@@ -144,6 +154,7 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
     model_name = model or overrides.get("model.name", "tiny")
     if model_name in MODEL_ALIASES:
         MODEL_ALIASES[model_name]()  # a missing offline model stops the grid before it writes anything
+    check_local_model(model_name)  # so does a local folder that is not there
     check_data = getattr(suite_cls, "check_data", None)
     if check_data is not None:  # data that cannot be had stops the grid before it writes anything
         check_data(suite_cls.Options(**suite_options))
@@ -276,15 +287,19 @@ def run_grid(cells: list[Cell], cache_dir: Path | None = None, progress: bool = 
 
     lock = store.RunLock(out).acquire()
     try:
-        if lock.stale_pid is not None:
-            say(f"took over the lock of {str(out)!r} left by pid {lock.stale_pid}, which is no longer running")
-        write_manifest(out, cells)
-        if backend == "ray":
-            outcomes = run_ray(todo, cache_dir, ckpt_every, ray_address)
-        elif workers > 1 and len(todo) > 1:
-            outcomes = run_processes(todo, cache_dir, ckpt_every, workers, progress)
-        else:
-            outcomes = run_serial(todo, cache_dir, ckpt_every, progress)
+        with interrupt_signals():
+            if lock.stale_pid is not None:
+                say(f"took over the lock of {str(out)!r} left by pid {lock.stale_pid}, which is no longer running")
+            write_manifest(out, cells)
+            if backend == "ray":
+                outcomes = run_ray(todo, cache_dir, ckpt_every, ray_address)
+            elif workers > 1 and len(todo) > 1:
+                outcomes = run_processes(todo, cache_dir, ckpt_every, workers, progress)
+            else:
+                outcomes = run_serial(todo, cache_dir, ckpt_every, progress)
+    except KeyboardInterrupt:
+        mark_interrupted(todo)
+        raise
     finally:
         lock.release()
     fatal = None
@@ -299,6 +314,48 @@ def run_grid(cells: list[Cell], cache_dir: Path | None = None, progress: bool = 
     if fatal:
         raise HarnessError(fatal)
     return counts
+
+
+class InterruptOnce:
+    """A SIGINT / SIGTERM handler that raises KeyboardInterrupt at the first signal and ignores the
+    later ones, so that a second signal (Ctrl-C to the group and the grid forwarding it) cannot break
+    the clean-up. (Not SIG_IGN from inside the handler: Python then fails on a signal already pending.)"""
+
+    def __init__(self):
+        self.fired = False
+
+    def __call__(self, signum, frame) -> None:
+        if not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt
+
+    def install(self) -> dict:
+        """Handle SIGINT and SIGTERM; returns the previous handlers."""
+        return {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+@contextlib.contextmanager
+def interrupt_signals():
+    """SIGINT and SIGTERM end the run as Ctrl-C does (KeyboardInterrupt), in the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = InterruptOnce().install()
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def mark_interrupted(cells: list[Cell]) -> None:
+    """After an interrupt: a cell still marked running (its worker was killed before it could say so)
+    becomes interrupted, which the next run resumes from its last checkpoint."""
+    for cell in cells:
+        status = store.read_status(cell.path) or {}
+        if status.get("state") == "running":
+            info = {k: v for k, v in status.items() if k not in ("state", "time", "step", "reason")}
+            store.write_status(cell.path, "interrupted", step=store.last_step(cell.path), reason="interrupted", **info)
 
 
 def report_failure(cell: Cell, status: dict[str, Any]) -> None:
@@ -328,9 +385,18 @@ def _die_with(grid_pid: int) -> None:
 
 
 def _worker_main(cell: Cell, cache_dir, ckpt_every: int, grid_pid: int) -> None:
-    """Entry point of a worker process: runs one cell, dies with the grid."""
+    """Entry point of a worker process: runs one cell, dies with the grid. SIGINT or SIGTERM (from
+    the grid, or to the whole process group) marks the cell interrupted and ends the worker quietly."""
     threading.Thread(target=_die_with, args=(grid_pid,), daemon=True).start()
-    run_cell(cell, cache_dir, ckpt_every, progress=False)
+    InterruptOnce().install()
+    try:
+        run_cell(cell, cache_dir, ckpt_every, progress=False)
+    except KeyboardInterrupt:
+        sys.exit(INTERRUPTED_EXIT)
+
+
+INTERRUPTED_EXIT = 130  # the shell's code for a process ended by SIGINT
+WORKER_GRACE_S = 10.0  # how long an interrupted grid waits for its workers to mark their cells
 
 
 def run_processes(todo: list[Cell], cache_dir, ckpt_every: int, workers: int, progress: bool) -> list[tuple[Cell, dict]]:
@@ -365,10 +431,17 @@ def run_processes(todo: list[Cell], cache_dir, ckpt_every: int, workers: int, pr
                 outcomes.append((cell, status))
                 bar.update(1)
     finally:
-        for proc, _ in running.values():  # Ctrl-C: the workers got SIGINT too; wait for their status
-            proc.join(timeout=30)
+        # Interrupted: pass the signal on (a worker ignores a second one, e.g. when Ctrl-C reached the
+        # whole group), give the workers a few seconds to mark their cells interrupted, then kill.
+        for proc, _ in running.values():
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGINT)
+        deadline = time.monotonic() + WORKER_GRACE_S
+        for proc, _ in running.values():
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.kill()
+                proc.join()
         bar.close()
     return outcomes
 

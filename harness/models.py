@@ -118,6 +118,15 @@ def smollm2_gguf() -> tuple[Path, str]:
 MODEL_ALIASES = {"smollm2": smollm2_gguf}
 
 
+def check_local_model(name: str) -> None:
+    """A model name written as a path (absolute, ./ ../ ~, or with two or more /) must be an existing
+    folder; anything else is "tiny", an alias or a Hugging Face id (NAME or ORG/NAME), left to load."""
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") >= 2 or "\\" in name or name.endswith("/")
+    if looks_like_path and not Path(name).expanduser().is_dir():
+        raise HarnessError(f"--model {name!r}: no such folder (a local model is an existing folder with its "
+                           f"config and weights; a Hugging Face id is NAME or ORG/NAME)")
+
+
 def load_pretrained(name: str, dtype: str, device: str, gguf_file: str | None = None):
     """A causal LM and its tokenizer from a hub id or a local folder (left padding for rollouts);
     `gguf_file` names a GGUF checkpoint in that folder, dequantised by transformers on load."""

@@ -56,6 +56,13 @@ def test_list_commands(capsys):
     (["run", "--set", "ppo.gamma=2"], "gamma and lam must lie in [0, 1]"),
     (["run", "--algos", "grpo", "--set", "algo.gamma=0.9"], "option of none of: grpo"),
     (["run", "--set", "suite.verbose_frac=1.5"], "verbose_frac"),
+    (["run", "--algos", "ppo,,grpo"], "--algos has an empty item in 'ppo,,grpo'"),
+    (["run", "--algos", "ppo,"], "--algos has an empty item in 'ppo,'"),
+    (["run", "--seeds", "0,,1"], "--seeds has an empty item"),
+    (["run", "--suite", "math", "--id", "math500,,aime24"], "--set suite.id='math500,,aime24': an empty item"),
+    (["run", "--model", "./no-such-model"], "--model './no-such-model': no such folder"),
+    (["run", "--model", "/no/such/model"], "--model '/no/such/model': no such folder"),
+    (["run", "--set", "model.name=~/no-such-model"], "no such folder"),
     (["report", "--runs", "does-not-exist"], "no runs found"),
     (["list", "things"], "invalid choice"),
 ])

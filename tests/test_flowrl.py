@@ -122,6 +122,31 @@ def test_log_partition_head_pools_only_the_prompt_tokens_and_can_detach():
     assert h.grad is None
 
 
+def test_flowrl_pools_log_z_over_the_prompt_but_its_last_column_as_the_reference_code():
+    # The official dp_actor.py pools `full_last_hidden[:, : -response_length - 1]`: the prompt's last
+    # column (whose state predicts the first response token) is left out, as is the response.
+    from algorithms.base import Batch, PolicyForward
+    from algorithms.flowrl import FlowRL, FlowRLOptions
+
+    torch.manual_seed(0)
+    algo = FlowRL(FlowRLOptions(z_dropout=0.0))
+    heads = torch.nn.ModuleDict(algo.extra_heads(8))
+    p, t = 4, 2
+    mb = Batch(attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]]),
+               response_mask=torch.tensor([[1.0, 1.0], [1.0, 0.0]]), advantages=torch.ones(2, t),
+               old_logp=torch.zeros(2, t), ref_logp=torch.zeros(2, t), prompt_len=p)
+    hidden = torch.randn(2, p + t, 8)
+    fwd = lambda h: PolicyForward(torch.zeros(2, t), torch.zeros(2, t), h)  # noqa: E731
+    log_z = algo.actor_loss(mb, fwd(hidden), heads)[1]["actor/log_z_mean"]
+    moved = hidden.clone()
+    moved[:, p - 1:] += 100.0  # the prompt's last column and the response
+    assert algo.actor_loss(mb, fwd(moved), heads)[1]["actor/log_z_mean"] == pytest.approx(log_z)
+    expected = heads["log_z"](hidden[:, : p - 1], mb["attention_mask"][:, : p - 1]).mean().item()
+    assert log_z == pytest.approx(expected)
+    moved[:, p - 2] += 1.0  # an earlier prompt column does count
+    assert algo.actor_loss(mb, fwd(moved), heads)[1]["actor/log_z_mean"] != pytest.approx(log_z)
+
+
 def test_flowrl_options_validate():
     from algorithms.flowrl import FlowRLOptions
 

@@ -294,3 +294,48 @@ def test_default_workers_one_per_core_only_for_tiny_cpu_cells(tmp_path, monkeypa
     assert default_workers(real) == 1
     gpu = build_cells("arith", ["ppo"], "none", [0, 1], tmp_path, steps=1, overrides={"train.device": "cuda"})
     assert default_workers(gpu) == 1
+
+
+# ---- interrupts ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig, to_group, workers", [
+    (signal.SIGINT, False, "2"),  # `kill -INT <pid>` of the run alone: its workers get nothing from the shell
+    (signal.SIGTERM, True, "2"),  # `kill -TERM -<pgid>`: the run and its workers all get it
+    (signal.SIGINT, False, "1"),  # a serial run, the cell in the run's own process
+])
+def test_sigint_or_sigterm_ends_the_run_in_seconds_with_one_line_cells_interrupted(sig, to_group, workers, tmp_path,
+                                                                                  cache_dir, capsys):
+    out = tmp_path / "runs"
+    args = [*grid_args(out, cache_dir, 400, "ppo,grpo", "--ckpt-every", "2"), "--workers", workers]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *args], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    running = CELLS if workers == "2" else CELLS[1:]  # serially ppo runs first
+    deadline = time.time() + 180
+    while not all(store.latest_checkpoint(out / cell) for cell in running):  # mid-cell, past a checkpoint
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "the cells never reached a checkpoint"
+        time.sleep(0.1)
+    sent = time.time()
+    (os.killpg if to_group else os.kill)(proc.pid, sig)
+    try:
+        code = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    took = time.time() - sent
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert code == 130 and took < 15, (code, took, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1].startswith("harness: interrupted: cells that were running are marked interrupted")
+    for cell in running:
+        assert status(out, cell)["state"] == "interrupted", status(out, cell)
+    assert main(["status", "--out", str(out)]) == 0
+    lines = squeeze(capsys.readouterr().out)
+    for cell in running:
+        step = store.latest_checkpoint(out / cell)[0]
+        assert any(line.startswith(f"{cell} pending") and f"resumes from the checkpoint at step {step}" in line
+                   for line in lines), lines
+    assert not store.lock_holder(out), "the run lock is released"
