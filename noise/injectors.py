@@ -9,7 +9,8 @@ Each class declares what the grammar in ``noise.spec`` needs to parse and valida
     param_range   inclusive (low, high) bounds of the number
     param_integer whether the number must be a whole number (e.g. a future ``pseudoK``)
 
-Adding an injector is one class with ``@injector("name")``; the parser does not change.
+Adding an injector is one class with ``@injector("name")``, in this module or in a new module of the
+``noise`` package (the package imports all of them); the parser does not change.
 
 Registered: ``none``, ``flipP``, ``fpP``, ``fnP`` (binary label noise), ``rmP`` (a simulated reward
 model whose errors fall on long responses), ``gaussS`` (additive Gaussian), ``lengthC`` (length

@@ -37,11 +37,14 @@ def test_run_then_report_end_to_end(tmp_path, cache_dir, capsys):
 
 
 def test_list_commands(capsys):
-    for what, expected in (("algos", ["ppo", "grpo"]), ("suites", ["arith"]), ("noise", ["flipP", "none"])):
+    from noise import NOISE
+    from tasks import SUITES
+
+    for what, expected in (("algos", ALGOS.names()), ("suites", SUITES.names()),
+                           ("noise", [NOISE.get(n).usage() for n in NOISE.names()])):
         assert main(["list", what]) == 0
-        text = capsys.readouterr().out
-        for name in expected:
-            assert name in text
+        lines = capsys.readouterr().out.splitlines()
+        assert [line.split()[0] for line in lines] == expected, what
 
 
 @pytest.mark.parametrize("args, message", [

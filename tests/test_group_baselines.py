@@ -189,5 +189,6 @@ def test_new_algorithms_run_through_the_cli(algo, tmp_path, cache_dir):
 def test_list_algos_names_each_with_description_and_paper(capsys):
     assert main(["list", "algos"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
-    for name in ("flowrl", "rloo", "reinforce_pp", "drgrpo", "dapo"):
+    assert sorted(lines) == ALGOS.names()
+    for name in ALGOS.names():
         assert ALGOS.get(name).description in lines[name] and "arXiv" in lines[name]
