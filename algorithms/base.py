@@ -97,6 +97,11 @@ class Algorithm:
     def extra_sampling_rounds(self) -> int:
         return 0
 
+    def min_group_size(self) -> int:
+        """The least `train.group_size` that trains: 2 for an algorithm whose advantage compares the
+        samples of a group (a group of one gets advantage 0 and nothing is learnt)."""
+        return 1
+
     def advantages(self, batch: Batch) -> dict[str, float]:
         raise NotImplementedError
 

@@ -78,6 +78,9 @@ class RLOO(Algorithm):
     def needs_reference(self) -> bool:
         return self.opts.kl_mode != "none" and self.opts.kl_coef > 0
 
+    def min_group_size(self) -> int:
+        return 2  # the baseline is the mean of the group's other samples
+
     def advantages(self, batch: Batch) -> dict[str, float]:
         mask, rewards = batch["response_mask"], batch["scores"].float()
         metrics = {}
@@ -132,6 +135,9 @@ class ReinforcePP(Algorithm):
 
     def needs_reference(self) -> bool:
         return self.opts.kl_mode != "none" and self.opts.kl_coef > 0
+
+    def min_group_size(self) -> int:
+        return 2 if self.opts.group_baseline else 1  # a group of one minus its own mean is 0
 
     def advantages(self, batch: Batch) -> dict[str, float]:
         mask, scores = batch["response_mask"], batch["scores"].float()
