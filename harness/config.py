@@ -132,9 +132,8 @@ def convert(text: str, annotation: Any, key: str) -> Any:
             return int(text)
         if annotation is float:
             value = float(text)
-            if not math.isfinite(value):
-                raise HarnessError(f"--set {key}={text!r}: must be a finite number")
-            return value
+            if math.isfinite(value):
+                return value
         if annotation is str:
             return text
         if typing.get_origin(annotation) is tuple:
@@ -142,6 +141,8 @@ def convert(text: str, annotation: Any, key: str) -> Any:
             return tuple(convert(part, inner, key) for part in text.split(",") if part)
     except ValueError:
         raise HarnessError(f"--set {key}={text!r}: not a valid {getattr(annotation, '__name__', annotation)}") from None
+    if annotation is float:
+        raise HarnessError(f"--set {key}={text!r}: must be a finite number")
     raise HarnessError(f"--set {key}: cannot parse a value of type {annotation}")
 
 
