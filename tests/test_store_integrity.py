@@ -386,6 +386,11 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_store_usable(tm
         store.verify_checkpoint(cell, store.latest_checkpoint(cell)[1])  # the last complete one is intact
         code, status_out, _ = invoke(capsys, ["status", "--out", str(out)])
         assert code == 0 and "pending" in status_out
+        # Once there is room, the same command resumes the cell from that checkpoint and finishes it.
+        subprocess.run(["mount", "-o", f"remount,size={state_size * 8}", str(disk)], check=True)
+        code, out_text, _ = invoke(capsys, run_args(out, cache_dir, "--seeds", "1"))
+        assert code == 0 and f"cell {DONE}: resuming from the checkpoint at step" in out_text
+        assert steps_of(cell / "metrics.jsonl") == list(range(1, STEPS + 1))
 
 
 def test_full_disk_during_a_report_is_one_line_and_leaves_no_temporary_folder(runs, tmp_path, capsys):
