@@ -202,8 +202,18 @@ def same_config(cell: Cell) -> bool:
     return config_change(cell) is None
 
 
-# errno values that mean the run store cannot be written: no cell can run, the grid stops.
-STORE_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+# errno values that mean a file cannot be written: a full disk or a read-only one anywhere, a
+# permission refused inside the run store. No cell can run then: the grid stops with one line.
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+PERMISSION_ERRORS = {errno.EACCES, errno.EPERM}
+
+
+def write_error(cell: Cell, exc: OSError) -> str | None:
+    """The one-line reason when `exc` means the cell's files cannot be written, else None."""
+    inside = exc.filename is not None and Path(str(exc.filename)).resolve().is_relative_to(cell.path.resolve().parents[3])
+    if exc.errno in DISK_ERRORS or (exc.errno in PERMISSION_ERRORS and inside):
+        return f"cannot write {'the run store' if inside else 'a file'}: {store.os_error_message(exc)}"
+    return None
 
 
 def run_cell(cell: Cell, cache_dir: Path | None = None, ckpt_every: int = 0, progress: bool = False) -> dict[str, Any]:
@@ -215,9 +225,9 @@ def run_cell(cell: Cell, cache_dir: Path | None = None, ckpt_every: int = 0, pro
     try:
         return _run_cell(cell, cache_dir, ckpt_every, progress)
     except OSError as exc:
-        if exc.errno not in STORE_WRITE_ERRORS:
+        reason = write_error(cell, exc)
+        if reason is None:
             raise
-        reason = f"cannot write the run store: {store.os_error_message(exc)}"
         status = {"state": "interrupted", "reason": reason, "fatal": True, "step": store.last_step(cell.path)}
         try:  # resumed by the next run once there is room; the write itself may fail again
             store.write_status(cell.path, "interrupted", reason=reason, step=status["step"])
@@ -252,10 +262,10 @@ def _run_cell(cell: Cell, cache_dir: Path | None, ckpt_every: int, progress: boo
     steps = cell.cfg.train.steps
     if resumed_from:
         left = steps - resumed_from
-        older = f" (the newest that passed verification)" if rejected else ""
+        older = " (the newest that passed verification)" if rejected else ""
         say(f"cell {cell.label}: resuming from the checkpoint at step {resumed_from} of {steps}{older} "
             f"({left} step{'s' if left != 1 else ''} left{'; only the final status is written' if left == 0 else ''})")
-    attempt = int(previous.get("attempt", 0) or 0) + 1 if found and isinstance(previous.get("attempt", 0), int) else 1
+    attempt = previous.get("attempt", 0) + 1 if found else 1  # read_status checked it is an integer
     info = {"resumed_from": resumed_from, "attempt": attempt, "steps": steps, "pid": os.getpid(),
             "host": socket.gethostname()}
     store.write_status(cell.path, "running", **info)
@@ -272,7 +282,7 @@ def _run_cell(cell: Cell, cache_dir: Path | None, ckpt_every: int, progress: boo
         store.write_status(cell.path, "failed", step=step, reason=str(exc), fatal=True, **info)
         return store.read_status(cell.path)
     except OSError as exc:
-        if exc.errno in STORE_WRITE_ERRORS:
+        if write_error(cell, exc) is not None:
             raise
         return _failed(cell, trainer, resumed_from, exc, info)
     except Exception as exc:  # noqa: BLE001 - a failing cell must not stop the grid
