@@ -115,6 +115,10 @@ class Algorithm:
     @classmethod
     def cell_options(cls, options: dict[str, Any], train: Any) -> dict[str, Any]:
         return options
+    def min_group_size(self) -> int:
+        """The least `train.group_size` that trains: 2 for an algorithm whose advantage compares the
+        samples of a group (a group of one gets advantage 0 and nothing is learnt)."""
+        return 1
 
     def advantages(self, batch: Batch) -> dict[str, float]:
         raise NotImplementedError

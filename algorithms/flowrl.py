@@ -189,6 +189,9 @@ class FlowRL(Algorithm):
     def heads_lr_scale(self) -> float:
         return self.opts.z_lr_scale
 
+    def min_group_size(self) -> int:
+        return 2  # r^ is the group-normalised reward
+
     def advantages(self, batch: Batch) -> dict[str, float]:
         # r^ broadcast over the response, as the code passes GRPO's advantages; the loss takes
         # its masked token mean, which recovers the scalar.

@@ -93,6 +93,9 @@ class GRPO(ClipActor):
     def extra_sampling_rounds(self) -> int:
         return self.opts.max_extra_rounds
 
+    def min_group_size(self) -> int:
+        return 2  # the advantage is relative to the group's other samples
+
     def advantages(self, batch: Batch) -> dict[str, float]:
         scores, metrics = batch["scores"], {}
         if self.opts.overlong_buffer_len > 0:

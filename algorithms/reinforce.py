@@ -78,6 +78,9 @@ class RLOO(ClipActor):
     paper = "Ahmadian et al. 2024 (Back to Basics, arXiv 2402.14740)"
     Options = RLOOOptions
 
+    def min_group_size(self) -> int:
+        return 2  # the baseline is the mean of the group's other samples
+
     def advantages(self, batch: Batch) -> dict[str, float]:
         mask, rewards = batch["response_mask"], batch["scores"].float()
         metrics = {}
@@ -126,6 +129,9 @@ class ReinforcePP(ClipActor):
                    "batch-normalised advantage, PPO-clip")
     paper = "Hu 2025 (REINFORCE++, arXiv 2501.03262)"
     Options = ReinforcePPOptions
+
+    def min_group_size(self) -> int:
+        return 2 if self.opts.group_baseline else 1  # a group of one minus its own mean is 0
 
     def advantages(self, batch: Batch) -> dict[str, float]:
         mask, scores = batch["response_mask"], batch["scores"].float()

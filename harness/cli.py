@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="report folder, replaced whole (default: <runs>/report/)")
     report.add_argument("--baseline", default=None, help="algorithm the significance tables compare against (default: ppo)")
     report.add_argument("--format", default=None, help="comma list of md,tex,csv,png,pdf (default: all)")
+    report.add_argument("--strict", action="store_true",
+                        help="exit non-zero when a cell's files are corrupt (default: such cells are listed and skipped)")
 
     bench = sub.add_parser("bench", help="seconds per step: this harness vs TRL GRPOTrainer, and every algorithm")
     bench.add_argument("--steps", type=int, default=10, help="measured steps per configuration (default: 10)")
@@ -107,8 +109,10 @@ def cmd_run(args) -> int:
         line += f", {counts['resumed']} resumed from a checkpoint"
     if counts["left_failed"]:
         line += f", {counts['left_failed']} failed earlier and left as they are (--retry-failed re-runs them)"
+    if counts["unreadable"]:
+        line += f", {counts['unreadable']} finished with an unreadable status.json and left as they are"
     print(f"{line} -> {args.out}")
-    return 1 if counts["failed"] or counts["left_failed"] else 0
+    return 1 if counts["failed"] or counts["left_failed"] or counts["unreadable"] else 0
 
 
 def cmd_status(args) -> int:
@@ -118,6 +122,8 @@ def cmd_status(args) -> int:
     rows = grid_status(Path(args.out))
     holder = store.lock_holder(Path(args.out))
     by_state = {s: sum(r["state"] == s for r in rows) for s in ("done", "running", "failed", "pending")}
+    if any(r["state"] == "corrupt" for r in rows):
+        by_state["corrupt"] = sum(r["state"] == "corrupt" for r in rows)
     print(f"{args.out}: {len(rows)} cells: " + ", ".join(f"{n} {s}" for s, n in by_state.items())
           + (f"; harness run pid {holder} is using it" if holder else ""))
     width = max([len(r["cell"]) for r in rows] + [4])
@@ -131,11 +137,17 @@ def cmd_status(args) -> int:
 def cmd_report(args) -> int:
     from reports import write_report
 
-    out = write_report(Path(args.runs), Path(args.out) if args.out else None, args.baseline, args.format)
+    corrupt: list[str] = []
+    out = write_report(Path(args.runs), Path(args.out) if args.out else None, args.baseline, args.format,
+                       skipped=corrupt)
     if (out / "report.md").exists():
-        print((out / "report.md").read_text())
+        print((out / "report.md").read_text(encoding="utf-8"))
     print(f"wrote {out}")
-    return 0
+    if corrupt:
+        level = "error: --strict" if args.strict else "warning"
+        print(f"harness: {level}: {len(corrupt)} cell(s) skipped, their files are corrupt: " + "; ".join(corrupt),
+              file=sys.stderr)
+    return 1 if corrupt and args.strict else 0
 
 
 def cmd_bench(args) -> int:
@@ -181,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("harness: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # full disk, read-only folder, a file where a folder should be
+        from harness.store import os_error_message
+
+        print(f"harness: error: {os_error_message(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

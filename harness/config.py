@@ -12,6 +12,8 @@ algorithm only; `suite.KEY` to the suite options.
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,7 +133,9 @@ def convert(text: str, annotation: Any, key: str) -> Any:
         if annotation is int:
             return int(text)
         if annotation is float:
-            return float(text)
+            value = float(text)
+            if math.isfinite(value):
+                return value
         if annotation is str:
             return text
         if typing.get_origin(annotation) is tuple:
@@ -139,7 +143,42 @@ def convert(text: str, annotation: Any, key: str) -> Any:
             return tuple(convert(part, inner, key) for part in text.split(",") if part)
     except ValueError:
         raise HarnessError(f"--set {key}={text!r}: not a valid {getattr(annotation, '__name__', annotation)}") from None
+    if annotation is float:
+        raise HarnessError(f"--set {key}={text!r}: must be a finite number")
     raise HarnessError(f"--set {key}: cannot parse a value of type {annotation}")
+
+
+# Ranges checked after every override (`check_ranges`), the error stating the range. Core keys by
+# their full name; options of algorithms and suites by their field name, wherever a class has it.
+_COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+CORE_RANGES = {
+    "train.max_grad_norm": (">", 0),  # clipping to a negative norm flips the gradient
+    "train.weight_decay": (">=", 0),
+    "model.warmstart_lr": (">", 0),
+}
+OPTION_RANGES = {
+    "kl_coef": (">=", 0),
+    "entropy_coef": (">=", 0),
+    "adv_eps": (">=", 0),
+}
+
+
+def check_range(key: str, value: Any, rule: tuple[str, float]) -> None:
+    op, bound = rule
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value) or not _COMPARE[op](value, bound):
+        raise HarnessError(f"{key} must be {op} {bound:g}, got {value}")
+
+
+def check_option_ranges(opts: Any, owner: str) -> None:
+    """Every numeric option finite and inside OPTION_RANGES, for any options dataclass."""
+    for f in dataclasses.fields(opts):
+        value = getattr(opts, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise HarnessError(f"{owner}.{f.name} must be a finite number, got {value}")
+        if f.name in OPTION_RANGES:
+            check_range(f"{owner}.{f.name}", value, OPTION_RANGES[f.name])
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -158,6 +197,7 @@ def options_dataclass(options_cls: type, overrides: dict[str, str], owner: str) 
     opts = options_cls()
     for name, text in overrides.items():
         set_dataclass_field(opts, name, text, f"{owner}.{name}")
+    check_option_ranges(opts, owner)
     validate = getattr(opts, "validate", None)
     if validate is not None:
         validate()
@@ -200,6 +240,14 @@ def resolved_old_logp(cfg: RunConfig) -> str:
 
 def validate_core(cfg: RunConfig) -> None:
     t = cfg.train
+    for section in SECTIONS:
+        for f in dataclasses.fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise HarnessError(f"{section}.{f.name} must be a finite number, got {value}")
+    for key, rule in CORE_RANGES.items():
+        section, name = key.split(".")
+        check_range(key, getattr(getattr(cfg, section), name), rule)
     positive = {
         "train.steps": t.steps,
         "train.prompts_per_step": t.prompts_per_step,

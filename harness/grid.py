@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import multiprocessing
 import os
@@ -99,6 +100,8 @@ def comma_list(text: str, flag: str) -> list[str]:
     if "" in parts and any(parts):
         raise HarnessError(f"{flag} has an empty item in {text!r}: ',' must separate two names")
     return [p for p in parts if p]
+MAX_SEED = 2 ** 63
+MAX_SEED_COUNT = 10_000
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -111,9 +114,13 @@ def parse_seeds(text: str) -> list[int]:
     if len(values) == 1 and "," not in str(text):
         if values[0] < 1:
             raise HarnessError(f"--seeds count must be at least 1, got {values[0]}")
+        if values[0] > MAX_SEED_COUNT:
+            raise HarnessError(f"--seeds count must be at most {MAX_SEED_COUNT}, got {values[0]}")
         return list(range(values[0]))
     if not values or any(v < 0 for v in values) or len(set(values)) != len(values):
         raise HarnessError(f"--seeds list must hold distinct non-negative integers, got {text!r}")
+    if any(v >= MAX_SEED for v in values):
+        raise HarnessError(f"--seeds must be below 2**63 (a seed names a folder and seeds 64-bit streams), got {text!r}")
     return values
 
 
@@ -174,6 +181,10 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
                 if eval_limit is not None:
                     set_dataclass_field(cfg.eval, "limit", str(eval_limit), "--eval-limit")
                 apply_section_overrides(cfg, groups)
+                need = ALGOS.get(algo)(ALGOS.get(algo).Options(**algo_options)).min_group_size()
+                if cfg.train.group_size < need:
+                    raise HarnessError(f"{algo} compares the samples of a group: train.group_size must be >= {need} "
+                                       f"(a group of {cfg.train.group_size} trains nothing), got {cfg.train.group_size}")
                 cfg.algo_options = ALGOS.get(algo).cell_options(cfg.algo_options, cfg.train)
                 cfg.train.old_logp = resolved_old_logp(cfg)
                 cells.append(Cell(cfg, store.cell_dir(out, suite, algo, spec.name, seed)))
@@ -186,43 +197,90 @@ def say(message: str) -> None:
     sys.stdout.flush()
 
 
-def same_config(cell: Cell) -> bool:
-    path = cell.path / "config.json"
+def config_change(cell: Cell) -> str | None:
+    """Why the cell's config.json does not hold this configuration (None when it does)."""
     try:
-        return store.read_json(path) == json.loads(json.dumps(store._clean(cell.cfg.to_dict())))
-    except (OSError, ValueError):
-        return False
+        written = store.read_json(cell.path / "config.json")
+    except store.StoreError as exc:
+        return f"its config.json is unusable: {str(exc).split(': ', 1)[-1]}"
+    return None if written == json.loads(json.dumps(store._clean(cell.cfg.to_dict()))) else "its configuration changed"
+
+
+def same_config(cell: Cell) -> bool:
+    return config_change(cell) is None
+
+
+# errno values that mean a file cannot be written: a full disk or a read-only one anywhere, a
+# permission refused inside the run store. No cell can run then: the grid stops with one line.
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+PERMISSION_ERRORS = {errno.EACCES, errno.EPERM}
+
+
+def write_error(cell: Cell, exc: OSError) -> str | None:
+    """The one-line reason when `exc` means the cell's files cannot be written, else None."""
+    inside = exc.filename is not None and Path(str(exc.filename)).resolve().is_relative_to(cell.path.resolve().parents[3])
+    if exc.errno in DISK_ERRORS or (exc.errno in PERMISSION_ERRORS and inside):
+        return f"cannot write {'the run store' if inside else 'a file'}: {store.os_error_message(exc)}"
+    return None
 
 
 def run_cell(cell: Cell, cache_dir: Path | None = None, ckpt_every: int = 0, progress: bool = False) -> dict[str, Any]:
-    """Run one cell to the end in this process, resuming from its last checkpoint when its
-    configuration is unchanged; write its status.json; return that status. An exception inside
-    the cell (a non-finite loss, out of memory, a bug) marks it failed and does not propagate,
-    except bad input (`HarnessError`, e.g. a model that cannot load), which the grid stops on."""
+    """Run one cell to the end in this process, resuming from its newest checkpoint that passes
+    verification when its configuration is unchanged; write its status.json; return that status.
+    An exception inside the cell (a non-finite loss, out of memory, a bug) marks it failed and
+    does not propagate, except bad input (`HarnessError`, e.g. a model that cannot load) and a
+    store that cannot be written (full disk, read-only), which the grid stops on."""
+    try:
+        return _run_cell(cell, cache_dir, ckpt_every, progress)
+    except OSError as exc:
+        reason = write_error(cell, exc)
+        if reason is None:
+            raise
+        status = {"state": "interrupted", "reason": reason, "fatal": True, "step": store.last_step(cell.path)}
+        try:  # resumed by the next run once there is room; the write itself may fail again
+            store.write_status(cell.path, "interrupted", reason=reason, step=status["step"])
+        except OSError:
+            pass
+        return status
+
+
+def _run_cell(cell: Cell, cache_dir: Path | None, ckpt_every: int, progress: bool) -> dict[str, Any]:
     from harness.trainer import Trainer
 
-    previous = store.read_status(cell.path) or {}
-    found = store.latest_checkpoint(cell.path) if same_config(cell) else None
+    try:
+        previous = store.read_status(cell.path) or {}
+    except store.StoreError:  # run_grid runs such a cell only when it did not finish
+        previous = {}
+    change = config_change(cell) if cell.path.exists() else "it has no files yet"
+    rejected: list[int] = []
+
+    def reject(step: int, why: str) -> None:
+        rejected.append(step)
+        say(f"cell {cell.label}: the checkpoint at step {step} failed verification and is not used: {why}")
+
+    found = store.usable_checkpoint(cell.path, on_reject=reject) if change is None else None
     if found is None:
-        if previous.get("state") in ("running", "interrupted", "failed") and store.last_step(cell.path) > 0:
-            why = "its configuration changed" if not same_config(cell) else "it has no checkpoint"
-            say(f"cell {cell.label}: restarting from step 0 ({why}; it had reached step {store.last_step(cell.path)})")
+        reached = store.last_step(cell.path)
+        if reached > 0 or rejected:
+            why = change or ("no checkpoint passed verification" if rejected else "it has no checkpoint")
+            say(f"cell {cell.label}: restarting from step 0 ({why}; it had reached step {reached})")
         store.reset_cell(cell.path)
         store.atomic_write_json(cell.path / "config.json", cell.cfg.to_dict())
     resumed_from = found[0] if found else 0
     steps = cell.cfg.train.steps
     if resumed_from:
         left = steps - resumed_from
-        say(f"cell {cell.label}: resuming from the checkpoint at step {resumed_from} of {steps} "
+        older = " (the newest that passed verification)" if rejected else ""
+        say(f"cell {cell.label}: resuming from the checkpoint at step {resumed_from} of {steps}{older} "
             f"({left} step{'s' if left != 1 else ''} left{'; only the final status is written' if left == 0 else ''})")
-    attempt = int(previous.get("attempt", 0)) + 1 if found else 1
+    attempt = previous.get("attempt", 0) + 1 if found else 1  # read_status checked it is an integer
     info = {"resumed_from": resumed_from, "attempt": attempt, "steps": steps, "pid": os.getpid(),
             "host": socket.gethostname()}
     store.write_status(cell.path, "running", **info)
     trainer = None
     try:
         trainer = Trainer(cell.cfg, cell.path, cache_dir=cache_dir, progress=progress)
-        summary = trainer.run(ckpt_every=ckpt_every)
+        summary = trainer.run(ckpt_every=ckpt_every, resume=found[1] if found else None)
     except KeyboardInterrupt:
         step = trainer.step if trainer else resumed_from
         store.write_status(cell.path, "interrupted", step=step, reason="interrupted", **info)
@@ -231,15 +289,23 @@ def run_cell(cell: Cell, cache_dir: Path | None = None, ckpt_every: int = 0, pro
         step = trainer.step if trainer else resumed_from
         store.write_status(cell.path, "failed", step=step, reason=str(exc), fatal=True, **info)
         return store.read_status(cell.path)
+    except OSError as exc:
+        if write_error(cell, exc) is not None:
+            raise
+        return _failed(cell, trainer, resumed_from, exc, info)
     except Exception as exc:  # noqa: BLE001 - a failing cell must not stop the grid
-        step = trainer.step if trainer else resumed_from
-        reason = f"{type(exc).__name__}: {exc}"
-        if "out of memory" in str(exc).lower() or isinstance(exc, MemoryError):
-            reason = f"out of memory: {reason}"
-        store.write_status(cell.path, "failed", step=step, reason=reason, traceback=traceback.format_exc(), **info)
-        return store.read_status(cell.path)
+        return _failed(cell, trainer, resumed_from, exc, info)
     store.write_status(cell.path, "done", **summary, **info)
     store.prune_checkpoints(cell.path)
+    return store.read_status(cell.path)
+
+
+def _failed(cell: Cell, trainer, resumed_from: int, exc: BaseException, info: dict[str, Any]) -> dict[str, Any]:
+    step = trainer.step if trainer else resumed_from
+    reason = f"{type(exc).__name__}: {exc}"
+    if "out of memory" in str(exc).lower() or isinstance(exc, MemoryError):
+        reason = f"out of memory: {reason}"
+    store.write_status(cell.path, "failed", step=step, reason=reason, traceback=traceback.format_exc(), **info)
     return store.read_status(cell.path)
 
 
@@ -247,12 +313,7 @@ def write_manifest(out: Path, cells: list[Cell]) -> None:
     """`<out>/grid.json`: every cell any run on this folder asked for, so `harness status` can
     list the pending ones."""
     path = Path(out) / "grid.json"
-    known = {}
-    if path.exists():
-        try:
-            known = {c["path"]: c for c in store.read_json(path)["cells"]}
-        except (OSError, ValueError, KeyError, TypeError):
-            known = {}
+    known = {c["path"]: c for c in store.read_grid(out)}
     for cell in cells:
         rel = cell.path.relative_to(out).as_posix()
         known[rel] = {"path": rel, "label": cell.label, "steps": cell.cfg.train.steps}
@@ -270,26 +331,40 @@ def run_grid(cells: list[Cell], cache_dir: Path | None = None, progress: bool = 
         raise HarnessError(f"--ckpt-every must be >= 0 (0: no checkpoints), got {ckpt_every}")
     if backend not in ("local", "ray"):
         raise HarnessError(f"--backend must be local or ray, got {backend!r}")
-    counts = {"done": 0, "skipped": 0, "failed": 0, "left_failed": 0, "resumed": 0}
-    todo = []
+    counts = {"done": 0, "skipped": 0, "failed": 0, "left_failed": 0, "resumed": 0, "unreadable": 0}
+    if not cells:
+        return counts
+    out = Path(out) if out is not None else cells[0].path.parents[3]  # <out>/<suite>/<algo>/<noise>/seed<k>
+    store.check_out_dir(out)  # a folder of the user's is refused before anything is read or written
+    store.read_grid(out)  # an unreadable grid.json stops the run before it is overwritten
+    todo, done = [], []
     for cell in cells:
-        state = (store.read_status(cell.path) or {}).get("state")
+        try:
+            state = (store.read_status(cell.path) or {}).get("state")
+        except store.StoreError as exc:
+            if store.last_step(cell.path) >= cell.cfg.train.steps:  # finished data: never discarded
+                counts["unreadable"] += 1
+                say(f"cell {cell.label}: {exc}; its metrics reach the final step, so it is left as it is "
+                    "(restore its status.json, or delete the cell's folder to run it again)")
+                continue
+            say(f"cell {cell.label}: {exc}; it had not finished, so it runs again")
+            state = None
         if state == "done":
             counts["skipped"] += 1
-            store.prune_checkpoints(cell.path)  # a crash between "done" and the clean-up
+            done.append(cell)
         elif state == "failed" and not retry_failed:
             counts["left_failed"] += 1
         else:
             todo.append(cell)
-    if not cells:
-        return counts
-    out = Path(out) if out is not None else cells[0].path.parents[3]  # <out>/<suite>/<algo>/<noise>/seed<k>
 
+    store.claim_store(out)
     lock = store.RunLock(out).acquire()
     try:
         with interrupt_signals():
             if lock.stale_pid is not None:
                 say(f"took over the lock of {str(out)!r} left by pid {lock.stale_pid}, which is no longer running")
+            for cell in done:
+                store.prune_checkpoints(cell.path)  # a crash between "done" and the clean-up
             write_manifest(out, cells)
             if backend == "ray":
                 outcomes = run_ray(todo, cache_dir, ckpt_every, ray_address)
@@ -384,15 +459,24 @@ def _die_with(grid_pid: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _worker_main(cell: Cell, cache_dir, ckpt_every: int, grid_pid: int) -> None:
-    """Entry point of a worker process: runs one cell, dies with the grid. SIGINT or SIGTERM (from
-    the grid, or to the whole process group) marks the cell interrupted and ends the worker quietly."""
+def _worker_main(cell: Cell, cache_dir, ckpt_every: int, grid_pid: int, conn) -> None:
+    """Entry point of a worker process: runs one cell, sends its status back (the status.json it
+    could not write, on a full disk), dies with the grid. SIGINT or SIGTERM (from the grid, or to
+    the whole process group) marks the cell interrupted and ends the worker quietly."""
     threading.Thread(target=_die_with, args=(grid_pid,), daemon=True).start()
     InterruptOnce().install()
     try:
-        run_cell(cell, cache_dir, ckpt_every, progress=False)
+        conn.send(run_cell(cell, cache_dir, ckpt_every, progress=False))
+        conn.close()
     except KeyboardInterrupt:
         sys.exit(INTERRUPTED_EXIT)
+
+
+def read_status_or_none(cell: Cell) -> dict[str, Any]:
+    try:
+        return store.read_status(cell.path) or {}
+    except store.StoreError:
+        return {}
 
 
 INTERRUPTED_EXIT = 130  # the shell's code for a process ended by SIGINT
@@ -412,20 +496,28 @@ def run_processes(todo: list[Cell], cache_dir, ckpt_every: int, workers: int, pr
             stop = any(status.get("fatal") for _, status in outcomes)
             while queue and len(running) < workers and not stop:
                 cell = queue.pop(0)
-                proc = ctx.Process(target=_worker_main, args=(cell, cache_dir, ckpt_every, os.getpid()), name=cell.label)
+                receive, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_worker_main, args=(cell, cache_dir, ckpt_every, os.getpid(), send),
+                                   name=cell.label)
                 proc.start()
-                running[proc.sentinel] = (proc, cell)
+                send.close()
+                running[proc.sentinel] = (proc, cell, receive)
             if not running:
                 break
             for sentinel in wait_for(list(running)):
-                proc, cell = running.pop(sentinel)
+                proc, cell, receive = running.pop(sentinel)
                 proc.join()
-                status = store.read_status(cell.path) or {}
-                if status.get("state") not in ("done", "failed"):
+                try:
+                    sent = receive.recv() if receive.poll() else None
+                except (EOFError, OSError):
+                    sent = None
+                receive.close()
+                status = sent if sent is not None else read_status_or_none(cell)
+                if status.get("state") not in ("done", "failed") and not status.get("fatal"):
                     how = f"killed by signal {-proc.exitcode}" if proc.exitcode < 0 else f"exit code {proc.exitcode}"
                     reason = f"worker process died ({how}{'; out of memory?' if proc.exitcode == -9 else ''})"
                     store.write_status(cell.path, "failed", step=store.last_step(cell.path), reason=reason,
-                                       **{k: v for k, v in status.items() if k not in ("state", "time")})
+                                       **{k: v for k, v in status.items() if k not in ("state", "time", "step", "reason")})
                     status = store.read_status(cell.path)
                 report_failure(cell, status)
                 outcomes.append((cell, status))
@@ -433,11 +525,11 @@ def run_processes(todo: list[Cell], cache_dir, ckpt_every: int, workers: int, pr
     finally:
         # Interrupted: pass the signal on (a worker ignores a second one, e.g. when Ctrl-C reached the
         # whole group), give the workers a few seconds to mark their cells interrupted, then kill.
-        for proc, _ in running.values():
+        for proc, _, _ in running.values():
             if proc.is_alive():
                 os.kill(proc.pid, signal.SIGINT)
         deadline = time.monotonic() + WORKER_GRACE_S
-        for proc, _ in running.values():
+        for proc, _, _ in running.values():
             proc.join(timeout=max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.kill()
@@ -499,13 +591,8 @@ def grid_status(out: Path) -> list[dict[str, Any]]:
     out = Path(out)
     if not out.is_dir():
         raise HarnessError(f"no run store at {str(out)!r} (give the --out folder of a harness run)")
-    cells: dict[str, dict[str, Any]] = {}
-    if (out / "grid.json").exists():
-        try:
-            for c in store.read_json(out / "grid.json")["cells"]:
-                cells[c["path"]] = {"label": c["label"], "steps": c.get("steps")}
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+    cells: dict[str, dict[str, Any]] = {c["path"]: {"label": c["label"], "steps": c.get("steps")}
+                                         for c in store.read_grid(out)}
     for status_path in out.glob("*/*/*/seed*/status.json"):
         rel = status_path.parent.relative_to(out).as_posix()
         cells.setdefault(rel, {"label": rel, "steps": None})
@@ -514,13 +601,18 @@ def grid_status(out: Path) -> list[dict[str, Any]]:
     rows = []
     for rel, info in sorted(cells.items()):
         path = out / rel
-        status = store.read_status(path) or {}
+        try:
+            status, unreadable = store.read_status(path) or {}, None
+        except store.StoreError as exc:
+            status, unreadable = {}, str(exc)
         state = status.get("state")
-        steps = status.get("steps") or info["steps"]
+        steps = status.get("steps") if type(status.get("steps")) is int else info["steps"]
         step = store.last_step(path)
         ckpt = store.latest_checkpoint(path)
         detail = ""
-        if state == "done":
+        if unreadable:
+            state, detail = "corrupt", unreadable
+        elif state == "done":
             scores = ", ".join(f"{k} {v:.3f}" for k, v in sorted(status.items())
                                if k.endswith("_accuracy") and isinstance(v, (int, float)))
             detail = scores + (f"; resumed from step {status['resumed_from']}" if status.get("resumed_from") else "")

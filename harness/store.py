@@ -8,12 +8,18 @@
         ckpt/step<k>/   the last checkpoint of an unfinished cell (removed when the cell is done)
     <out>/grid.json             the cells every `harness run` on this folder asked for
     <out>/.harness-run.lock     held (flock) by the `harness run` using this folder; holds its pid
+    <out>/.harness-store        the marker: this folder is a run store (the harness deletes and
+                                overwrites files only under a folder that carries it)
+
+Every file of the store is read through `read_json` / `read_jsonl`, which turn bad encoding,
+malformed JSON, a wrong JSON type or a missing key into `StoreError`: one line naming the file.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -25,6 +31,33 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from harness.errors import HarnessError
+
+
+class StoreError(HarnessError):
+    """A file of the run store that cannot be used as it is: `<file>: <what is wrong>`."""
+
+
+def os_error_message(exc: OSError) -> str:
+    """`<path>: <what the system said>` for a failed file operation (full disk, read-only, ...)."""
+    path = exc.filename if exc.filename is not None else ""
+    what = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        what += " (the disk is full: free space or give another --out)"
+    elif exc.errno == errno.EROFS:
+        what += " (give a writable --out)"
+    return f"{path}: {what}" if path else what
+
+
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An OSError raised inside (a write to an open file says only "No space left on device")
+    comes out naming `path`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
 
 
 def cell_dir(out: Path, suite: str, algo: str, noise: str, seed: int) -> Path:
@@ -47,7 +80,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
+        with naming(path), os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
@@ -65,29 +98,148 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
     """Append whole lines and flush them to disk: a crash loses at most the line being written."""
     text = "".join(json.dumps(_clean(row), sort_keys=True) + "\n" for row in rows)
-    with open(path, "a") as fh:
+    with naming(path), open(path, "a", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
 
 
-def read_json(path: Path) -> Any:
-    with open(path) as fh:
-        return json.load(fh)
+def _read_text(path: Path, limit: int | None = None) -> str:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read() if limit is None else fh.read(limit)
+    except OSError as exc:
+        raise StoreError(f"{str(path)!r}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise StoreError(f"{str(path)!r}: not UTF-8 text (byte {exc.start}, line {line})") from None
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def read_json(path: Path, expect: type = dict, keys: Iterable[str] = ()) -> Any:
+    """The JSON value of a store file, checked: UTF-8, valid JSON, of type `expect`, holding `keys`
+    (when an object). Anything else is a `StoreError` naming the file and what is wrong."""
+    text = _read_text(path)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        what = "empty" if not text.strip() else f"malformed JSON (line {exc.lineno}: {exc.msg})"
+        raise StoreError(f"{str(path)!r}: {what}") from None
+    if not isinstance(value, expect):
+        raise StoreError(f"{str(path)!r}: expected {_type_name(expect())}, found {_type_name(value)}")
+    missing = [k for k in keys if k not in value] if isinstance(value, dict) else []
+    if missing:
+        raise StoreError(f"{str(path)!r}: lacks the key(s) {', '.join(missing)}")
+    return value
+
+
+def read_jsonl(path: Path, keys: Iterable[str] = (), upto: int | None = None) -> list[dict]:
+    """The objects of a JSONL store file (its first `upto` bytes when given), every line checked:
+    UTF-8, a JSON object, holding `keys`; blank lines skipped. A `StoreError` names the true line."""
+    text = _read_text(path, upto)
+    keys = tuple(keys)
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"{str(path)!r} line {lineno}: malformed JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise StoreError(f"{str(path)!r} line {lineno}: expected an object, found {_type_name(row)}")
+        missing = [k for k in keys if k not in row]
+        if missing:
+            raise StoreError(f"{str(path)!r} line {lineno}: lacks the key(s) {', '.join(missing)}")
+        rows.append(row)
+    return rows
+
+
+STATES = ("running", "done", "failed", "interrupted")
+STATUS_TYPES = {"pid": int, "step": int, "steps": int, "attempt": int, "resumed_from": int, "final_step": int,
+                "reason": str, "host": str}
 
 
 def read_status(cell: Path) -> dict | None:
+    """A cell's status.json (None when there is none); `StoreError` when it is unreadable."""
     path = Path(cell) / "status.json"
+    if not path.exists() and not path.is_symlink():
+        return None
+    status = read_json(path, dict, ("state",))
+    if status["state"] not in STATES:
+        raise StoreError(f"{str(path)!r}: unknown state {status['state']!r} (valid: {', '.join(STATES)})")
+    for key, kind in STATUS_TYPES.items():
+        if key in status and not (isinstance(status[key], kind) and not isinstance(status[key], bool)):
+            raise StoreError(f"{str(path)!r}: {key!r} must be {_type_name(kind())}, found {_type_name(status[key])}")
+    return status
+
+
+def read_grid(out: Path) -> list[dict]:
+    """The cells of `<out>/grid.json` ([] when there is none), each `{"path", "label", "steps"}`."""
+    path = Path(out) / "grid.json"
     if not path.exists():
-        return None
-    try:
-        return read_json(path)
-    except json.JSONDecodeError:
-        return None
+        return []
+    cells = read_json(path, dict, ("cells",))["cells"]
+    if not isinstance(cells, list):
+        raise StoreError(f"{str(path)!r}: \"cells\" must be a list, found {_type_name(cells)}")
+    for i, cell in enumerate(cells):
+        ok = (isinstance(cell, dict) and isinstance(cell.get("path"), str) and isinstance(cell.get("label"), str)
+              and (cell.get("steps") is None or type(cell.get("steps")) is int))
+        if not ok:
+            raise StoreError(f"{str(path)!r}: cell {i} must be an object with a string path and label and an "
+                             f"integer steps, found {json.dumps(cell)[:80]}")
+    return cells
 
 
 def write_status(cell: Path, state: str, **extra: Any) -> None:
     atomic_write_json(Path(cell) / "status.json", {"state": state, "time": time.time(), **extra})
+
+
+# ---- the store marker ----------------------------------------------------------------------------
+
+MARKER_NAME = ".harness-store"
+MARKER_TEXT = "a harness run store: `harness run` deletes and overwrites files only in folders marked so\n"
+
+
+def is_store(out: Path) -> bool:
+    return (Path(out) / MARKER_NAME).is_file()
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an `--out` that cannot be a run store, before anything is written: a file, a path
+    through a file, a read-only place, or a non-empty folder that is not a run store."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HarnessError(f"--out {str(out)!r} is a file, not a folder; give a folder for the run store")
+    existing = out
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing != out and not existing.is_dir():
+        raise HarnessError(f"--out {str(out)!r}: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise HarnessError(f"--out {str(out)!r}: {str(existing)!r} is not writable (read-only or no permission)")
+    if out.is_dir() and not is_store(out) and any(out.iterdir()):
+        raise HarnessError(
+            f"--out {str(out)!r} is a non-empty folder that is not a harness run store (no {MARKER_NAME}); "
+            f"give a new or empty folder (a store written by an earlier harness version: create {MARKER_NAME} "
+            "in it to adopt it)")
+
+
+def claim_store(out: Path) -> None:
+    """Make `out` a run store (checked by `check_out_dir` first): create it and its marker."""
+    check_out_dir(out)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not is_store(out):
+        atomic_write_text(out / MARKER_NAME, MARKER_TEXT)
 
 
 def reset_cell(cell: Path) -> None:
@@ -133,22 +285,171 @@ def checkpoint_dir(cell: Path, step: int) -> Path:
     return Path(cell) / "ckpt" / f"step{step:08d}"
 
 
-def latest_checkpoint(cell: Path) -> tuple[int, Path] | None:
-    """`(step, folder)` of the newest complete checkpoint of a cell, or None."""
+# A single-process checkpoint is `ckpt/step<k>/state.pt` (torch.save of tensors and plain data:
+# it loads with weights_only=True, so it cannot run code) and `ckpt/step<k>/manifest.json`:
+# the format, the step, the size and SHA-256 of state.pt, and the byte length and SHA-256 of the
+# prefix of each JSONL file it covers. Everything is verified before the checkpoint is used.
+CHECKPOINT_FORMAT = 1
+STATE_FILE = "state.pt"
+MANIFEST_FILE = "manifest.json"
+CHECKPOINTED_FILES = ("metrics.jsonl", "eval.jsonl")
+KEEP_CHECKPOINTS = 2  # the newest and the one before, to fall back to when the newest is corrupt
+
+
+class CheckpointInvalid(Exception):
+    """A checkpoint that failed verification; the message says why."""
+
+
+def sha256_of(path: Path, size: int | None = None) -> str:
+    """SHA-256 of a file's first `size` bytes (the whole file when None)."""
+    digest, left = hashlib.sha256(), size
+    with open(path, "rb") as fh:
+        while left is None or left > 0:
+            chunk = fh.read(1 << 20 if left is None else min(1 << 20, left))
+            if not chunk:
+                break
+            digest.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+    return digest.hexdigest()
+
+
+class _WholeWrites:
+    """A file for torch.save that writes every byte or raises, remembering the OSError: torch's
+    zip writer turns a failed write (a full disk) into a bare RuntimeError."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            while len(view):
+                view = view[os.write(self.fh.fileno(), view):]
+        except OSError as exc:
+            self.error = exc
+            raise
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def save_tensors(obj: Any, path: Path) -> None:
+    """`torch.save(obj, path)`; a failed write is an OSError naming `path`."""
+    import torch
+
+    with naming(path), open(path, "wb", buffering=0) as fh:
+        writer = _WholeWrites(fh)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+
+
+def checkpoint_manifest(cell: Path, folder: Path, step: int) -> dict[str, Any]:
+    """The manifest of a checkpoint whose state.pt is written in `folder`, covering the cell's
+    JSONL files as they are now."""
+    state = Path(folder) / STATE_FILE
+    files = {}
+    for name in CHECKPOINTED_FILES:
+        path = Path(cell) / name
+        files[name] = {"bytes": file_size(path), "sha256": sha256_of(path) if path.exists() else sha256_of_bytes(b"")}
+    return {"format": CHECKPOINT_FORMAT, "step": step,
+            "state": {"file": STATE_FILE, "bytes": state.stat().st_size, "sha256": sha256_of(state)}, "files": files}
+
+
+def sha256_of_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def verify_checkpoint(cell: Path, folder: Path) -> dict[str, Any]:
+    """The manifest of `folder` once state.pt and every JSONL prefix it covers match their
+    checksums and every covered line is a JSON object; `CheckpointInvalid` otherwise."""
+    folder = Path(folder)
+    try:
+        manifest = read_json(folder / MANIFEST_FILE, dict, ("format", "step", "state", "files"))
+    except StoreError as exc:
+        raise CheckpointInvalid(f"its {MANIFEST_FILE} is unusable ({str(exc).split(': ', 1)[-1]})") from None
+    if manifest["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointInvalid(f"unknown checkpoint format {manifest['format']!r} (this harness reads {CHECKPOINT_FORMAT})")
+    if manifest["step"] != int(folder.name[4:]):
+        raise CheckpointInvalid(f"its manifest is for step {manifest['step']!r}")
+    try:
+        state, files = manifest["state"], manifest["files"]
+        expected = [(folder / STATE_FILE, int(state["bytes"]), str(state["sha256"]), False)]
+        expected += [(Path(cell) / name, int(files[name]["bytes"]), str(files[name]["sha256"]), True)
+                     for name in CHECKPOINTED_FILES]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointInvalid(f"its {MANIFEST_FILE} lacks sizes or checksums") from None
+    for path, size, digest, prefix in expected:
+        have = file_size(path)
+        if not path.exists() and size > 0:
+            raise CheckpointInvalid(f"{path.name} is missing")
+        if have < size or (not prefix and have != size):
+            raise CheckpointInvalid(f"{path.name} has {have} bytes, the checkpoint recorded {size}")
+        if (sha256_of(path, size) if path.exists() else sha256_of_bytes(b"")) != digest:
+            what = f"its first {size} bytes do" if prefix else "it does"
+            raise CheckpointInvalid(f"{path.name}: {what} not match the checkpoint's checksum")
+        if prefix and path.exists():
+            try:
+                read_jsonl(path, upto=size)
+            except StoreError as exc:
+                raise CheckpointInvalid(str(exc)) from None
+    return manifest
+
+
+def checkpoints(cell: Path) -> list[tuple[int, Path]]:
+    """`(step, folder)` of every checkpoint folder of a cell holding a state and a manifest, newest first."""
     found = []
     for path in (Path(cell) / "ckpt").glob("step*"):
-        if path.is_dir() and path.name[4:].isdigit() and (path / "state.pt").exists():
+        if path.is_dir() and path.name[4:].isdigit() and (path / STATE_FILE).is_file() \
+                and (path / MANIFEST_FILE).is_file():
             found.append((int(path.name[4:]), path))
-    return max(found) if found else None
+    return sorted(found, reverse=True)
+
+
+def latest_checkpoint(cell: Path) -> tuple[int, Path] | None:
+    """`(step, folder)` of the newest checkpoint of a cell (not verified), or None."""
+    found = checkpoints(cell)
+    return found[0] if found else None
+
+
+def usable_checkpoint(cell: Path, on_reject=None) -> tuple[int, Path] | None:
+    """The newest checkpoint that passes `verify_checkpoint`, or None. Each one rejected on the
+    way is handed to `on_reject(step, reason)` and removed."""
+    bad = [p for p in (Path(cell) / "ckpt").glob("step*")
+           if p.is_dir() and p.name[4:].isdigit() and (p / STATE_FILE).exists() and not (p / MANIFEST_FILE).exists()]
+    for path in sorted(bad, reverse=True):  # a state without a manifest: no checksum to trust
+        if on_reject is not None:
+            on_reject(int(path.name[4:]), f"it has no {MANIFEST_FILE} (written by an older harness, or incomplete)")
+        shutil.rmtree(path)
+    for step, path in checkpoints(cell):
+        try:
+            verify_checkpoint(cell, path)
+        except CheckpointInvalid as exc:
+            if on_reject is not None:
+                on_reject(step, str(exc))
+            shutil.rmtree(path)
+            continue
+        return step, path
+    return None
 
 
 def prune_checkpoints(cell: Path, keep: Path | None = None) -> None:
-    """Remove every checkpoint of a cell except `keep` (all of them when `keep` is None)."""
+    """Remove the checkpoints of a cell except `keep` and the one before it (all of them when `keep`
+    is None)."""
     root = Path(cell) / "ckpt"
     if not root.exists():
         return
+    kept = []
+    if keep is not None:
+        older = [p for s, p in checkpoints(cell) if p != keep and s < int(Path(keep).name[4:])]
+        kept = [Path(keep), *older[:KEEP_CHECKPOINTS - 1]]
     for path in root.iterdir():
-        if path != keep:
+        if path not in kept:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     if keep is None:
         root.rmdir()
@@ -221,6 +522,8 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_file()):
+            raise StoreError(f"{str(self.path)!r}: the run lock must be a plain file; this is not one (remove it)")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -255,7 +558,7 @@ class RunLock:
 def lock_holder(out: Path) -> int | None:
     """The pid of the live `harness run` holding `out`'s lock, or None."""
     path = Path(out) / LOCK_NAME
-    if not path.exists():
+    if not path.is_file():
         return None
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -415,16 +415,20 @@ class Trainer:
 
     # ---- the cell ---------------------------------------------------------------------------
 
-    def run(self, ckpt_every: int = 0) -> dict[str, Any]:
+    def run(self, ckpt_every: int = 0, resume: Path | str | None = "latest") -> dict[str, Any]:
         """Train for `train.steps`, evaluating at 0, every `eval_every` steps and at the end.
 
-        Resumes from the cell's latest checkpoint when there is one (`self.start_step` tells from
-        where); saves one every `ckpt_every` steps (0: never). `self.step` is the step in progress."""
+        Resumes from the checkpoint folder `resume` (None: none; "latest": the cell's newest one
+        that passes verification), `self.start_step` tells from where; saves one every
+        `ckpt_every` steps (0: never). `self.step` is the step in progress."""
         t = self.cfg.train
         metrics_path, eval_path = self.cell / "metrics.jsonl", self.cell / "eval.jsonl"
         if k := self.noise.needs_labels():  # pseudo-labels come from the initial policy: before any restore
             self.noise.set_labels(self.label_votes(k))
-        self.start_step = self.restore_latest()
+        if resume == "latest":
+            self.start_step = self.restore_latest()
+        else:
+            self.start_step = self.restore_checkpoint(Path(resume)) if resume is not None else 0
         if self.start_step == 0:
             rows = self.evaluate(0)
             store.append_jsonl(eval_path, rows)
@@ -456,13 +460,14 @@ class Trainer:
         (through their own `state_dict`, when they define one). The reference policy is not saved:
         it is the initial policy, rebuilt from the warm start. The data order and the rollout,
         noise, minibatch and critic-loss generators are pure functions of (seed, step, ...), and
-        algorithms, critics and heads hold no random state of their own (`algorithms.base`)."""
+        algorithms, critics and heads hold no random state of their own (`algorithms.base`). Only
+        tensors and plain data (numbers, strings, lists, dicts), so the checkpoint loads with
+        weights_only=True."""
         state: dict[str, Any] = {
             "policy": self.policy.state_dict(),
             "heads": self.heads.state_dict(),
             "actor_opt": self.actor_opt.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "rng": rng_state(),
         }
         if self.critic is not None:  # a shared critic's backbone is saved as the policy
             state["critic"] = (self.critic.head if self.shared_critic else self.critic).state_dict()
@@ -484,37 +489,69 @@ class Trainer:
         for name, obj in (("algo", self.algo), ("noise", self.noise)):
             if name in state:
                 obj.load_state_dict(state[name])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        set_rng_state(state["rng"])
+
+    # The single-process checkpoint: `ckpt/step<k>/state.pt` and its `manifest.json` (store.py).
 
     def save_checkpoint(self, step: int, summary: dict[str, float]) -> None:
-        """Atomically write `ckpt/step<k>/state.pt` (then drop older checkpoints). It records the
-        byte lengths of metrics.jsonl and eval.jsonl, so a resume cuts off lines written after it."""
+        """Atomically write `ckpt/step<k>/` (then drop all but it and the one before): state.pt and
+        the manifest with its checksum and the byte lengths and checksums of metrics.jsonl and
+        eval.jsonl, so a resume verifies them and cuts off lines written after it."""
         final = store.checkpoint_dir(self.cell, step)
         with store.atomic_dir(final) as tmp:
-            torch.save({
-                "step": step, "summary": summary, "config": self.cfg.to_dict(), **self.state_dict(),
-                "files": {name: store.file_size(self.cell / name) for name in ("metrics.jsonl", "eval.jsonl")},
-            }, tmp / "state.pt")
+            store.save_tensors({"step": step, "summary": summary, "config": self.cfg.to_dict(), **self.state_dict()},
+                               tmp / store.STATE_FILE)
+            store.atomic_write_json(tmp / store.MANIFEST_FILE, store.checkpoint_manifest(self.cell, tmp, step))
         store.prune_checkpoints(self.cell, keep=final)
 
+    def restore_checkpoint(self, folder: Path) -> int:
+        """Load the checkpoint in `folder` (verified by `store.verify_checkpoint`), truncate the
+        JSONL files to it; return its step. A state that does not load with weights_only=True
+        (anything but tensors and plain data: it could run code) is refused with a HarnessError."""
+        manifest = store.verify_checkpoint(self.cell, folder)
+        path = Path(folder) / store.STATE_FILE
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            self.load_state_dict(state)
+            summary = dict(state["summary"])
+        except Exception as exc:  # noqa: BLE001 - whatever the file holds, it is not loaded
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise HarnessError(f"{str(path)!r}: refused: it is not a checkpoint of this cell that loads with "
+                               f"weights_only=True ({type(exc).__name__}: {first[:160]}); nothing in it was run. "
+                               f"Delete {str(Path(folder))!r} to resume from an older checkpoint or step 0") from None
+        for name, info in manifest["files"].items():
+            store.truncate(self.cell / name, int(info["bytes"]))
+        self.resumed_summary = summary
+        self.step = manifest["step"]
+        return manifest["step"]
+
     def restore_latest(self) -> int:
-        """Load the cell's latest checkpoint, truncate the JSONL files to it; return its step (0: none)."""
-        found = store.latest_checkpoint(self.cell)
-        if found is None:
-            return 0
-        step, path = found
-        state = torch.load(path / "state.pt", map_location=self.device, weights_only=False)
-        self.load_state_dict(state)
-        for name, size in state["files"].items():
-            store.truncate(self.cell / name, size)
-        self.resumed_summary = state["summary"]
-        self.step = step
-        return step
+        """Restore the cell's newest checkpoint that passes verification; its step (0: none)."""
+        found = store.usable_checkpoint(self.cell)
+        return self.restore_checkpoint(found[1]) if found else 0
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch, numpy, Python (and CUDA) global RNG states as tensors and plain data."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+            "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                       "gauss_next": gauss_next},
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    py = rng["python"]
+    random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss_next"]))
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Mean of the primary metric over the benchmarks of each role: {"ID_accuracy": .., "OOD_accuracy": ..}."""

@@ -31,6 +31,7 @@ from noise.injectors import NOISE, Injector, NoiseContext
 _TERM = re.compile(r"([A-Za-z_]*)(.*)", re.DOTALL)
 _NUMBER = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 _EXAMPLES = "e.g. 'none', 'flip0.2', 'fn0.3+gauss0.1'"
+MAX_NAME_LEN = 100  # the canonical name is a folder name (255 bytes at most on common filesystems)
 
 
 def format_param(value: float) -> str:
@@ -132,7 +133,11 @@ def parse_noise(setting: str) -> NoiseSpec:
     parsed = [_parse_term(t, i) for i, t in enumerate(terms)]
     if len(parsed) > 1 and any(inj.name == "none" for _, inj in parsed):
         raise HarnessError(f"noise 'none' cannot be combined with other injectors in {setting!r}")
-    return NoiseSpec("+".join(n for n, _ in parsed), tuple(inj for _, inj in parsed))
+    name = "+".join(n for n, _ in parsed)
+    if len(name) > MAX_NAME_LEN:
+        raise HarnessError(f"noise setting {setting!r} is {len(name)} characters long written out "
+                           f"({name[:24]}...); at most {MAX_NAME_LEN}, as it names a folder: use smaller numbers")
+    return NoiseSpec(name, tuple(inj for _, inj in parsed))
 
 
 def parse_noise_list(text: str) -> list[NoiseSpec]:

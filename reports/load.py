@@ -30,53 +30,35 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness import store
 from harness.errors import HarnessError
 
 LAYOUT = "<runs>/<suite>/<algo>/<noise>/seed<k>/eval.jsonl"
 COLUMNS = ["suite", "algo", "noise", "seed", "state", "step", "id_acc", "ood_acc"]
+# A cell whose files cannot be read is listed with state CORRUPT and the reason, and enters no statistic.
+CORRUPT = "corrupt"
 EVAL_KEYS = ("step", "benchmark", "role", "metric", "value")
 PROBLEM_KEYS = ("step", "benchmark", "role", "problem", "score")
 _SEED_DIR = re.compile(r"seed(\d+)")
 _AVG_AT_K = re.compile(r"avg@\d+")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Objects of a JSONL file; blank lines skipped; HarnessError names file and line if malformed."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise HarnessError(f"malformed JSON in {str(path)!r} line {lineno}: {e.msg}") from None
-            if not isinstance(row, dict):
-                raise HarnessError(f"malformed JSON in {str(path)!r} line {lineno}: expected an object")
-            rows.append(row)
-    return rows
+def read_jsonl(path: Path, keys: tuple[str, ...] = ()) -> list[dict]:
+    """Objects of a JSONL file; blank lines skipped; a StoreError (HarnessError) names the file and
+    the line when it is not UTF-8, a line is not a JSON object or lacks one of `keys`."""
+    return store.read_jsonl(path, keys)
 
 
-def _read_state(cell: Path) -> str:
-    path = cell / "status.json"
-    if not path.exists():
-        return "unknown"
-    try:
-        status = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise HarnessError(f"malformed JSON in {str(path)!r} line {e.lineno}: {e.msg}") from None
-    if not isinstance(status, dict):
-        raise HarnessError(f"malformed JSON in {str(path)!r}: expected an object")
-    return str(status.get("state", "unknown"))
+def _read_state(cell: Path) -> tuple[str, str]:
+    """(state, reason) from a cell's status.json; ("unknown", "") without one."""
+    status = store.read_status(cell)
+    if status is None:
+        return "unknown", ""
+    return str(status["state"]), str(status.get("reason", "")) if status["state"] == "failed" else ""
 
 
-def _checked_rows(path: Path, keys: tuple[str, ...], what: str) -> list[dict]:
-    rows = read_jsonl(path) if path.exists() else []
-    for lineno, row in enumerate(rows, start=1):
-        missing = [k for k in keys if k not in row]
-        if missing:
-            raise HarnessError(f"{what} row {lineno} of {str(path)!r} lacks key(s) {', '.join(missing)} (needs {', '.join(keys)})")
-    return rows
+def _checked_rows(path: Path, keys: tuple[str, ...]) -> list[dict]:
+    return read_jsonl(path, keys) if path.exists() else []
 
 
 def primary_scores(rows: list[dict]) -> pd.DataFrame:
@@ -119,7 +101,8 @@ def sort_frame(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
 class RunStore:
     """Every cell under ``runs_dir`` with its parsed files.
 
-    ``cells``: suite, algo, noise, seed, state, step (last eval step), id_acc, ood_acc, path.
+    ``cells``: suite, algo, noise, seed, state, step (last eval step), id_acc, ood_acc, reason (why
+    a cell failed, or why its files are unreadable: state ``corrupt``), path.
     ``evals``: suite, algo, noise, seed, step, role, benchmark, value (primary metric, all steps).
     ``metrics``: suite, algo, noise, seed, step and one column per metrics.jsonl key.
     ``problems``: suite, algo, noise, seed, step, role, benchmark, problem, score (may be empty).
@@ -134,7 +117,16 @@ class RunStore:
                 continue
             suite, algo, noise = cell.relative_to(runs_dir).parts[:3]
             key = {"suite": suite, "algo": algo, "noise": noise, "seed": int(match.group(1))}
-            scores = primary_scores(_checked_rows(cell / "eval.jsonl", EVAL_KEYS, "eval"))
+            try:
+                state, reason = _read_state(cell)
+                scores = primary_scores(_checked_rows(cell / "eval.jsonl", EVAL_KEYS))
+                m = pd.DataFrame(_checked_rows(cell / "metrics.jsonl", ()))
+                p = _checked_rows(cell / "eval_problems.jsonl", PROBLEM_KEYS)
+            except (ValueError, TypeError) as exc:  # one cell's corrupt files never hold the report hostage
+                reason = str(exc) if isinstance(exc, HarnessError) else f"{str(cell)!r}: {type(exc).__name__}: {exc}"
+                cells.append({**key, "state": CORRUPT, "step": None, "id_acc": math.nan, "ood_acc": math.nan,
+                              "reason": reason, "path": str(cell)})
+                continue
             last = int(scores["step"].max()) if len(scores) else None
             final = scores[scores["step"] == last]
 
@@ -142,13 +134,11 @@ class RunStore:
                 values = final.loc[final["role"] == role, "value"]
                 return float(values.mean()) if len(values) else math.nan
 
-            cells.append({**key, "state": _read_state(cell), "step": last, "id_acc": role_mean("ID"),
-                          "ood_acc": role_mean("OOD"), "path": str(cell)})
+            cells.append({**key, "state": state, "step": last, "id_acc": role_mean("ID"),
+                          "ood_acc": role_mean("OOD"), "reason": reason, "path": str(cell)})
             evals.append(scores.assign(**key))
-            m = pd.DataFrame(read_jsonl(cell / "metrics.jsonl")) if (cell / "metrics.jsonl").exists() else pd.DataFrame()
             if "step" in m:
                 metrics.append(m.assign(**key))
-            p = _checked_rows(cell / "eval_problems.jsonl", PROBLEM_KEYS, "eval_problems")
             if p:
                 problems.append(pd.DataFrame(p)[list(PROBLEM_KEYS)].assign(**key))
         if not cells:
@@ -161,6 +151,10 @@ class RunStore:
         self.problems = (pd.concat(problems, ignore_index=True) if problems
                          else pd.DataFrame(columns=keys + list(PROBLEM_KEYS)))
         self.problems["problem"] = self.problems["problem"].astype(str)
+
+    def corrupt(self) -> pd.DataFrame:
+        """Cells skipped because a file of theirs is unreadable, with the reason."""
+        return self.cells[self.cells["state"].eq(CORRUPT)]
 
     def done(self) -> pd.DataFrame:
         """Cells that finished and have an evaluation: the only ones that enter statistics."""

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -22,11 +23,12 @@ import pandas as pd
 from harness.errors import HarnessError
 from reports import analysis, plots
 from reports.analysis import AVERAGES, LAST_K, SuiteReport
-from reports.load import RunStore
+from reports.load import CORRUPT, RunStore
 from reports.stats import CI_MIN_SEEDS, IQM_MIN_SEEDS
 
 FORMATS = ("md", "tex", "csv", "png", "pdf")
 MARKER = ".harness-report"
+STALE_TMP_S = 3600  # a temporary report folder this old belongs to a report run that died
 DASH = "–"
 MARKS = (("significant", "*"), ("significant_mwu", "†"), ("significant_paired", "‡"))
 
@@ -156,11 +158,16 @@ SIG_NOTE = ("Δ = algorithm minus baseline in percentage points. Welch = Welch's
             "P(algorithm > baseline) over seed pairs, mean over benchmarks.")
 
 
+def _why_unfinished(cell) -> str:
+    if cell.state == CORRUPT:
+        return f"corrupt, skipped: {cell.reason}"
+    return cell.state if cell.state != "done" else "no eval"
+
+
 def _unfinished_line(r: SuiteReport) -> str | None:
     if r.unfinished.empty:
         return None
-    names = ", ".join(f"{c.algo}/{c.noise}/seed{c.seed} ({c.state if c.state != 'done' else 'no eval'})"
-                      for c in r.unfinished.itertuples())
+    names = ", ".join(f"{c.algo}/{c.noise}/seed{c.seed} ({_why_unfinished(c)})" for c in r.unfinished.itertuples())
     noun = "cell" if len(r.unfinished) == 1 else "cells"
     return f"{len(r.unfinished)} {noun} not finished (excluded): {names}"
 
@@ -291,16 +298,20 @@ def _check_out(runs_dir: Path, out: Path) -> None:
 
 
 def write_report(runs_dir: Path, out: Path | None = None, baseline: str | None = None,
-                 formats: str | list[str] | None = None, seed: int = 0) -> Path:
+                 formats: str | list[str] | None = None, seed: int = 0, skipped: list[str] | None = None) -> Path:
     """Analyse the run store and write the report folder (default ``<runs>/report``); returns it.
 
     Everything is written into a temporary sibling folder first, which then replaces ``out``:
     a failure leaves the previous report as it was. ``baseline`` defaults to ``ppo``; an explicit
-    baseline that no suite has is an error."""
+    baseline that no suite has is an error. Cells whose files are corrupt are skipped and listed
+    (with the reason) in the report and in cells.csv; `skipped`, when given, receives one
+    "<cell>: <reason>" line per such cell."""
     runs_dir = Path(runs_dir)
     out = Path(out) if out is not None else runs_dir / "report"
     formats = parse_formats(formats) if not isinstance(formats, list) else formats
     store = RunStore(runs_dir)
+    if skipped is not None:
+        skipped.extend(f"{c.suite}/{c.algo}/{c.noise}/seed{c.seed}: {c.reason}" for c in store.corrupt().itertuples())
     if baseline is not None and baseline not in set(store.cells["algo"]):
         raise HarnessError(f"baseline {baseline!r} has no runs (algorithms found: {', '.join(sorted(set(store.cells['algo'])))})")
     baseline = baseline or "ppo"
@@ -308,6 +319,7 @@ def write_report(runs_dir: Path, out: Path | None = None, baseline: str | None =
     reports = analysis.analyse(store, baseline, seed)
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    _recover_interrupted_replace(out)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     umask = os.umask(0)
     os.umask(umask)
@@ -337,6 +349,22 @@ def write_report(runs_dir: Path, out: Path | None = None, baseline: str | None =
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _recover_interrupted_replace(out: Path) -> None:
+    """Clean up after a report run that died mid-way: its temporary folders (`.<name>.tmp-*`, and
+    `.<name>.old-*` once a new report is in place) are removed; a previous report left aside
+    between the two renames of `_replace_dir` goes back to `out`."""
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if not (old / MARKER).is_file():
+            continue
+        if not out.exists():
+            os.replace(old, out)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):  # older than any report still being written
+        if tmp.is_dir() and time.time() - tmp.stat().st_mtime > STALE_TMP_S:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _replace_dir(new: Path, out: Path) -> None:

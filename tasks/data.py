@@ -16,9 +16,11 @@ nothing is skipped silently. Graders live in `GRADERS`: a name with a version
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -120,10 +122,12 @@ class DataSources:
         return str(local) if local else f"hub:{self.hub_id(spec)}"
 
     def check(self, spec: BenchmarkSpec, role: str, leave_out: str) -> None:
-        """Fail now, before any output is written, when a benchmark's data cannot be had."""
+        """Fail now, before any output is written, when a benchmark's data cannot be had; a local
+        file is parsed in full (every row converted), so a malformed one stops the run here."""
         if self.local_file(spec) is not None:
-            if spec.prepare is not None:
-                spec.prepare(spec, self)  # its side data must be there too
+            with warnings.catch_warnings():  # notes on left-out rows are the trainer's to give
+                warnings.simplefilter("ignore")
+                self.problems(spec)  # its side data (spec.prepare) too
             return
         hub = self.hub_id(spec)
         if Path(hub).exists() or hub_reachable():
@@ -158,8 +162,7 @@ def read_rows(path: Path, name: str) -> Rows:
             return hub_rows(str(path), None)
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            with open(path, encoding="utf-8") as fh:
-                return [json.loads(line) for line in fh if line.strip()]
+            return read_jsonl_rows(path, name)
         if suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(data, list):
@@ -168,11 +171,50 @@ def read_rows(path: Path, name: str) -> Rows:
         if suffix in (".csv", ".parquet"):
             import pandas as pd
 
-            frame = pd.read_csv(path, keep_default_na=False) if suffix == ".csv" else pd.read_parquet(path)
+            if suffix == ".csv":
+                check_csv_fields(path, name)
+            frame = pd.read_csv(path, keep_default_na=False, index_col=False) if suffix == ".csv" else pd.read_parquet(path)
             return frame.to_dict(orient="records")
-    except (OSError, ValueError) as exc:
+    except HarnessError:
+        raise
+    except (OSError, ValueError, csv.Error) as exc:
         raise HarnessError(f"benchmark {name}: cannot read {str(path)!r}: {str(exc).splitlines()[0]}") from None
     raise HarnessError(f"benchmark {name}: {str(path)!r} is not a .jsonl, .json, .csv or .parquet file")
+
+
+def read_jsonl_rows(path: Path, name: str) -> Rows:
+    """The objects of a .jsonl benchmark file, each line checked; errors give the true line number."""
+    rows = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise HarnessError(f"benchmark {name}: {str(path)!r} line {lineno}: not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise HarnessError(f"benchmark {name}: {str(path)!r} line {lineno}: malformed JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise HarnessError(f"benchmark {name}: {str(path)!r} line {lineno}: expected a JSON object")
+            rows.append(row)
+    return rows
+
+
+def check_csv_fields(path: Path, name: str) -> None:
+    """Every row of a CSV benchmark file has as many fields as its header (pandas would otherwise
+    take a row with one field more as an index and shift every column)."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise HarnessError(f"benchmark {name}: {str(path)!r} is empty (no header row)")
+        for row in reader:
+            if row and len(row) != len(header):
+                raise HarnessError(f"benchmark {name}: {str(path)!r} line {reader.line_num}: {len(row)} fields, "
+                                   f"the header has {len(header)}")
 
 
 def hub_rows(hub: str, spec: BenchmarkSpec | None) -> Rows:

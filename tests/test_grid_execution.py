@@ -177,9 +177,12 @@ def test_checkpoint_holds_every_state_and_restores_it(tmp_path, cache_dir):
     expected = torch.rand(3)
     torch.manual_seed(123)
     a.save_checkpoint(2, {"ID_accuracy": 0.5})
-    state = torch.load(store.checkpoint_dir(cell.path, 2) / "state.pt", weights_only=False)
-    assert {"policy", "heads", "critic", "actor_opt", "critic_opt", "rng", "step", "files", "summary"} <= set(state)
-    assert [p.name for p in (cell.path / "ckpt").iterdir()] == ["step00000002"], "older checkpoints are pruned"
+    state = torch.load(store.checkpoint_dir(cell.path, 2) / "state.pt", weights_only=True)  # tensors and plain data
+    assert {"policy", "heads", "critic", "actor_opt", "critic_opt", "rng", "step", "summary"} <= set(state)
+    manifest = json.loads((store.checkpoint_dir(cell.path, 2) / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"metrics.jsonl", "eval.jsonl"}
+    assert manifest["files"]["metrics.jsonl"]["bytes"] == (cell.path / "metrics.jsonl").stat().st_size
+    assert [p.name for p in (cell.path / "ckpt").iterdir()] == ["step00000002"]
 
     b = Trainer(cell.cfg, cell.path, cache_dir=cache_dir, progress=False)
     assert b.restore_latest() == 2
@@ -192,7 +195,8 @@ def test_checkpoint_holds_every_state_and_restores_it(tmp_path, cache_dir):
     assert b.actor_opt.state_dict()["state"][0]["step"] == a.actor_opt.state_dict()["state"][0]["step"] == 4
 
 
-HOLD_LOCK = "import sys, time; from harness.store import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
+HOLD_LOCK = ("import sys, time; from harness.store import RunLock, claim_store; claim_store(sys.argv[1]); "
+             "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)")
 
 
 def test_second_run_on_the_same_out_refuses_naming_the_holder(tmp_path, cache_dir, capsys):
