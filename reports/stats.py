@@ -133,8 +133,9 @@ def _rank_sum_counts(doubled_ranks: np.ndarray, k: int) -> np.ndarray:
 
 def mann_whitney(a, b) -> tuple[float, float]:
     """(U of a, two-sided exact p) of the Mann-Whitney U test: the permutation distribution of
-    a's rank sum (midranks for ties) over all C(n_a + n_b, n_a) assignments, counted exactly;
-    p = P(|R - E R| >= |r - E R|). nan with fewer than 2 seeds a side or every value equal."""
+    a's rank sum R (midranks for ties) over all C(n_a + n_b, n_a) assignments, counted exactly;
+    p = 2 min(P(R >= r), P(R <= r)), capped at 1 (scipy's two-sided convention). nan with fewer
+    than 2 seeds a side or every value equal."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     both = np.concatenate([a, b])
     if len(a) < 2 or len(b) < 2 or no_spread(both):
@@ -142,12 +143,11 @@ def mann_whitney(a, b) -> tuple[float, float]:
     doubled = np.rint(2 * sps.rankdata(both)).astype(int)  # midranks are multiples of 1/2
     counts = _rank_sum_counts(doubled, len(a))
     sums = np.arange(len(counts))
-    expected = len(a) * (len(both) + 1)  # doubled E[R]
     observed = int(doubled[:len(a)].sum())
-    extreme = np.abs(sums - expected) >= abs(observed - expected)
-    p = float(counts[extreme].sum() / counts.sum())
+    total = counts.sum()
+    upper, lower = counts[sums >= observed].sum() / total, counts[sums <= observed].sum() / total
     u = observed / 2 - len(a) * (len(a) + 1) / 2
-    return float(u), min(1.0, p)
+    return float(u), float(min(1.0, 2 * min(upper, lower)))
 
 
 def holm(pvalues: Sequence[float]) -> np.ndarray:

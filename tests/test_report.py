@@ -372,3 +372,43 @@ def test_avg_at_k_is_the_score_when_k_above_one(tmp_path):
                                                       eval_row(5, "m", "ID", 0.75, metric="pass@4")])
     assert "| grpo | none | 1 | 25.0 | – | 25.0 | – |" in (write_report(root, formats="md") / "report.md").read_text()
     assert sorted(os.listdir(root / "report")) == [".harness-report", "report.md"]
+
+
+def test_identical_series_on_two_benchmarks_give_the_same_interval_for_id_and_all(tmp_path):
+    # Every seed scores the same on its ID and its OOD benchmark: ID AVG, OOD AVG and ALL AVG are one
+    # series, so their intervals must be one interval (resampling benchmarks apart narrowed ALL AVG).
+    root = tmp_path / "runs"
+    values = [0.55, 0.62, 0.58, 0.66, 0.60]
+    for seed, v in enumerate(values):
+        make_cell(root, "s", "ppo", "none", seed, rows=final(10, {"s_id": v}, {"s_ood": v}))
+    main = pd.read_csv(write_report(root, tmp_path / "rep", formats="csv") / "csv" / "main.csv").set_index("score")
+    ci = sps.ttest_1samp(values, 0).confidence_interval()
+    for score in ("ID AVG", "OOD AVG", "ALL AVG"):
+        assert main.loc[score, ["mean", "ci_low", "ci_high"]].tolist() == pytest.approx([np.mean(values), ci.low, ci.high])
+
+
+def test_nan_or_missing_last_evaluation_is_listed_never_scored_earlier(tmp_path):
+    root = tmp_path / "runs"
+    good = final(0, {"a": 0.2}, {"b": 0.1}) + final(10, {"a": 0.5}, {"b": 0.3})
+    for seed in range(3):
+        make_cell(root, "s", "ppo", "none", seed, rows=good)
+    # seed 3: the last evaluation is NaN on every benchmark; the earlier 0.9 must not be its score.
+    make_cell(root, "s", "ppo", "none", 3, rows=final(5, {"a": 0.9}, {"b": 0.9}) + [
+        eval_row(10, "a", "ID", float("nan")), eval_row(10, "b", "OOD", None)])
+    # seed 4: NaN on the OOD benchmark only: its ID score counts, OOD AVG and ALL AVG leave it out.
+    make_cell(root, "s", "ppo", "none", 4, rows=final(0, {"a": 0.2}, {"b": 0.1}) + final(10, {"a": 0.8}, {"b": 0.9})
+              + [eval_row(20, "a", "ID", 0.8), eval_row(20, "b", "OOD", float("nan"))])
+    # seed 5: trained 20 steps but evaluated last at step 10: the final evaluation is missing.
+    cell = make_cell(root, "s", "ppo", "none", 5, rows=final(10, {"a": 0.9}, {"b": 0.9}))
+    (cell / "status.json").write_text(json.dumps({"state": "done", "steps": 20}))
+    out = write_report(root, tmp_path / "rep", formats="md,csv")
+    main = pd.read_csv(out / "csv" / "main.csv").set_index("score")
+    assert main.loc["ID AVG", "n_seeds"] == 4 and main.loc["ID AVG", "mean"] == pytest.approx((3 * 0.5 + 0.8) / 4)
+    assert main.loc["OOD AVG", "n_seeds"] == 3 and main.loc["OOD AVG", "mean"] == pytest.approx(0.3)
+    assert main.loc["ID AVG", "n_finished"] == 4  # seeds 3 and 5 are not scored at all
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "ppo/none/seed3 (last evaluation (step 10) is NaN on every benchmark)" in md
+    assert "ppo/none/seed4 (NaN on b at the last evaluation (step 20): not scored there)" in md
+    assert "ppo/none/seed5 (last evaluation at step 10 of 20: the final one is missing)" in md
+    # Each number shows its n where it differs from the seeds column (4 finished seeds).
+    assert re.search(r"\| ppo \| none \| 4 \| 57\.5 \[[^]]+\] \| 30\.0 \(n=3\) \| 40\.0 \(n=3\) \|", md)
