@@ -1,8 +1,8 @@
 """Figures of the report (matplotlib ``Figure`` objects, no pyplot state: headless, Agg).
 
     robustness_<suite>.{png,pdf}          score against noise rate per algorithm: mean over seeds with its
-                                          95 % t-interval, each point labelled with its n; a 1-seed point
-                                          is hollow and has no bar
+                                          95 % t-interval, each point labelled with its n; a point without an
+                                          interval (1 seed, or seeds all equal) is hollow
     stability_<suite>_<noise>.{png,pdf}   training curves: mean over seeds (drawn only at steps every seed
                                           of the cell has, so it never jumps where one drops out; the
                                           legend gives n), band = min..max over seeds
@@ -20,8 +20,8 @@ from reports.analysis import AVERAGES, CURVE_METRICS, SuiteReport, noise_rate
 
 PERCENT_KEYS = {"ID AVG", "OOD AVG"}
 UNITS = {  # metric key -> unit shown in the panel title
-    "reward/clean_mean": "clean reward, mean per sample",
-    "reward/train_mean": "training reward, mean per sample",
+    "reward/clean_mean": "mean per sample",
+    "reward/train_mean": "mean per sample",
     "ID AVG": "%", "OOD AVG": "%",
     "actor/kl_ref": "nats per token",
     "actor/entropy": "nats per token",
@@ -81,7 +81,7 @@ def robustness_figure(report: SuiteReport, folder: Path, exts: list[str]) -> str
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("score (%): mean, 95% t-interval")
     axes[-1].legend(fontsize=8)
-    fig.suptitle(f"{report.suite.name}: final score against noise rate (hollow: 1 seed, no interval)")
+    fig.suptitle(f"{report.suite.name}: final score against noise rate (hollow: no interval, from 1 seed or seeds all equal)")
     stem = file_stem("robustness", report.suite.name)
     _save(fig, folder, stem, exts)
     return stem
@@ -115,12 +115,16 @@ def stability_figures(report: SuiteReport, folder: Path, exts: list[str]) -> dic
                 ax.plot(a["step"], a["mean"] * scale, color=colors[algo], label=f"{algo} (n={n})",
                         marker="." if len(a) < 30 else None)
                 ax.fill_between(a["step"], a["min"] * scale, a["max"] * scale, color=colors[algo], alpha=0.2, linewidth=0)
-            ax.set_title(f"{label} ({UNITS.get(m['key'].iloc[0], m['key'].iloc[0])})", fontsize=9)
+            ax.set_title(f"{label}\n({UNITS.get(m['key'].iloc[0], m['key'].iloc[0])})", fontsize=9)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
         for ax in axes[len(labels):]:
             ax.set_visible(False)
-        axes[0].legend(fontsize=8)
+        legend = {}  # every algorithm of any panel, with its n
+        for ax in axes[:len(labels)]:
+            for handle, text in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(text.split(" (")[0], (handle, text))
+        axes[0].legend([h for h, _ in legend.values()], [t for _, t in legend.values()], fontsize=8)
         fig.suptitle(f"{report.suite.name}, noise {noise}: mean over seeds, band = min..max")
         fig.tight_layout()
         stem = file_stem("stability", report.suite.name, noise)
