@@ -275,6 +275,32 @@ def two_level_bootstrap(a: Sequence[np.ndarray], b: Sequence[np.ndarray], *, rep
     return (point, *_percentile(values, alpha), *bootstrap_p(values))
 
 
+# ---- power: how many seeds a study needs --------------------------------------------------
+
+def t_test_power(n: int, delta: float, sd: float, alpha: float, paired: bool = True) -> float:
+    """Power of the two-sided t-test at level ``alpha`` to detect a true difference ``delta``:
+    paired (n pairs, ``sd`` = sd of the per-seed differences; df n - 1) or two independent groups
+    of n seeds each with per-group sd ``sd`` (df 2n - 2). From the noncentral t distribution."""
+    df = n - 1 if paired else 2 * n - 2
+    if df < 1:
+        return 0.0
+    se = sd / math.sqrt(n) if paired else sd * math.sqrt(2 / n)
+    ncp = delta / se
+    crit = sps.t.ppf(1 - alpha / 2, df)
+    return float(sps.nct.sf(crit, df, ncp) + sps.nct.cdf(-crit, df, ncp))
+
+
+def seeds_for_power(delta: float, sd: float, alpha: float = 0.05, m: int = 1, power: float = 0.8,
+                    paired: bool = True, n_max: int = 1000) -> int:
+    """Smallest seed count whose t-test reaches ``power`` for ``delta`` at level alpha / m (the
+    Bonferroni level: Holm over m comparisons rejects at least what Bonferroni does, so this
+    count suffices after Holm too)."""
+    for n in range(2, n_max + 1):
+        if t_test_power(n, delta, sd, alpha / m, paired) >= power:
+            return n
+    raise ValueError(f"more than {n_max} seeds needed")
+
+
 # ---- robustness and stability ----------------------------------------------------------------
 
 def auc_weights(rates: Sequence[float]) -> np.ndarray:

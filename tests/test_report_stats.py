@@ -203,6 +203,20 @@ def test_percentile_bootstrap_coverage_justifies_its_seed_minimum():
     assert 0.88 <= cover[10] <= 0.97 and cover[5] < 0.88
 
 
+def test_power_and_seed_count_against_known_values():
+    # Textbook sample sizes for 80 % power at alpha 0.05, effect size delta / sd = 1: a paired
+    # t-test needs 10 pairs (power 0.803), two independent groups 17 seeds each (0.807).
+    assert stats.seeds_for_power(1.0, 1.0) == 10 and stats.t_test_power(10, 1.0, 1.0, 0.05) == pytest.approx(0.803, abs=1e-3)
+    assert stats.seeds_for_power(1.0, 1.0, paired=False) == 17
+    assert stats.t_test_power(17, 1.0, 1.0, 0.05, paired=False) == pytest.approx(0.807, abs=1e-3)
+    # Holm over m comparisons: designed at alpha / m, more seeds.
+    assert stats.seeds_for_power(1.0, 1.0, m=16) > stats.seeds_for_power(1.0, 1.0)
+    gen = np.random.default_rng(3)  # and by simulation: the paired t-test at n = 10, d = 1
+    d = gen.normal(1.0, 1.0, size=(4000, 10))
+    rejected = np.mean([stats.paired_t_test(x)[1] < 0.05 for x in d])
+    assert abs(rejected - 0.803) < 0.025
+
+
 def test_max_drawdown():
     assert stats.max_drawdown([0.1, 0.5, 0.3, 0.6, 0.2, 0.4]) == pytest.approx(0.4)
     assert stats.max_drawdown([0.1, 0.2, 0.3]) == 0.0
