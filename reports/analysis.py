@@ -5,8 +5,16 @@ averaged: ``ID AVG`` / ``OOD AVG`` = mean over the suite's ID / OOD benchmarks, 
 over ALL the suite's benchmarks (not the mean of ID AVG and OOD AVG). An average needs every
 benchmark of its set; a group that lacks one gets no value (a dash in the tables).
 
-Every interval is a 95 % percentile interval of a stratified bootstrap over seeds (strata =
-benchmarks; see ``reports.stats``) with ``REPS`` replicates and a seeded stream per number.
+The unit of every interval and test is a seed: one trained policy with all its benchmarks (see
+``reports.stats``). A number over a set of benchmarks uses the seeds that have every one of them
+(``n_seeds`` says how many). Means, gains, differences and robustness AUCs get t-intervals (Welch's
+for two independent groups); the IQM and P(improve) get a percentile bootstrap over seeds (``REPS``
+replicates, a seeded stream per number) from ``stats.BOOTSTRAP_MIN_SEEDS`` seeds a side.
+
+Cells of one seed share the warm start, the data order and the noise draws, so algorithms are also
+compared paired by seed: per-seed differences over the seeds both have, with a t-interval and the
+paired t-test. The *gain* of a seed is its final score minus its step-0 evaluation (the initial
+model, before any training).
 """
 from __future__ import annotations
 
@@ -85,90 +93,148 @@ def suites(store: RunStore, baseline: str | None = None) -> list[Suite]:
 
 
 class Finals:
-    """Final per-seed scores of one suite: strata(algo, noise, score) -> list of per-benchmark
-    arrays over seeds, or None when a benchmark of the score has no finished seed."""
+    """Per-seed scores of one suite's finished cells: ``matrix(algo, noise, score)`` is a frame
+    [seeds, member benchmarks] with the seeds that have every benchmark of the score (None when
+    the score has no benchmarks); ``per_seed`` is its row mean, a Series indexed by seed.
+    ``which``: "final" (last evaluation), "initial" (step 0) or "gain" (final - initial)."""
 
     def __init__(self, store: RunStore, suite: Suite):
-        df = store.final_scores()
-        df = df[df["suite"] == suite.name]
-        self.table = {key: g.set_index("seed")["value"].sort_index()
-                      for key, g in df.groupby(["algo", "noise", "benchmark"])}
         self.suite = suite
+        self.frames = {}
+        for which, df in (("final", store.final_scores()), ("initial", store.initial_scores())):
+            df = df[df["suite"] == suite.name]
+            self.frames[which] = {key: g.pivot_table(index="seed", columns="benchmark", values="value")
+                                  for key, g in df.groupby(["algo", "noise"])}
 
-    def strata(self, algo: str, noise: str, score: str) -> list[np.ndarray] | None:
-        out = []
-        for bench in self.suite.members(score):
-            values = self.table.get((algo, noise, bench))
-            if values is None or len(values) == 0:
-                return None
-            out.append(values.to_numpy(dtype=float))
-        return out or None
-
-    def per_seed(self, algo: str, noise: str, score: str) -> np.ndarray | None:
-        """The score of each seed that has every benchmark of it (for the tests over seeds)."""
-        columns = []
-        for bench in self.suite.members(score):
-            values = self.table.get((algo, noise, bench))
-            if values is None:
-                return None
-            columns.append(values.rename(bench))
-        if not columns:
+    def matrix(self, algo: str, noise: str, score: str, which: str = "final") -> pd.DataFrame | None:
+        members = self.suite.members(score)
+        if not members:
             return None
-        return pd.concat(columns, axis=1).dropna().mean(axis=1).to_numpy(dtype=float)
+        if which == "gain":
+            final, initial = self.matrix(algo, noise, score), self.matrix(algo, noise, score, "initial")
+            return (final - initial).dropna()
+        wide = self.frames[which].get((algo, noise))
+        if wide is None or not set(members) <= set(wide.columns):
+            return pd.DataFrame(columns=members, dtype=float)
+        return wide[members].dropna()
+
+    def per_seed(self, algo: str, noise: str, score: str, which: str = "final") -> pd.Series | None:
+        m = self.matrix(algo, noise, score, which)
+        return None if m is None else m.mean(axis=1)
 
 
 def main_table(store: RunStore, suite: Suite, seed: int = 0) -> pd.DataFrame:
     """One row per (algo, noise, score), every algo x noise of the suite (missing -> nan):
-    n_finished (finished seeds of the cell), n_seeds (those with every benchmark of the score), mean, ci_low, ci_high, iqm, iqm_low, iqm_high (IQM only with >= IQM_MIN_SEEDS)."""
+    n_finished (finished seeds of the cell), n_seeds (those with every benchmark of the score),
+    mean, ci_low, ci_high (t-interval), iqm, iqm_low, iqm_high (IQM from IQM_MIN_SEEDS seeds, its
+    bootstrap interval from BOOTSTRAP_MIN_SEEDS), and the gain over step 0: n_gain, gain, gain_low,
+    gain_high (t-interval)."""
     finals = Finals(store, suite)
     done = store.done()
     finished = done[done["suite"] == suite.name].groupby(["algo", "noise"]).size()
+    nan = math.nan
     rows = []
     for algo in suite.algos:
         for noise in suite.noises:
             for score in suite.scores():
-                strata = finals.strata(algo, noise, score)
-                row = {"suite": suite.name, "algo": algo, "noise": noise, "score": score,
-                       "role": suite.role(score), "n_finished": int(finished.get((algo, noise), 0)), "n_seeds": 0, "mean": math.nan, "ci_low": math.nan,
-                       "ci_high": math.nan, "iqm": math.nan, "iqm_low": math.nan, "iqm_high": math.nan}
-                if strata is not None:
-                    key = f"{suite.name}/{algo}/{noise}/{score}"
-                    n = min(len(s) for s in strata)
-                    row["n_seeds"] = n
-                    row["mean"], row["ci_low"], row["ci_high"] = stats.bootstrap_ci(
-                        strata, stats.mean_of_means, reps=REPS, seed=seed, key=key, alpha=ALPHA)
-                    if n >= stats.IQM_MIN_SEEDS:
+                row = {"suite": suite.name, "algo": algo, "noise": noise, "score": score, "role": suite.role(score),
+                       "n_finished": int(finished.get((algo, noise), 0)), "n_seeds": 0, "mean": nan, "ci_low": nan,
+                       "ci_high": nan, "iqm": nan, "iqm_low": nan, "iqm_high": nan, "n_gain": 0, "gain": nan,
+                       "gain_low": nan, "gain_high": nan}
+                m = finals.matrix(algo, noise, score)
+                if m is not None and len(m):
+                    row["n_seeds"] = len(m)
+                    row["mean"], row["ci_low"], row["ci_high"] = stats.t_interval(m.mean(axis=1), ALPHA)
+                    if len(m) >= stats.IQM_MIN_SEEDS:
                         row["iqm"], row["iqm_low"], row["iqm_high"] = stats.bootstrap_ci(
-                            strata, stats.iqm, reps=REPS, seed=seed, key=key + "/iqm", alpha=ALPHA)
+                            m.to_numpy(), stats.iqm, reps=REPS, seed=seed, key=f"{suite.name}/{algo}/{noise}/{score}/iqm",
+                            alpha=ALPHA)
+                gain = finals.per_seed(algo, noise, score, "gain")
+                if gain is not None and len(gain):
+                    row["n_gain"] = len(gain)
+                    row["gain"], row["gain_low"], row["gain_high"] = stats.t_interval(gain, ALPHA)
                 rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _paired(store: RunStore, suite: Suite, algo: str, baseline: str, noise: str, score: str, seed: int):
-    """Paired bootstrap over problems, or None without per-problem results on both sides."""
+SEED_TESTS = ("welch_p", "mwu_p", "pair_p")  # tests over seeds; each gets its own Holm family
+PROBLEM_TESTS = ("prob_p", "two_p")          # bootstraps over problems (per-problem results needed)
+
+
+def compare_seeds(a: pd.Series | None, b: pd.Series | None) -> dict:
+    """Seed-level comparison of per-seed scores a (algorithm) and b (baseline), Series indexed by
+    seed: unpaired (Welch interval and test, Mann-Whitney exact test) and paired by seed over the
+    seeds both have (t-interval of the per-seed differences and the paired t-test)."""
+    nan = math.nan
+    a = pd.Series(dtype=float) if a is None else a
+    b = pd.Series(dtype=float) if b is None else b
+    row = {"n_algo": len(a), "n_base": len(b)}
+    row["diff"], row["diff_low"], row["diff_high"] = stats.welch_interval(a, b, ALPHA) if len(a) and len(b) else (nan,) * 3
+    row["welch_t"], row["welch_p"] = stats.welch_test(a, b)
+    row["mwu_u"], row["mwu_p"] = stats.mann_whitney(a, b)
+    common = a.index.intersection(b.index)
+    d = (a[common] - b[common]).to_numpy(dtype=float)
+    row["n_pairs"] = len(d)
+    row["pair_diff"], row["pair_low"], row["pair_high"] = stats.t_interval(d, ALPHA)
+    row["pair_t"], row["pair_p"] = stats.paired_t_test(d)
+    return row
+
+
+def _problem_matrices(store: RunStore, suite: Suite, algo: str, baseline: str, noise: str, score: str):
+    """Per benchmark of the score, per-problem scores [seeds, problems] of each side on the
+    problems every seed of both sides evaluated; None without per-problem results."""
     probs = store.final_problems()
     probs = probs[(probs["suite"] == suite.name) & (probs["noise"] == noise)]
-    diffs = []
+    out = []
     for bench in suite.members(score):
         sides = []
         for a in (algo, baseline):
             rows = probs[(probs["algo"] == a) & (probs["benchmark"] == bench)]
-            sides.append(rows.groupby("problem")["score"].mean())  # mean over seeds
-        common = sides[0].index.intersection(sides[1].index)
+            sides.append(rows.pivot_table(index="seed", columns="problem", values="score").dropna(axis=1))
+        common = sides[0].columns.intersection(sides[1].columns)
         if len(common) == 0:
             return None
-        diffs.append((sides[0][common] - sides[1][common]).to_numpy(dtype=float))
-    if not diffs:
-        return None
-    key = f"{suite.name}/{algo}-{baseline}/{noise}/{score}/paired"
-    return (sum(len(d) for d in diffs), *stats.paired_bootstrap(diffs, reps=REPS, seed=seed, key=key, alpha=ALPHA))
+        out.append(tuple(side[common].to_numpy(dtype=float) for side in sides))
+    return out or None
+
+
+def compare_problems(store: RunStore, suite: Suite, algo: str, baseline: str, noise: str, score: str,
+                     seed: int) -> dict:
+    """Bootstraps over problems, when cells hold per-problem results: the paired bootstrap over
+    problems (seeds averaged, fixed: about these checkpoints on this problem set) and the
+    two-level bootstrap (seeds, then problems)."""
+    nan = math.nan
+    row = {"n_problems": 0, "prob_diff": nan, "prob_low": nan, "prob_high": nan, "prob_p": nan, "prob_p_bound": False,
+           "two_diff": nan, "two_low": nan, "two_high": nan, "two_p": nan, "two_p_bound": False}
+    mats = _problem_matrices(store, suite, algo, baseline, noise, score)
+    if mats is None:
+        return row
+    key = f"{suite.name}/{algo}-{baseline}/{noise}/{score}"
+    row["n_problems"] = sum(a.shape[1] for a, _ in mats)
+    diffs = [a.mean(axis=0) - b.mean(axis=0) for a, b in mats]
+    (row["prob_diff"], row["prob_low"], row["prob_high"], row["prob_p"],
+     row["prob_p_bound"]) = stats.paired_bootstrap(diffs, reps=REPS, seed=seed, key=key + "/paired", alpha=ALPHA)
+    (row["two_diff"], row["two_low"], row["two_high"], row["two_p"],
+     row["two_p_bound"]) = stats.two_level_bootstrap([a for a, _ in mats], [b for _, b in mats], reps=REPS, seed=seed,
+                                                     key=key + "/two-level", alpha=ALPHA)
+    return row
+
+
+def add_holm(df: pd.DataFrame, columns, by: list[str]) -> pd.DataFrame:
+    """For each p column: ``<col>_holm`` (Holm-Bonferroni over the rows of one ``by`` group where
+    the test is defined), ``<col>_m`` (that family's size) and ``<col>_sig`` (adjusted < ALPHA)."""
+    for col in columns:
+        df[col + "_holm"] = df.groupby(by)[col].transform(lambda p: pd.Series(stats.holm(p.to_numpy()), index=p.index))
+        df[col + "_m"] = df.groupby(by)[col].transform(lambda p: int(p.notna().sum())).astype(int)
+        df[col + "_sig"] = df[col + "_holm"] < ALPHA
+    return df
 
 
 def significance_table(store: RunStore, suite: Suite, baseline: str, seed: int = 0) -> pd.DataFrame:
-    """Each algorithm against the baseline at each noise setting, for ID AVG, OOD AVG and ALL AVG.
-    Holm-Bonferroni runs over the comparisons of one (suite, score) table, separately for the
-    Welch, Mann-Whitney and paired-bootstrap p-values; ``significant`` = Holm-adjusted Welch
-    p < ALPHA."""
+    """Each algorithm against the baseline at each noise setting, for ID AVG, OOD AVG and ALL AVG:
+    ``compare_seeds`` of final scores, P(improve) with its bootstrap interval, and
+    ``compare_problems``. Each test's p-values are Holm-adjusted over the comparisons of one
+    (suite, score) table where that test is defined (all algorithms x noise settings)."""
     if baseline not in suite.algos:
         return pd.DataFrame()
     finals = Finals(store, suite)
@@ -179,72 +245,71 @@ def significance_table(store: RunStore, suite: Suite, baseline: str, seed: int =
                 if algo == baseline:
                     continue
                 row = {"suite": suite.name, "score": score, "noise": noise, "algo": algo, "baseline": baseline}
-                a, b = finals.strata(algo, noise, score), finals.strata(baseline, noise, score)
-                a_seed, b_seed = finals.per_seed(algo, noise, score), finals.per_seed(baseline, noise, score)
-                nan = math.nan
-                row.update(n_algo=0 if a_seed is None else len(a_seed), n_base=0 if b_seed is None else len(b_seed),
-                           diff=nan, diff_low=nan, diff_high=nan, welch_t=nan, welch_p=nan, mwu_u=nan, mwu_p=nan,
-                           poi=nan, poi_low=nan, poi_high=nan, paired_problems=0, paired_diff=nan,
-                           paired_low=nan, paired_high=nan, paired_p=nan)
-                if a is not None and b is not None:
-                    key = f"{suite.name}/{algo}-{baseline}/{noise}/{score}"
-                    row["diff"], row["diff_low"], row["diff_high"] = stats.difference_ci(
-                        a, b, reps=REPS, seed=seed, key=key, alpha=ALPHA)
+                row.update(compare_seeds(finals.per_seed(algo, noise, score), finals.per_seed(baseline, noise, score)))
+                ma, mb = finals.matrix(algo, noise, score), finals.matrix(baseline, noise, score)
+                row["poi"] = row["poi_low"] = row["poi_high"] = math.nan
+                if ma is not None and len(ma) and len(mb):
                     row["poi"], row["poi_low"], row["poi_high"] = stats.prob_improvement(
-                        a, b, reps=REPS, seed=seed, key=key + "/poi", alpha=ALPHA)
-                    row["welch_t"], row["welch_p"] = stats.welch_test(a_seed, b_seed)
-                    row["mwu_u"], row["mwu_p"] = stats.mann_whitney(a_seed, b_seed)
-                paired = _paired(store, suite, algo, baseline, noise, score, seed)
-                if paired is not None:
-                    (row["paired_problems"], row["paired_diff"], row["paired_low"], row["paired_high"],
-                     row["paired_p"]) = paired
+                        ma.to_numpy(), mb.to_numpy(), reps=REPS, seed=seed,
+                        key=f"{suite.name}/{algo}-{baseline}/{noise}/{score}/poi", alpha=ALPHA)
+                row.update(compare_problems(store, suite, algo, baseline, noise, score, seed))
                 rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    for col in ("welch_p", "mwu_p", "paired_p"):
-        df[col + "_holm"] = df.groupby("score")[col].transform(lambda p: pd.Series(stats.holm(p.to_numpy()), index=p.index))
-    df["significant"] = df["welch_p_holm"] < ALPHA
-    df["significant_mwu"] = df["mwu_p_holm"] < ALPHA
-    df["significant_paired"] = df["paired_p_holm"] < ALPHA
-    return df
+    return add_holm(df, SEED_TESTS + PROBLEM_TESTS, ["score"])
 
 
-def robustness_table(store: RunStore, suite: Suite, main: pd.DataFrame, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+def robustness_table(store: RunStore, suite: Suite, main: pd.DataFrame, baseline: str | None = None,
+                     seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(curve, auc). curve: main-table rows of the averages with family and rate columns (rate
     nan for settings without one rate). auc: per (algo, score, family) the normalised area under
-    score(rate) over the family's rates (``none`` as rate 0 joins every family), with its
-    bootstrap interval; nan when the algorithm misses a rate of the family or it has < 2 rates."""
+    score(rate) over the family's rates (``none`` as rate 0 joins every family), per seed over the
+    seeds that have every rate (n_seeds), with its mean and t-interval; nan when no seed has every
+    rate or the family has < 2 rates. Against the baseline, paired by seed: base_diff, base_low,
+    base_high, base_p (paired t-test), Holm-adjusted over the algorithms of one (family, score)."""
     curve = main[main["score"].isin(AVERAGES)].copy()
     parsed = {n: noise_rate(n) for n in suite.noises}
     curve["rate"] = curve["noise"].map(lambda n: parsed[n][1] if parsed[n] else math.nan)
     families = sorted({p[0] for p in parsed.values() if p and p[0] != "none"})
     finals = Finals(store, suite)
+    nan = math.nan
     rows = []
     for family in families:
         settings = {p[1]: n for n, p in parsed.items() if p and p[0] == family}
         if "none" in parsed and 0.0 not in settings:
             settings[0.0] = "none"
         rates = sorted(settings)
-        for algo in suite.algos:
-            for score in AVERAGES:
+
+        def per_seed_auc(algo: str, score: str) -> pd.Series | None:
+            if len(rates) < 2:
+                return None
+            columns = [finals.per_seed(algo, settings[r], score) for r in rates]
+            if any(c is None for c in columns):
+                return None
+            wide = pd.concat(columns, axis=1, join="inner")
+            return pd.Series(wide.to_numpy() @ stats.auc_weights(rates), index=wide.index)
+
+        for score in AVERAGES:
+            base = per_seed_auc(baseline, score) if baseline in suite.algos else None
+            for algo in suite.algos:
                 row = {"suite": suite.name, "algo": algo, "score": score, "family": family,
-                       "rates": " ".join(f"{r:g}" for r in rates), "auc": math.nan, "auc_low": math.nan,
-                       "auc_high": math.nan}
-                strata, groups = [], []
-                for k, r in enumerate(rates):
-                    s = finals.strata(algo, settings[r], score)
-                    if s is None:
-                        strata = None
-                        break
-                    strata += s
-                    groups += [k] * len(s)
-                if strata is not None and len(rates) >= 2:
-                    key = f"{suite.name}/{algo}/{family}/{score}/auc"
-                    row["auc"], row["auc_low"], row["auc_high"] = stats.bootstrap_ci(
-                        strata, stats.auc_statistic(rates, groups), reps=REPS, seed=seed, key=key, alpha=ALPHA)
+                       "rates": " ".join(f"{r:g}" for r in rates), "n_seeds": 0, "auc": nan, "auc_low": nan,
+                       "auc_high": nan, "n_pairs": 0, "base_diff": nan, "base_low": nan, "base_high": nan, "base_p": nan}
+                auc = per_seed_auc(algo, score)
+                if auc is not None and len(auc):
+                    row["n_seeds"] = len(auc)
+                    row["auc"], row["auc_low"], row["auc_high"] = stats.t_interval(auc, ALPHA)
+                    if base is not None and algo != baseline:
+                        c = compare_seeds(auc, base)
+                        row.update(n_pairs=c["n_pairs"], base_diff=c["pair_diff"], base_low=c["pair_low"],
+                                   base_high=c["pair_high"], base_p=c["pair_p"])
                 rows.append(row)
-    return curve, pd.DataFrame(rows, columns=["suite", "algo", "score", "family", "rates", "auc", "auc_low", "auc_high"])
+    columns = ["suite", "algo", "score", "family", "rates", "n_seeds", "auc", "auc_low", "auc_high", "n_pairs",
+               "base_diff", "base_low", "base_high", "base_p"]
+    auc = pd.DataFrame(rows, columns=columns)
+    auc = add_holm(auc, ["base_p"], ["family", "score"]) if len(auc) else auc
+    return curve, auc
 
 
 def eval_curves(store: RunStore, suite: Suite) -> pd.DataFrame:
@@ -331,10 +396,10 @@ def analyse(store: RunStore, baseline: str = "ppo", seed: int = 0) -> list[Suite
     out = []
     for suite in suites(store, baseline):
         main = main_table(store, suite, seed)
-        curve, auc = robustness_table(store, suite, main, seed)
+        curve, auc = robustness_table(store, suite, main, baseline, seed)
         ev = eval_curves(store, suite)
         cells = store.cells[store.cells["suite"] == suite.name]
-        unfinished = cells[~(cells["state"].eq("done") & cells["step"].notna())]
+        unfinished = cells[~(cells["state"].eq("done") & cells["step"].notna()) | cells["issue"].ne("")]
         out.append(SuiteReport(suite, main, significance_table(store, suite, baseline, seed), curve, auc,
                                ev, stability_curves(store, suite, ev), stability_table(suite, ev), unfinished))
     return out

@@ -10,8 +10,11 @@ A *cell* is one ``seed<k>`` directory at that depth holding ``status.json`` or `
 Scores. Each benchmark's *primary metric* at an evaluation step is ``accuracy`` (one sample per
 problem) or, when the evaluation drew k > 1 samples, ``avg@k``; pass@k rows are not scores here.
 Several primary rows of one benchmark at one step (e.g. two decoding settings) are averaged first,
-so each benchmark counts once. A cell's *final* score is read at its LAST evaluation step.
-Values are fractions in [0, 1].
+so each benchmark counts once. A cell's *final* score is read at its LAST evaluation step, never
+at an earlier one: a benchmark whose value there is missing or NaN has no final score for that
+seed, a cell whose last evaluation is NaN on every benchmark, or whose last evaluation comes before
+the last training step (``steps`` of ``status.json``), is not scored at all, and ``RunStore.cells``
+says why in its ``issue`` column. Values are fractions in [0, 1].
 
 ``eval_problems.jsonl`` (optional, one object per (evaluation step, benchmark, problem)) holds
 per-problem results for the paired bootstrap::
@@ -49,12 +52,25 @@ def read_jsonl(path: Path, keys: tuple[str, ...] = ()) -> list[dict]:
     return store.read_jsonl(path, keys)
 
 
-def _read_state(cell: Path) -> tuple[str, str]:
-    """(state, reason) from a cell's status.json; ("unknown", "") without one."""
-    status = store.read_status(cell)
-    if status is None:
-        return "unknown", ""
-    return str(status["state"]), str(status.get("reason", "")) if status["state"] == "failed" else ""
+def _read_status(cell: Path) -> dict:
+    """A cell's status.json through the store's validating reader; {"state": "unknown"} without one."""
+    return store.read_status(cell) or {"state": "unknown"}
+
+
+def final_issue(scores: pd.DataFrame, last: int | None, steps) -> str:
+    """Why a cell's last evaluation cannot (fully) be scored, or '' when it can: no evaluation,
+    an evaluation short of the last training step, or NaN values at the last evaluation."""
+    if last is None:
+        return "no evaluation"
+    if isinstance(steps, int) and last < steps:
+        return f"last evaluation at step {last} of {steps}: the final one is missing"
+    final = scores[scores["step"] == last]
+    nan = sorted(final.loc[final["value"].isna(), "benchmark"])
+    if nan and len(nan) == len(final):
+        return f"last evaluation (step {last}) is NaN on every benchmark"
+    if nan:
+        return f"NaN on {', '.join(nan)} at the last evaluation (step {last}): not scored there"
+    return ""
 
 
 def _checked_rows(path: Path, keys: tuple[str, ...]) -> list[dict]:
@@ -63,15 +79,15 @@ def _checked_rows(path: Path, keys: tuple[str, ...]) -> list[dict]:
 
 def primary_scores(rows: list[dict]) -> pd.DataFrame:
     """Eval rows -> one row per (step, role, benchmark) with the primary metric's value
-    (accuracy, else avg@k), duplicate rows of a benchmark averaged. Columns: step, role,
-    benchmark, value."""
+    (accuracy, else avg@k), duplicate rows of a benchmark averaged (NaN when all of them are NaN).
+    Columns: step, role, benchmark, value."""
     if not rows:
         return pd.DataFrame({"step": pd.Series(dtype=int), "role": pd.Series(dtype=str),
                              "benchmark": pd.Series(dtype=str), "value": pd.Series(dtype=float)})
     df = pd.DataFrame(rows)
     df = df[df["metric"].map(lambda m: m == "accuracy" or bool(_AVG_AT_K.fullmatch(str(m))))]
-    df = df[df["value"].notna()]
-    out = df.groupby(["step", "role", "benchmark"], as_index=False)["value"].mean()
+    df = df.assign(value=pd.to_numeric(df["value"], errors="coerce"))  # null -> NaN, kept: a NaN is a result
+    out = df.groupby(["step", "role", "benchmark"], as_index=False)["value"].mean()  # NaN only if all NaN
     out["step"] = out["step"].astype(int)
     out["value"] = out["value"].astype(float)
     return out
@@ -102,7 +118,8 @@ class RunStore:
     """Every cell under ``runs_dir`` with its parsed files.
 
     ``cells``: suite, algo, noise, seed, state, step (last eval step), id_acc, ood_acc, reason (why
-    a cell failed, or why its files are unreadable: state ``corrupt``), path.
+    a cell failed, or why its files are unreadable: state ``corrupt``), issue (why a finished cell's
+    last evaluation is not, or not fully, scored; '' when it is), path.
     ``evals``: suite, algo, noise, seed, step, role, benchmark, value (primary metric, all steps).
     ``metrics``: suite, algo, noise, seed, step and one column per metrics.jsonl key.
     ``problems``: suite, algo, noise, seed, step, role, benchmark, problem, score (may be empty).
@@ -118,24 +135,27 @@ class RunStore:
             suite, algo, noise = cell.relative_to(runs_dir).parts[:3]
             key = {"suite": suite, "algo": algo, "noise": noise, "seed": int(match.group(1))}
             try:
-                state, reason = _read_state(cell)
+                status = _read_status(cell)
                 scores = primary_scores(_checked_rows(cell / "eval.jsonl", EVAL_KEYS))
                 m = pd.DataFrame(_checked_rows(cell / "metrics.jsonl", ()))
                 p = _checked_rows(cell / "eval_problems.jsonl", PROBLEM_KEYS)
             except (ValueError, TypeError) as exc:  # one cell's corrupt files never hold the report hostage
                 reason = str(exc) if isinstance(exc, HarnessError) else f"{str(cell)!r}: {type(exc).__name__}: {exc}"
                 cells.append({**key, "state": CORRUPT, "step": None, "id_acc": math.nan, "ood_acc": math.nan,
-                              "reason": reason, "path": str(cell)})
+                              "reason": reason, "issue": "", "path": str(cell)})
                 continue
             last = int(scores["step"].max()) if len(scores) else None
             final = scores[scores["step"] == last]
 
             def role_mean(role: str) -> float:
                 values = final.loc[final["role"] == role, "value"]
-                return float(values.mean()) if len(values) else math.nan
+                return float(values.mean(skipna=False)) if len(values) else math.nan
 
+            state = str(status.get("state", "unknown"))
+            reason = str(status.get("reason", "")) if state == "failed" else ""
+            issue = final_issue(scores, last, status.get("steps")) if state == "done" else ""
             cells.append({**key, "state": state, "step": last, "id_acc": role_mean("ID"),
-                          "ood_acc": role_mean("OOD"), "reason": reason, "path": str(cell)})
+                          "ood_acc": role_mean("OOD"), "reason": reason, "issue": issue, "path": str(cell)})
             evals.append(scores.assign(**key))
             if "step" in m:
                 metrics.append(m.assign(**key))
@@ -157,14 +177,27 @@ class RunStore:
         return self.cells[self.cells["state"].eq(CORRUPT)]
 
     def done(self) -> pd.DataFrame:
-        """Cells that finished and have an evaluation: the only ones that enter statistics."""
-        return self.cells[self.cells["state"].eq("done") & self.cells["step"].notna()]
+        """Cells that finished with a scorable last evaluation (the final one, not NaN on every
+        benchmark): the only ones that enter statistics."""
+        c = self.cells
+        unscorable = c["issue"].str.contains("NaN on every|missing|no evaluation", regex=True)
+        return c[c["state"].eq("done") & c["step"].notna() & ~unscorable]
 
     def final_scores(self) -> pd.DataFrame:
-        """Finished cells' primary scores at their last evaluation step: suite, algo, noise, seed,
-        role, benchmark, value."""
+        """Finished cells' primary scores at their last evaluation step (NaN values left out:
+        that benchmark has no final score for that seed): suite, algo, noise, seed, role,
+        benchmark, value."""
         done = self.done()[["suite", "algo", "noise", "seed", "step"]]
         merged = self.evals.merge(done, on=["suite", "algo", "noise", "seed", "step"])
+        merged = merged[merged["value"].notna()]
+        return merged[["suite", "algo", "noise", "seed", "role", "benchmark", "value"]]
+
+    def initial_scores(self) -> pd.DataFrame:
+        """Finished cells' primary scores at step 0 (the initial model, before training):
+        suite, algo, noise, seed, role, benchmark, value."""
+        done = self.done()[["suite", "algo", "noise", "seed"]]
+        ev = self.evals[(self.evals["step"] == 0) & self.evals["value"].notna()]
+        merged = ev.merge(done, on=["suite", "algo", "noise", "seed"])
         return merged[["suite", "algo", "noise", "seed", "role", "benchmark", "value"]]
 
     def final_problems(self) -> pd.DataFrame:

@@ -1,7 +1,11 @@
 """Figures of the report (matplotlib ``Figure`` objects, no pyplot state: headless, Agg).
 
-    robustness_<suite>.{png,pdf}          score against noise rate per algorithm, 95 % CI bars
-    stability_<suite>_<noise>.{png,pdf}   training curves: mean over seeds, band = min..max
+    robustness_<suite>.{png,pdf}          score against noise rate per algorithm: mean over seeds with its
+                                          95 % t-interval, each point labelled with its n; a point without an
+                                          interval (1 seed, or seeds all equal) is hollow
+    stability_<suite>_<noise>.{png,pdf}   training curves: mean over seeds (drawn only at steps every seed
+                                          of the cell has, so it never jumps where one drops out; the
+                                          legend gives n), band = min..max over seeds
 """
 from __future__ import annotations
 
@@ -15,6 +19,14 @@ from matplotlib.figure import Figure
 from reports.analysis import AVERAGES, CURVE_METRICS, SuiteReport, noise_rate
 
 PERCENT_KEYS = {"ID AVG", "OOD AVG"}
+UNITS = {  # metric key -> unit shown in the panel title
+    "reward/clean_mean": "mean per sample",
+    "reward/train_mean": "mean per sample",
+    "ID AVG": "%", "OOD AVG": "%",
+    "actor/kl_ref": "nats per token",
+    "actor/entropy": "nats per token",
+    "critic/dist_std": "reward units",
+}
 
 
 def file_stem(*parts: str) -> str:
@@ -55,14 +67,21 @@ def robustness_figure(report: SuiteReport, folder: Path, exts: list[str]) -> str
                 low = (d["mean"] - d["ci_low"]).fillna(0).clip(lower=0) * 100
                 high = (d["ci_high"] - d["mean"]).fillna(0).clip(lower=0) * 100
                 label = algo if len(families) == 1 else f"{algo} ({family})"
-                ax.errorbar(d["rate"] + dodge, d["mean"] * 100, yerr=[low, high], color=colors[algo],
-                            linestyle=styles[family], marker="o", capsize=3, label=label)
+                x, y = d["rate"] + dodge, d["mean"] * 100
+                ax.errorbar(x, y, yerr=[low, high], color=colors[algo], linestyle=styles[family], marker="none",
+                            capsize=3, label=label)
+                single = d["ci_low"].isna().to_numpy()  # no interval (one seed): hollow marker
+                ax.plot(x[~single], y[~single], "o", color=colors[algo])
+                ax.plot(x[single], y[single], "o", markerfacecolor="white", color=colors[algo])
+                for xi, yi, n in zip(x, y, d["n_seeds"]):
+                    ax.annotate(f"n={int(n)}", (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=6,
+                                color=colors[algo])
         ax.set_title(score)
         ax.set_xlabel("noise rate")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("score (%), 95% CI")
+    axes[0].set_ylabel("score (%): mean, 95% t-interval")
     axes[-1].legend(fontsize=8)
-    fig.suptitle(f"{report.suite.name}: final score against noise rate")
+    fig.suptitle(f"{report.suite.name}: final score against noise rate (hollow: no interval, from 1 seed or seeds all equal)")
     stem = file_stem("robustness", report.suite.name)
     _save(fig, folder, stem, exts)
     return stem
@@ -91,14 +110,21 @@ def stability_figures(report: SuiteReport, folder: Path, exts: list[str]) -> dic
                 a = m[m["algo"] == algo].sort_values("step")
                 if a.empty:
                     continue
-                ax.plot(a["step"], a["mean"] * scale, color=colors[algo], label=algo, marker="." if len(a) < 30 else None)
+                n = int(a["n_seeds"].max())
+                a = a[a["n_seeds"] == n]  # only steps every seed has: the mean never jumps
+                ax.plot(a["step"], a["mean"] * scale, color=colors[algo], label=f"{algo} (n={n})",
+                        marker="." if len(a) < 30 else None)
                 ax.fill_between(a["step"], a["min"] * scale, a["max"] * scale, color=colors[algo], alpha=0.2, linewidth=0)
-            ax.set_title(label + (" (%)" if percent else ""), fontsize=10)
+            ax.set_title(f"{label}\n({UNITS.get(m['key'].iloc[0], m['key'].iloc[0])})", fontsize=9)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
         for ax in axes[len(labels):]:
             ax.set_visible(False)
-        axes[0].legend(fontsize=8)
+        legend = {}  # every algorithm of any panel, with its n
+        for ax in axes[:len(labels)]:
+            for handle, text in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(text.split(" (")[0], (handle, text))
+        axes[0].legend([h for h, _ in legend.values()], [t for _, t in legend.values()], fontsize=8)
         fig.suptitle(f"{report.suite.name}, noise {noise}: mean over seeds, band = min..max")
         fig.tight_layout()
         stem = file_stem("stability", report.suite.name, noise)

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats as sps
@@ -106,9 +107,9 @@ def test_report_on_partial_grid(runs):
     assert "| ppo | flip0.2 | 0 | – | – | – | – |" in md
     assert "| grpo | pseudo8 | 0 | – | – | – | – |" in md
     assert "| ppo | pseudo8 | 1 | – | – | – | – |" in md  # aime24 missing: ID AVG needs both
-    assert "| ppo | pseudo8 | – | 12.5 | – |" in md  # per-benchmark table: aime24 (ID), math500 (ID), gpqa (OOD)
-    assert "1 cell not finished (excluded): grpo/flip0.2/seed1 (running)" in md
-    assert "1 cell not finished (excluded): dfpo/flip0.1/seed4 (failed)" in md
+    assert "| ppo | pseudo8 | 1 | – | 12.5 | – |" in md  # per-benchmark table: aime24 (ID), math500 (ID), gpqa (OOD)
+    assert "1 cell not finished or not fully scored (unscored benchmarks excluded): grpo/flip0.2/seed1 (running)" in md
+    assert "1 cell not finished or not fully scored (unscored benchmarks excluded): dfpo/flip0.1/seed4 (failed)" in md
     assert "Baseline 'ppo' has no runs in this suite." in md  # arith has only dfpo
     # The baseline is listed first; noise in natural order.
     rows = re.findall(r"^\| (\w+) \| (\S+) \| \d+ \| ", md, flags=re.M)
@@ -160,22 +161,54 @@ def test_significance_robustness_stability_known_answers(tmp_path):
     p_none = sps.ttest_ind(grpo["none"], ppo["none"], equal_var=False).pvalue
     p_flip = sps.ttest_ind(grpo["flip0.2"], ppo["flip0.2"], equal_var=False).pvalue
     assert s.loc["none", "welch_p"] == pytest.approx(p_none)
-    assert s.loc["none", "mwu_p"] == pytest.approx(sps.mannwhitneyu(grpo["none"], ppo["none"]).pvalue)
+    assert s.loc["none", "mwu_p"] == pytest.approx(2 / 70)  # exact: all four above all four, two-sided
     assert s.loc["none", "diff"] == pytest.approx(0.815 - 0.53)
+    welch_ci = sps.ttest_ind(grpo["none"], ppo["none"], equal_var=False).confidence_interval()
+    assert (s.loc["none", "diff_low"], s.loc["none", "diff_high"]) == pytest.approx((welch_ci.low, welch_ci.high))
     assert s.loc["none", "poi"] == 1.0 and s.loc["flip0.2", "poi"] == pytest.approx(10 / 16)
-    assert s.loc["flip0.4", "poi"] == 0.0
-    # Holm over the four comparisons of the table; flip0.4 (constant) and pseudo8 (identical
-    # constants) have p = 0 and nan: nan does not count.
-    assert s.loc["flip0.4", "welch_p"] == 0.0 and math.isnan(s.loc["pseudo8", "welch_p"])
-    assert s.loc["flip0.2", "welch_p_holm"] == pytest.approx(stats.holm([p_none, p_flip, 0.0])[1])
-    assert bool(s.loc["none", "significant"]) and not bool(s.loc["flip0.2", "significant"])
-    # Paired bootstrap where per-problem rows exist: every problem +0.5 -> p = 0; elsewhere none.
-    assert s.loc["none", "paired_diff"] == pytest.approx(0.5) and s.loc["none", "paired_p"] == 0.0
-    assert s.loc["none", "paired_problems"] == 5 and s.loc["flip0.2", "paired_problems"] == 0
+    assert s.loc["flip0.4", "poi"] == 0.0 and math.isnan(s.loc["none", "poi_low"])  # 4 < 10 seeds: no interval
+    # Undefined tests are nan and stay out of their Holm family: flip0.4 has zero variance on both
+    # sides (Welch undefined; Mann-Whitney is defined: every grpo seed is below every ppo seed),
+    # pseudo8 is one value everywhere (nothing defined).
+    assert math.isnan(s.loc["flip0.4", "welch_p"]) and math.isnan(s.loc["pseudo8", "welch_p"])
+    assert s.loc["flip0.4", "mwu_p"] == pytest.approx(2 / 70) and math.isnan(s.loc["pseudo8", "mwu_p"])
+    assert s.loc["flip0.2", "welch_p_holm"] == pytest.approx(stats.holm([p_none, p_flip])[1])
+    assert s["welch_p_m"].tolist() == [2] * 4 and s["mwu_p_m"].tolist() == [3] * 4
+    assert bool(s.loc["none", "welch_p_sig"]) and not bool(s.loc["flip0.2", "welch_p_sig"])
+    assert not bool(s.loc["flip0.4", "welch_p_sig"])
+    # Paired by seed: grpo - ppo per seed is 0.30, 0.29, 0.28, 0.27 at none; a constant 0.01 at flip0.2
+    # (zero variance: no interval, no test).
+    assert s.loc["none", "n_pairs"] == 4 and s.loc["none", "pair_diff"] == pytest.approx(0.285)
+    assert s.loc["none", "pair_p"] == pytest.approx(sps.ttest_rel(grpo["none"], ppo["none"]).pvalue)
+    assert s.loc["flip0.2", "pair_diff"] == pytest.approx(0.01) and math.isnan(s.loc["flip0.2", "pair_p"])
+    assert math.isnan(s.loc["flip0.2", "pair_low"])
+    # Bootstraps over problems where per-problem rows exist: every problem +0.5, no replicate
+    # crosses 0 -> p reported as the bound 1/B; elsewhere none.
+    assert s.loc["none", "prob_diff"] == pytest.approx(0.5) and bool(s.loc["none", "prob_p_bound"])
+    assert s.loc["none", "prob_p"] == pytest.approx(1 / 2000) and s.loc["none", "two_p"] == pytest.approx(1 / 2000)
+    assert s.loc["none", "n_problems"] == 5 and s.loc["flip0.2", "n_problems"] == 0
     md = (out / "report.md").read_text(encoding="utf-8")
-    assert re.search(r"\| none \| grpo \| 4/4 \| \+28\.5 \[[^]]+\]\*‡ \|", md)
-    assert re.search(r"\| flip0\.2 \| grpo \| 4/4 \| \+1\.0 \[[^]]+\] \|", md)
-    assert "paired Δ (pp) [95% CI]" in md
+    # Each test's mark sits on its own p column, never on the difference.
+    assert re.search(r"\| none \| grpo \| 4/4 \| \+28\.5 \[[^]]+\] \| < 0\.001 \(< 0\.001\)\* \| 0\.029 \(0\.086\) \| 1\.00 \| 4 \| "
+                     r"\+28\.5 \[[^]]+\] \| < 0\.001 \(< 0\.001\)\* \| 5 \| \+50\.0 \[\+50\.0, \+50\.0\] \| < 0\.0005 \(< 0\.001\)\* \|", md)
+    assert re.search(r"\| flip0\.4 \| grpo \| 4/4 \| -10\.0 \| – \| 0\.029 \(0\.086\) \| 0\.00 \| 4 \| -10\.0 \| – \|", md)
+    assert "Welch p (Holm, m=2)" in md and "MWU exact p (Holm, m=3)" in md
+    assert "these checkpoints on this problem set" in md
+    # The answers come first, one sentence per comparison, paired by seed.
+    assert md.index("## Answers") < md.index("## Methods") < md.index("## s")
+    assert ("- grpo vs ppo under flip0.2: +1.0 points ID AVG (paired by seed, 4 seeds), no test possible "
+            "(it needs 2 seeds a side and some variance).") in md
+    pair = sps.ttest_rel(grpo["none"], ppo["none"])
+    low, high = pair.confidence_interval()
+    assert pair.pvalue < 0.001  # flip0.2's paired test is undefined: the family is this one comparison
+    assert (f"- grpo vs ppo under none: +28.5 points ID AVG [95% CI {100 * low:+.1f}, {100 * high:+.1f}] (paired by "
+            f"seed, 4 seeds), significant after Holm (paired t p < 0.001, adjusted < 0.001 over 1 comparison).") in md
+
+    # Gains over step 0 (ID 0.6 at step 0 for every seed): ppo none 0.53 - 0.6.
+    main = pd.read_csv(out / "csv" / "main.csv").set_index(["algo", "noise", "score"])
+    assert main.loc[("ppo", "none", "ID AVG"), "gain"] == pytest.approx(-0.07)
+    assert main.loc[("ppo", "none", "ID AVG"), "n_gain"] == 4
+    assert "| ppo | none | 4 | -7.0 [" in md
 
     # Robustness: rates 0, 0.2, 0.4 (pseudo8 has none). ppo ID curve 0.53, 0.475, 0.30:
     # (0.2 (0.53 + 0.475) / 2 + 0.2 (0.475 + 0.30) / 2) / 0.4 = 0.445.
@@ -183,8 +216,15 @@ def test_significance_robustness_stability_known_answers(tmp_path):
     assert auc.loc[("ppo", "ID AVG"), "rates"] == "0 0.2 0.4"
     assert auc.loc[("ppo", "ID AVG"), "auc"] == pytest.approx(0.445)
     assert auc.loc[("ppo", "ALL AVG"), "auc"] == pytest.approx(0.445 * 0.75)  # mean of ID and ID / 2
-    assert auc.loc[("ppo", "ID AVG"), "auc_low"] < 0.445 < auc.loc[("ppo", "ID AVG"), "auc_high"]
-    assert "| ppo | ID AVG | 53.0 | 47.5 | 30.0 | 10.0 | 44.5 [" in md
+    per_seed = [(0.2 * (a + b) / 2 + 0.2 * (b + c) / 2) / 0.4 for a, b, c in zip(ppo["none"], ppo["flip0.2"], ppo["flip0.4"])]
+    ci = sps.ttest_1samp(per_seed, 0).confidence_interval()  # t-interval of the per-seed AUCs
+    assert (auc.loc[("ppo", "ID AVG"), "auc_low"], auc.loc[("ppo", "ID AVG"), "auc_high"]) == pytest.approx((ci.low, ci.high))
+    assert auc.loc[("ppo", "ID AVG"), "n_seeds"] == 4
+    grpo_seed = [(0.2 * (a + b) / 2 + 0.2 * (b + c) / 2) / 0.4 for a, b, c in zip(grpo["none"], grpo["flip0.2"], grpo["flip0.4"])]
+    paired = sps.ttest_rel(grpo_seed, per_seed)
+    assert auc.loc[("grpo", "ID AVG"), "base_diff"] == pytest.approx(float(np.mean(grpo_seed) - np.mean(per_seed)))
+    assert auc.loc[("grpo", "ID AVG"), "base_p"] == pytest.approx(paired.pvalue)
+    assert "| ppo | ID AVG | 53.0 (n=4) | 47.5 (n=4) | 30.0 (n=4) | 10.0 (n=4) | 44.5 [" in md
 
     # Stability (ALL AVG per seed over steps 0, 10, 20): 0.45, 0.525, then 0.75 v.
     st = pd.read_csv(out / "csv" / "stability.csv").set_index(["algo", "noise", "score"])
@@ -237,7 +277,8 @@ def test_all_formats_latex_and_figures(tmp_path):
     tex = (out / "report.tex").read_text(encoding="utf-8")
     check_latex_structure(tex)
     assert "\\includegraphics[width=\\linewidth]{figures/robustness_s.pdf}" in tex
-    assert "+28.5 [" in tex and "$^*$$^\\ddagger$" in tex and "--" in tex
+    assert "+28.5 [" in tex and "($<$ 0.001)$^*$" in tex and "$<$ 0.0005" in tex and "--" in tex
+    assert tex.index("Answers") < tex.index("Methods") and "\\item grpo vs ppo under none" in tex
     if shutil.which("pdflatex") is None:
         pytest.skip("pdflatex not installed: LaTeX checked for structure only")
     done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "report.tex"], cwd=out,
@@ -327,7 +368,8 @@ def test_all_seeds_unfinished_row(tmp_path):
     make_cell(root, "math", "grpo", "none", 1, state="done", rows=[])  # done, but never evaluated
     text = (write_report(root, formats="md") / "report.md").read_text()
     assert "| grpo | none | 0 | – | – | – | – |" in text
-    assert "2 cells not finished (excluded): grpo/none/seed0 (running), grpo/none/seed1 (no eval)" in text
+    assert ("2 cells not finished or not fully scored (unscored benchmarks excluded): grpo/none/seed0 (running), "
+            "grpo/none/seed1 (no evaluation)") in text
 
 
 def test_avg_at_k_is_the_score_when_k_above_one(tmp_path):
@@ -336,3 +378,43 @@ def test_avg_at_k_is_the_score_when_k_above_one(tmp_path):
                                                       eval_row(5, "m", "ID", 0.75, metric="pass@4")])
     assert "| grpo | none | 1 | 25.0 | – | 25.0 | – |" in (write_report(root, formats="md") / "report.md").read_text()
     assert sorted(os.listdir(root / "report")) == [".harness-report", "report.md"]
+
+
+def test_identical_series_on_two_benchmarks_give_the_same_interval_for_id_and_all(tmp_path):
+    # Every seed scores the same on its ID and its OOD benchmark: ID AVG, OOD AVG and ALL AVG are one
+    # series, so their intervals must be one interval (resampling benchmarks apart narrowed ALL AVG).
+    root = tmp_path / "runs"
+    values = [0.55, 0.62, 0.58, 0.66, 0.60]
+    for seed, v in enumerate(values):
+        make_cell(root, "s", "ppo", "none", seed, rows=final(10, {"s_id": v}, {"s_ood": v}))
+    main = pd.read_csv(write_report(root, tmp_path / "rep", formats="csv") / "csv" / "main.csv").set_index("score")
+    ci = sps.ttest_1samp(values, 0).confidence_interval()
+    for score in ("ID AVG", "OOD AVG", "ALL AVG"):
+        assert main.loc[score, ["mean", "ci_low", "ci_high"]].tolist() == pytest.approx([np.mean(values), ci.low, ci.high])
+
+
+def test_nan_or_missing_last_evaluation_is_listed_never_scored_earlier(tmp_path):
+    root = tmp_path / "runs"
+    good = final(0, {"a": 0.2}, {"b": 0.1}) + final(10, {"a": 0.5}, {"b": 0.3})
+    for seed in range(3):
+        make_cell(root, "s", "ppo", "none", seed, rows=good)
+    # seed 3: the last evaluation is NaN on every benchmark; the earlier 0.9 must not be its score.
+    make_cell(root, "s", "ppo", "none", 3, rows=final(5, {"a": 0.9}, {"b": 0.9}) + [
+        eval_row(10, "a", "ID", float("nan")), eval_row(10, "b", "OOD", None)])
+    # seed 4: NaN on the OOD benchmark only: its ID score counts, OOD AVG and ALL AVG leave it out.
+    make_cell(root, "s", "ppo", "none", 4, rows=final(0, {"a": 0.2}, {"b": 0.1}) + final(10, {"a": 0.8}, {"b": 0.9})
+              + [eval_row(20, "a", "ID", 0.8), eval_row(20, "b", "OOD", float("nan"))])
+    # seed 5: trained 20 steps but evaluated last at step 10: the final evaluation is missing.
+    cell = make_cell(root, "s", "ppo", "none", 5, rows=final(10, {"a": 0.9}, {"b": 0.9}))
+    (cell / "status.json").write_text(json.dumps({"state": "done", "steps": 20}))
+    out = write_report(root, tmp_path / "rep", formats="md,csv")
+    main = pd.read_csv(out / "csv" / "main.csv").set_index("score")
+    assert main.loc["ID AVG", "n_seeds"] == 4 and main.loc["ID AVG", "mean"] == pytest.approx((3 * 0.5 + 0.8) / 4)
+    assert main.loc["OOD AVG", "n_seeds"] == 3 and main.loc["OOD AVG", "mean"] == pytest.approx(0.3)
+    assert main.loc["ID AVG", "n_finished"] == 4  # seeds 3 and 5 are not scored at all
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "ppo/none/seed3 (last evaluation (step 10) is NaN on every benchmark)" in md
+    assert "ppo/none/seed4 (NaN on b at the last evaluation (step 20): not scored there)" in md
+    assert "ppo/none/seed5 (last evaluation at step 10 of 20: the final one is missing)" in md
+    # Each number shows its n where it differs from the seeds column (4 finished seeds).
+    assert re.search(r"\| ppo \| none \| 4 \| 57\.5 \[[^]]+\] \| 30\.0 \(n=3\) \| 40\.0 \(n=3\) \|", md)
