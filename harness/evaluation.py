@@ -144,10 +144,10 @@ def eval_config(model: str, suite: str | None, overrides: dict[str, str], seed: 
     cell = cell_config(model)
     suite = suite or (cell["suite"] if cell else "arith")
     suite_cls = SUITES.get(suite)
-    groups = split_overrides(overrides, [])
-    extra = set(groups) - {"model", "train", "eval", "suite"}
+    extra = {k.partition(".")[0] for k in overrides if "." in k} - {"model", "train", "eval", "suite"}
     if extra:
         raise HarnessError(f"harness eval takes model.*, train.*, eval.* and suite.* keys, not {', '.join(sorted(extra))}.*")
+    groups = split_overrides(overrides, [])
     if cell is not None:
         cfg = RunConfig(suite=suite, algo=cell["algo"], noise=cell["noise"], seed=cell["seed"],
                         model=ModelConfig(**cell["model"]), train=TrainConfig(**cell["train"]),
@@ -188,9 +188,9 @@ def run_eval(model: str, suite: str | None, overrides: dict[str, str], out: Path
         overrides = {"suite.data_dir": data_dir, **overrides}
     cfg, cell = eval_config(model, suite, overrides, seed, eval_limit)
     if lm_eval_tasks:
-        from harness.lm_eval_tasks import check_available
+        from harness.lm_eval_tasks import check_request
 
-        check_available()
+        check_request(lm_eval_tasks, data_dir or cfg.suite_options.get("data_dir") or None, lm_eval_include)
     name = name or (f"{cell['algo']}-model" if cell else "base")
     if not name or "/" in name:
         raise HarnessError(f"--name must be a non-empty name without '/', got {name!r}")

@@ -32,6 +32,27 @@ def check_available() -> None:
         raise HarnessError("--lm-eval needs lm-eval: pip install 'noise-robust-rl-harness[lm-eval]'")
 
 
+def check_request(tasks: list[str], data_dir: str | None, include: str | None) -> None:
+    """What can be checked before a model is loaded: lm-eval installed, the include folder, the
+    shipped tasks' local files."""
+    check_available()
+    if include is not None and not Path(include).is_dir():
+        raise HarnessError(f"--lm-eval-include {include!r} is not a folder")
+    for name in tasks:
+        if name in SHIPPED:
+            local_files(name, data_dir)
+
+
+def local_files(name: str, data_dir: str | None) -> dict[str, Path]:
+    """split -> local file of a shipped task; an error naming the missing file."""
+    root = data_root(data_dir)
+    paths = {split: root / rel for split, rel in SHIPPED[name][1].items()}
+    for path in paths.values():
+        if not path.is_file():
+            raise HarnessError(f"lm-eval task {name} needs {str(path)!r} (give --data-dir a folder laid out like shared/data)")
+    return paths
+
+
 def data_root(data_dir: str | None) -> Path:
     root = data_dir or os.environ.get("HARNESS_DATA_DIR")
     if not root:
@@ -49,13 +70,8 @@ def write_shipped_tasks(folder: Path, names: list[str], data_dir: str | None) ->
     for name in names:
         if name not in SHIPPED:
             continue
-        base, files = SHIPPED[name]
-        root = data_root(data_dir)
-        paths = {split: root / rel for split, rel in files.items()}
-        for path in paths.values():
-            if not path.is_file():
-                raise HarnessError(f"lm-eval task {name} needs {str(path)!r} (give --data-dir a folder laid out like shared/data)")
-        spec = {"include": str(stock / base), "task": name, "tag": [], "dataset_path": "json", "dataset_name": None,
+        paths = local_files(name, data_dir)
+        spec = {"include": str(stock / SHIPPED[name][0]), "task": name, "tag": [], "dataset_path": "json", "dataset_name": None,
                 "dataset_kwargs": {"data_files": {split: str(p) for split, p in paths.items()}}}
         (folder / f"{name}.yaml").write_text(json.dumps(spec, indent=2) + "\n")  # JSON is YAML
 
@@ -66,13 +82,11 @@ def run_lm_eval(model, tokenizer, tasks: list[str], data_dir: str | None = None,
     """Run lm-eval `tasks` on the loaded `model`; returns (rows, lm-eval's results as JSON text).
     `gen_kwargs` ("max_gen_toks=32,...", lm-eval's syntax) and `max_length` (the context lm-eval
     allows, default the model's) go to lm-eval as they are."""
-    check_available()
+    check_request(tasks, data_dir, include)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    if include is not None and not Path(include).is_dir():
-        raise HarnessError(f"--lm-eval-include {include!r} is not a folder")
     with tempfile.TemporaryDirectory(prefix="harness-lm-eval-") as tmp:
         write_shipped_tasks(Path(tmp), tasks, data_dir)
         manager = TaskManager(include_path=[tmp, *([include] if include else [])])
