@@ -12,6 +12,9 @@ here, which read local files and never the hub:
 
 Each (task, metric, filter) becomes a row of `lm_eval.jsonl`; lm-eval's whole results dict, with
 its per-sample logs (each generation, its filtered answer and score), is kept in `lm_eval_results.json`.
+Where a task has the data of a harness benchmark (GSM8K), the harness grader also grades each of
+lm-eval's generations, and a `grader_agreement,<filter>` row per filter says how often the two
+graders agree (with Cohen's kappa and the four counts).
 """
 from __future__ import annotations
 
@@ -24,7 +27,10 @@ from typing import Any
 
 from harness.errors import HarnessError
 
+# name -> (lm-eval's task file it includes, split -> local file)
 SHIPPED = {"harness_gsm8k": ("gsm8k/gsm8k.yaml", {"train": "math/gsm8k_train.jsonl", "test": "math/gsm8k_test.jsonl"})}
+# lm-eval task -> the harness benchmark of the same data, whose grader also grades lm-eval's generations
+SAME_BENCHMARK = {"harness_gsm8k": "gsm8k", "gsm8k": "gsm8k"}
 
 
 def check_available() -> None:
@@ -113,6 +119,36 @@ def run_lm_eval(model, tokenizer, tasks: list[str], data_dir: str | None = None,
             rows.append({"task": task, "metric": key, "filter": filt, "value": float(value), "n_samples": n,
                          "stderr": stderr if isinstance(stderr, (int, float)) else None, "source": "lm-eval",
                          "lm_eval_version": lm_eval.__version__})
-    kept = {k: v for k, v in results.items() if k != "samples"}
-    samples = results.get("samples", {})
-    return rows, json.dumps({**kept, "samples": samples}, indent=2, sort_keys=True, default=str) + "\n"
+    for task, samples in results.get("samples", {}).items():
+        if task in SAME_BENCHMARK:
+            rows += grader_agreement(task, samples, SAME_BENCHMARK[task])
+    return rows, json.dumps(results, indent=2, sort_keys=True, default=str) + "\n"
+
+
+def grader_agreement(task: str, samples: list[dict[str, Any]], benchmark: str) -> list[dict[str, Any]]:
+    """Per lm-eval filter: how often the harness grader of `benchmark` (on the raw generation) and
+    lm-eval's metric (on its filtered answer) give the same verdict on lm-eval's own generations.
+    One row per filter: agreement, Cohen's kappa and the four counts."""
+    from tasks.data import BENCHMARKS, GRADERS
+
+    spec = BENCHMARKS.get(benchmark)
+    grader = GRADERS.get(spec.grader)
+    by_filter: dict[str, list[tuple[int, int]]] = {}
+    for sample in samples:
+        problem = spec.to_problems([sample["doc"]], spec, 0)[0]
+        ours = int(grader.grade(sample["resps"][0][0], problem) >= 1.0)
+        theirs = int(float(sample["exact_match"]) >= 1.0)
+        by_filter.setdefault(sample["filter"], []).append((ours, theirs))
+    rows = []
+    for filt, pairs in sorted(by_filter.items()):
+        n = len(pairs)
+        counts = {"both_correct": sum(a and b for a, b in pairs), "both_wrong": sum(not a and not b for a, b in pairs),
+                  "harness_only": sum(a and not b for a, b in pairs), "lm_eval_only": sum(b and not a for a, b in pairs)}
+        observed = (counts["both_correct"] + counts["both_wrong"]) / n
+        p_ours, p_theirs = sum(a for a, _ in pairs) / n, sum(b for _, b in pairs) / n
+        chance = p_ours * p_theirs + (1 - p_ours) * (1 - p_theirs)
+        kappa = (observed - chance) / (1 - chance) if chance < 1 else None
+        rows.append({"task": task, "metric": f"grader_agreement,{filt}", "filter": filt, "value": observed,
+                     "n_samples": n, "kappa": kappa, "harness_grader": grader.name, "benchmark": benchmark,
+                     "source": "harness", **counts})
+    return rows
