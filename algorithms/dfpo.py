@@ -30,7 +30,7 @@ Two decisions go beyond the spec's text:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -350,38 +350,38 @@ class DFPOOptions(PPOOptions):
     baseline, spec §9 #10) plus the flow critic's. Defaults are the spec's [I] choices (§1.8, §9)."""
 
     # flow head (spec §1.3, §9 #2)
-    flow_width: int = 1024
-    flow_layers: int = 3
-    time_embed_dim: int = 128
-    n_samples: int = 16  # M, coupled samples per token
-    consistency_steps: int = 4  # K Euler steps for the consistency term and the straightness gap
-    return_clip: Optional[float] = 10.0  # clip targets to [-c, c] before CFM (spec §1.3 "Scale"); None: off
+    flow_width: int = field(default=1024, metadata={"doc": "flow head MLP width"})
+    flow_layers: int = field(default=3, metadata={"doc": "flow head MLP blocks"})
+    time_embed_dim: int = field(default=128, metadata={"doc": "flow time embedding size"})
+    n_samples: int = field(default=16, metadata={"doc": "coupled flow samples per token (M)"})  # M, coupled samples per token
+    consistency_steps: int = field(default=4, metadata={"doc": "Euler steps K of the consistency term and straightness gap"})  # K Euler steps for the consistency term and the straightness gap
+    return_clip: Optional[float] = field(default=10.0, metadata={"doc": "clip flow targets to [-c, c] (none: off)"})  # clip targets to [-c, c] before CFM (spec §1.3 "Scale"); None: off
     # 1. uncertainty-weighted distributional CFM (§1.5.1, §9 #4)
-    use_cfm: bool = True
-    cfm_weight: float = 1.0
-    weight_mode: str = "value_flows"
-    kappa: float = 0.3
-    cov_c: float = 1.0  # the constant c of the inverse_cov weight
-    cfm_coupling: str = "sorted"  # rank-pairing of noise and targets; "independent": collapsed one-step samples
+    use_cfm: bool = field(default=True, metadata={"doc": "use the uncertainty-weighted distributional CFM loss"})
+    cfm_weight: float = field(default=1.0, metadata={"doc": "weight of the CFM loss"})
+    weight_mode: str = field(default="value_flows", metadata={"doc": "CFM uncertainty weight: value_flows, inverse_cov or none"})
+    kappa: float = field(default=0.3, metadata={"doc": "temperature of the uncertainty weight"})
+    cov_c: float = field(default=1.0, metadata={"doc": "constant c of the inverse_cov weight"})  # the constant c of the inverse_cov weight
+    cfm_coupling: str = field(default="sorted", metadata={"doc": "noise-target pairing: sorted or independent"})  # rank-pairing of noise and targets; "independent": collapsed one-step samples
     # 2. bootstrapped anchor (§1.5.2, §9 #5); the mean anchor clips with PPO's `value_clip`
-    use_anchor: bool = True
-    anchor_weight: float = 0.5
-    anchor_mode: str = "mean"  # or "bcfm": CFM toward r_t + gamma z_{t+1} of the old critic
+    use_anchor: bool = field(default=True, metadata={"doc": "use the bootstrapped anchor loss"})
+    anchor_weight: float = field(default=0.5, metadata={"doc": "weight of the anchor loss"})
+    anchor_mode: str = field(default="mean", metadata={"doc": "anchor: mean (clipped like the value loss) or bcfm"})  # or "bcfm": CFM toward r_t + gamma z_{t+1} of the old critic
     # 3. geometric consistency (§1.5.3, §9 #6)
-    use_geo: bool = True
-    geo_weight: float = 0.1
-    geo_endpoint: bool = False  # add (z^1-step - sg(z^K-step))^2
+    use_geo: bool = field(default=True, metadata={"doc": "use the geometric consistency loss"})
+    geo_weight: float = field(default=0.1, metadata={"doc": "weight of the geometric consistency loss"})
+    geo_endpoint: bool = field(default=False, metadata={"doc": "add the one-step vs K-step endpoint term"})  # add (z^1-step - sg(z^K-step))^2
     # 4. conditional value risk, lower tail (§1.5.4, §9 #7)
-    use_risk: bool = True
-    risk_weight: float = 0.1
-    alpha: float = 0.1
-    delta_low: float = 0.0
+    use_risk: bool = field(default=True, metadata={"doc": "use the lower-tail conditional value risk term"})
+    risk_weight: float = field(default=0.1, metadata={"doc": "weight of the risk term"})
+    alpha: float = field(default=0.1, metadata={"doc": "CVaR level"})
+    delta_low: float = field(default=0.0, metadata={"doc": "lower-tail threshold of the risk term"})
     # 5. tail shape: gain capped at delta_high, plus curvature (§1.5.5)
-    use_shape: bool = True
-    shape_weight: float = 0.05
-    delta_high: Optional[float] = None  # None: one std of the step's training rewards (spec §9 #7)
+    use_shape: bool = field(default=True, metadata={"doc": "use the tail-shape term"})
+    shape_weight: float = field(default=0.05, metadata={"doc": "weight of the tail-shape term"})
+    delta_high: Optional[float] = field(default=None, metadata={"doc": "upper-tail cap (none: one std of the step's training rewards)"})  # None: one std of the step's training rewards (spec §9 #7)
     # advantage (§1.6, §9 #9): A - eta * (A - CVaR^-_alpha(A^(.))); 0 is mean-based
-    risk_eta: float = 0.0
+    risk_eta: float = field(default=0.0, metadata={"doc": "risk-aware advantage: A - eta (A - CVaR(A)) (0: mean-based)"})
 
     def validate(self) -> None:
         super().validate()

@@ -21,7 +21,7 @@ Shapes: B sequences, T response tokens, H heads, N quantiles.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -226,39 +226,39 @@ MEAN_SHIFT_TARGETS = ("return", "old")
 @dataclass
 class DVPOOptions:
     # PPO part (same names as PPOOptions, so algo.kl_coef etc. apply across algorithms); spec §9 #10
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: Optional[float] = None
-    kl_mode: str = "reward"  # match the PPO baseline (spec §9 #10)
-    kl_coef: float = 0.05
-    kl_reward_kind: str = "k1"
-    kl_loss_kind: str = "k3"
-    whiten_advantages: bool = True
-    agg_mode: str = "token-mean"
-    entropy_coef: float = 0.0
+    gamma: float = field(default=1.0, metadata={"doc": "discount factor of GAE"})
+    lam: float = field(default=0.95, metadata={"doc": "GAE lambda"})
+    clip_low: float = field(default=0.2, metadata={"doc": "PPO clip range below 1 (ratio >= 1 - clip_low)"})
+    clip_high: float = field(default=0.2, metadata={"doc": "PPO clip range above 1 (ratio <= 1 + clip_high; DAPO clip-higher when larger)"})
+    dual_clip: Optional[float] = field(default=None, metadata={"doc": "dual-clip constant c > 1 for negative advantages (none: off)"})
+    kl_mode: str = field(default="reward", metadata={"doc": "where the KL to the reference goes: reward, loss or none"})  # match the PPO baseline (spec §9 #10)
+    kl_coef: float = field(default=0.05, metadata={"doc": "KL coefficient"})
+    kl_reward_kind: str = field(default="k1", metadata={"doc": "KL estimator in the reward: k1, k2, k3 or abs"})
+    kl_loss_kind: str = field(default="k3", metadata={"doc": "KL estimator in the loss: k1, k2, k3 or abs"})
+    whiten_advantages: bool = field(default=True, metadata={"doc": "whiten advantages over the batch"})
+    agg_mode: str = field(default="token-mean", metadata={"doc": "how token losses are reduced to one number (token-mean, seq-mean-token-mean, ...)"})
+    entropy_coef: float = field(default=0.0, metadata={"doc": "entropy bonus coefficient"})
     # critic (spec §2.2, §9 #11)
-    n_heads: int = 4
-    n_quantiles: int = 200  # "interval density" 200
-    init_spread: float = 0.1  # [I] initial span of each head's quantiles, centred on 0
+    n_heads: int = field(default=4, metadata={"doc": "quantile heads of the distributional critic"})
+    n_quantiles: int = field(default=200, metadata={"doc": "quantiles per head"})  # "interval density" 200
+    init_spread: float = field(default=0.1, metadata={"doc": "initial span of each head's quantiles, centred on 0"})  # [I] initial span of each head's quantiles, centred on 0
     # critic loss (spec §2.3); a weight of 0 switches its term off
-    kappa: float = 1.0
-    qr_weight: float = 1.0
+    kappa: float = field(default=1.0, metadata={"doc": "Huber threshold of the quantile-regression loss"})
+    qr_weight: float = field(default=1.0, metadata={"doc": "weight of the quantile-regression loss (0: off)"})
     # "mean": the QR and consistency terms, sums over the H x N quantile grid in the spec, are divided
     # by H N, which puts them on the scale of the per-token tail, mean-shift and curvature terms, so the
     # weights below weigh like against like at any H and N; "sum": the spec's sums (QR-DQN's form), at
     # which the tail terms get ~1/1000 of QR's gradient at H=4, N=200 (README, DVPO)  [I]
-    quantile_reduction: str = "mean"
-    alpha: float = 0.1  # CVaR level (spec §9 #7)
-    cvar_weight: float = 0.1  # "risk interval weight" (spec §2.3)
-    delta_low: float = 0.0
-    gain_weight: float = 0.1  # "risk interval weight" (spec §2.3)
-    gain_cap: Optional[float] = None  # delta_high; None: 1 std of the step's training rewards, as DFPO (spec §9 #7)
-    mean_shift_weight: float = 0.5  # [I] echoes DFPO's anchor weight (spec §1.8)
-    mean_shift_target: str = "return"  # "return": scalar GAE return; "old": previous iteration's mean  [I]
-    curvature_weight: float = 0.05  # [I] echoes DFPO's shape weight (spec §1.8)
-    consistency_weight: float = 0.1  # [I]
+    quantile_reduction: str = field(default="mean", metadata={"doc": "QR and consistency terms over the H x N grid: mean (default) or sum (the spec's sums)"})
+    alpha: float = field(default=0.1, metadata={"doc": "CVaR level"})  # CVaR level (spec §9 #7)
+    cvar_weight: float = field(default=0.1, metadata={"doc": "weight of the lower-tail (CVaR) risk term"})  # "risk interval weight" (spec §2.3)
+    delta_low: float = field(default=0.0, metadata={"doc": "lower-tail threshold of the risk term"})
+    gain_weight: float = field(default=0.1, metadata={"doc": "weight of the upper-tail gain cap term"})  # "risk interval weight" (spec §2.3)
+    gain_cap: Optional[float] = field(default=None, metadata={"doc": "upper-tail cap delta_high (none: one std of the step's training rewards)"})  # delta_high; None: 1 std of the step's training rewards, as DFPO (spec §9 #7)
+    mean_shift_weight: float = field(default=0.5, metadata={"doc": "weight of the mean-shift term"})  # [I] echoes DFPO's anchor weight (spec §1.8)
+    mean_shift_target: str = field(default="return", metadata={"doc": "mean-shift target: return (GAE return) or old (previous mean)"})  # "return": scalar GAE return; "old": previous iteration's mean  [I]
+    curvature_weight: float = field(default=0.05, metadata={"doc": "weight of the curvature (tail shape) term"})  # [I] echoes DFPO's shape weight (spec §1.8)
+    consistency_weight: float = field(default=0.1, metadata={"doc": "weight of the heads' consistency term"})  # [I]
 
     def validate(self) -> None:
         check_clip_options(self)

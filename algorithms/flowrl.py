@@ -16,7 +16,7 @@ enters only through delta: there is no separate KL term and no entropy bonus, as
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -149,15 +149,15 @@ class LogPartitionHead(nn.Module):
 
 @dataclass
 class FlowRLOptions:
-    beta: float = 15.0  # hard-coded in the code; the verl recipe's flowrl_beta_coef
-    w_mode: str = "clamp_max10"  # spec §9 #14: clip_eps (paper) | clamp_max10 (recipe) | none (released code)
-    clip_eps: float = 0.2  # w_mode=clip_eps
-    w_max: float = 10.0  # w_mode=clamp_max10
-    adv_eps: float = 1e-6  # r^ = (r - mean) / (std + eps), as GRPO
-    z_layers: int = 3  # the code's porj_layer: z_layers - 1 hidden blocks, then Linear(d, 1)
-    z_dropout: float = 0.1
-    z_detach_backbone: bool = False  # the code lets log Z's gradient into the backbone
-    z_lr_scale: float = 1.0  # spec §9 #15: the code shares the actor's lr; 10 is the suggested alternative
+    beta: float = field(default=15.0, metadata={"doc": "reward temperature beta of the trajectory-balance loss"})  # hard-coded in the code; the verl recipe's flowrl_beta_coef
+    w_mode: str = field(default="clamp_max10", metadata={"doc": "importance weight: clip_eps (paper), clamp_max10 (recipe) or none (released code)"})  # spec §9 #14: clip_eps (paper) | clamp_max10 (recipe) | none (released code)
+    clip_eps: float = field(default=0.2, metadata={"doc": "importance-weight clip range with w_mode=clip_eps"})  # w_mode=clip_eps
+    w_max: float = field(default=10.0, metadata={"doc": "importance-weight cap with w_mode=clamp_max10"})  # w_mode=clamp_max10
+    adv_eps: float = field(default=1e-6, metadata={"doc": "epsilon added to the group std of the normalised reward"})  # r^ = (r - mean) / (std + eps), as GRPO
+    z_layers: int = field(default=3, metadata={"doc": "layers of the log-partition (log Z) head"})  # the code's porj_layer: z_layers - 1 hidden blocks, then Linear(d, 1)
+    z_dropout: float = field(default=0.1, metadata={"doc": "dropout of the log Z head"})
+    z_detach_backbone: bool = field(default=False, metadata={"doc": "stop log Z's gradient at the backbone"})  # the code lets log Z's gradient into the backbone
+    z_lr_scale: float = field(default=1.0, metadata={"doc": "log Z head learning rate as a multiple of train.lr"})  # spec §9 #15: the code shares the actor's lr; 10 is the suggested alternative
 
     def validate(self) -> None:
         if self.w_mode not in W_MODES:

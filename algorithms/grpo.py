@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -31,24 +31,24 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int, facto
 
 @dataclass
 class GRPOOptions:
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: Optional[float] = None
-    kl_mode: str = "loss"  # GRPO puts the KL in the loss, not the reward (spec §4.1)
-    kl_coef: float = 0.04  # DeepSeekMath §4.2 (verl's default is 0.001)
-    kl_loss_kind: str = "k3"
-    adv_scale: str = "std"  # "none" is Dr. GRPO
-    adv_eps: float = 1e-6
-    agg_mode: str = "seq-mean-token-mean"  # the original 1/|o_i| form (spec §4.4)
+    clip_low: float = field(default=0.2, metadata={"doc": "PPO clip range below 1 (ratio >= 1 - clip_low)"})
+    clip_high: float = field(default=0.2, metadata={"doc": "PPO clip range above 1 (ratio <= 1 + clip_high; DAPO clip-higher when larger)"})
+    dual_clip: Optional[float] = field(default=None, metadata={"doc": "dual-clip constant c > 1 for negative advantages (none: off)"})
+    kl_mode: str = field(default="loss", metadata={"doc": "where the KL to the reference goes: reward, loss or none"})  # GRPO puts the KL in the loss, not the reward (spec §4.1)
+    kl_coef: float = field(default=0.04, metadata={"doc": "KL coefficient"})  # DeepSeekMath §4.2 (verl's default is 0.001)
+    kl_loss_kind: str = field(default="k3", metadata={"doc": "KL estimator in the loss: k1, k2, k3 or abs"})
+    adv_scale: str = field(default="std", metadata={"doc": "group advantage scale: std (GRPO) or none (Dr. GRPO)"})  # "none" is Dr. GRPO
+    adv_eps: float = field(default=1e-6, metadata={"doc": "epsilon added to the group std"})
+    agg_mode: str = field(default="seq-mean-token-mean", metadata={"doc": "how token losses are reduced to one number (token-mean, seq-mean-token-mean, ...)"})  # the original 1/|o_i| form (spec §4.4)
     # C of agg_mode seq-mean-token-sum-norm (Dr. GRPO): "a constant, e.g. the max response length"
     # (spec §0.2, §4.2). 0 stands for train.max_new_tokens, resolved per cell into config.json.  [I]
-    agg_norm_const: int = 0
-    entropy_coef: float = 0.0
-    dynamic_sampling: bool = False  # DAPO: train only on groups whose training rewards differ
-    max_extra_rounds: int = 4  # dynamic sampling: at most this many extra rollout rounds per step
-    overlong_buffer_len: int = 0  # DAPO overlong shaping: L_cache; 0 disables
-    overlong_max_len: int = 0  # L_max, e.g. train.max_new_tokens; needed when overlong_buffer_len > 0
-    overlong_penalty: float = 1.0  # the penalty at L_max
+    agg_norm_const: int = field(default=0, metadata={"doc": "constant C of agg_mode seq-mean-token-sum-norm (0: train.max_new_tokens)"})
+    entropy_coef: float = field(default=0.0, metadata={"doc": "entropy bonus coefficient"})
+    dynamic_sampling: bool = field(default=False, metadata={"doc": "DAPO: train only on groups whose training rewards differ"})  # DAPO: train only on groups whose training rewards differ
+    max_extra_rounds: int = field(default=4, metadata={"doc": "dynamic sampling: at most this many extra rollout rounds per step"})  # dynamic sampling: at most this many extra rollout rounds per step
+    overlong_buffer_len: int = field(default=0, metadata={"doc": "DAPO overlong shaping buffer L_cache (0: off)"})  # DAPO overlong shaping: L_cache; 0 disables
+    overlong_max_len: int = field(default=0, metadata={"doc": "DAPO overlong shaping L_max (needed with overlong_buffer_len > 0)"})  # L_max, e.g. train.max_new_tokens; needed when overlong_buffer_len > 0
+    overlong_penalty: float = field(default=1.0, metadata={"doc": "DAPO overlong penalty at L_max"})  # the penalty at L_max
 
     def validate(self) -> None:
         check_clip_options(self)
@@ -120,8 +120,10 @@ def register_grpo_variant(name: str, description: str, paper: str, **defaults) -
     unknown = sorted(set(defaults) - set(hints))
     if unknown:
         raise KeyError(f"GRPO has no option {unknown}")
+    metadata = {f.name: f.metadata for f in dataclasses.fields(GRPOOptions)}  # the docs stay GRPO's
     options = dataclasses.make_dataclass(
-        f"{name.capitalize()}Options", [(k, hints[k], dataclasses.field(default=v)) for k, v in defaults.items()],
+        f"{name.capitalize()}Options",
+        [(k, hints[k], dataclasses.field(default=v, metadata=metadata[k])) for k, v in defaults.items()],
         bases=(GRPOOptions,),
     )
     options.__module__ = __name__

@@ -1,7 +1,7 @@
 """PPO for LLMs: token-level actor-critic (spec §5)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -13,19 +13,19 @@ from harness.errors import HarnessError
 
 @dataclass
 class PPOOptions:
-    gamma: float = 1.0  # spec §5.3: MOSS-RLHF / TRL
-    lam: float = 0.95
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: Optional[float] = None  # e.g. 3.0; None disables
-    value_clip: float = 0.2  # MOSS-RLHF / TRL (verl: 0.5)
-    kl_mode: str = "reward"  # spec §5.2 option A (InstructGPT / PPO-max); "loss" is option B
-    kl_coef: float = 0.05  # spec §9 #10
-    kl_reward_kind: str = "k1"
-    kl_loss_kind: str = "k3"
-    whiten_advantages: bool = True
-    agg_mode: str = "token-mean"
-    entropy_coef: float = 0.0
+    gamma: float = field(default=1.0, metadata={"doc": "discount factor of GAE"})  # spec §5.3: MOSS-RLHF / TRL
+    lam: float = field(default=0.95, metadata={"doc": "GAE lambda"})
+    clip_low: float = field(default=0.2, metadata={"doc": "PPO clip range below 1 (ratio >= 1 - clip_low)"})
+    clip_high: float = field(default=0.2, metadata={"doc": "PPO clip range above 1 (ratio <= 1 + clip_high; DAPO clip-higher when larger)"})
+    dual_clip: Optional[float] = field(default=None, metadata={"doc": "dual-clip constant c > 1 for negative advantages (none: off)"})  # e.g. 3.0; None disables
+    value_clip: float = field(default=0.2, metadata={"doc": "value-loss clip range around the old values"})  # MOSS-RLHF / TRL (verl: 0.5)
+    kl_mode: str = field(default="reward", metadata={"doc": "where the KL to the reference goes: reward, loss or none"})  # spec §5.2 option A (InstructGPT / PPO-max); "loss" is option B
+    kl_coef: float = field(default=0.05, metadata={"doc": "KL coefficient"})  # spec §9 #10
+    kl_reward_kind: str = field(default="k1", metadata={"doc": "KL estimator in the reward: k1, k2, k3 or abs"})
+    kl_loss_kind: str = field(default="k3", metadata={"doc": "KL estimator in the loss: k1, k2, k3 or abs"})
+    whiten_advantages: bool = field(default=True, metadata={"doc": "whiten advantages over the batch"})
+    agg_mode: str = field(default="token-mean", metadata={"doc": "how token losses are reduced to one number (token-mean, seq-mean-token-mean, ...)"})
+    entropy_coef: float = field(default=0.0, metadata={"doc": "entropy bonus coefficient"})
 
     def validate(self) -> None:
         check_clip_options(self)

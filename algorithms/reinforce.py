@@ -7,7 +7,7 @@ A * grad log pi; the clip only matters for later minibatches and epochs. Plain R
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -55,15 +55,15 @@ def reward_to_go(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
 
 @dataclass
 class RLOOOptions:
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: Optional[float] = None
-    kl_mode: str = "reward"  # as the paper: r(x, y) - kl_coef * sum_t KL_t, before the baseline
-    kl_coef: float = 0.05  # the PPO baseline's coefficient, for a like-for-like comparison
-    kl_reward_kind: str = "k1"
-    kl_loss_kind: str = "k3"
-    agg_mode: str = "seq-mean-token-sum"  # the response is one action: -A * log pi(y|x) per sequence
-    entropy_coef: float = 0.0
+    clip_low: float = field(default=0.2, metadata={"doc": "PPO clip range below 1 (ratio >= 1 - clip_low)"})
+    clip_high: float = field(default=0.2, metadata={"doc": "PPO clip range above 1 (ratio <= 1 + clip_high; DAPO clip-higher when larger)"})
+    dual_clip: Optional[float] = field(default=None, metadata={"doc": "dual-clip constant c > 1 for negative advantages (none: off)"})
+    kl_mode: str = field(default="reward", metadata={"doc": "where the KL to the reference goes: reward, loss or none"})  # as the paper: r(x, y) - kl_coef * sum_t KL_t, before the baseline
+    kl_coef: float = field(default=0.05, metadata={"doc": "KL coefficient"})  # the PPO baseline's coefficient, for a like-for-like comparison
+    kl_reward_kind: str = field(default="k1", metadata={"doc": "KL estimator in the reward: k1, k2, k3 or abs"})
+    kl_loss_kind: str = field(default="k3", metadata={"doc": "KL estimator in the loss: k1, k2, k3 or abs"})
+    agg_mode: str = field(default="seq-mean-token-sum", metadata={"doc": "how token losses are reduced to one number (token-mean, seq-mean-token-mean, ...)"})  # the response is one action: -A * log pi(y|x) per sequence
+    entropy_coef: float = field(default=0.0, metadata={"doc": "entropy bonus coefficient"})
 
     def validate(self) -> None:
         check_clip_options(self)
@@ -98,21 +98,21 @@ class RLOO(ClipActor):
 
 @dataclass
 class ReinforcePPOptions:
-    gamma: float = 1.0
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: Optional[float] = None
-    kl_mode: str = "reward"  # token-level KL penalty in the reward (Hu 2025)
-    kl_coef: float = 0.01  # OpenRLHF's init_kl_coef, where REINFORCE++ was released
-    kl_reward_kind: str = "k1"
-    kl_loss_kind: str = "k3"
+    gamma: float = field(default=1.0, metadata={"doc": "discount factor of the token-level returns"})
+    clip_low: float = field(default=0.2, metadata={"doc": "PPO clip range below 1 (ratio >= 1 - clip_low)"})
+    clip_high: float = field(default=0.2, metadata={"doc": "PPO clip range above 1 (ratio <= 1 + clip_high; DAPO clip-higher when larger)"})
+    dual_clip: Optional[float] = field(default=None, metadata={"doc": "dual-clip constant c > 1 for negative advantages (none: off)"})
+    kl_mode: str = field(default="reward", metadata={"doc": "where the KL to the reference goes: reward, loss or none"})  # token-level KL penalty in the reward (Hu 2025)
+    kl_coef: float = field(default=0.01, metadata={"doc": "KL coefficient"})  # OpenRLHF's init_kl_coef, where REINFORCE++ was released
+    kl_reward_kind: str = field(default="k1", metadata={"doc": "KL estimator in the reward: k1, k2, k3 or abs"})
+    kl_loss_kind: str = field(default="k3", metadata={"doc": "KL estimator in the loss: k1, k2, k3 or abs"})
     # REINFORCE++-baseline, the paper's form for G samples per prompt: subtract the group mean
     # score before the KL shaping and the global normalisation. False is plain REINFORCE++, which
     # with no per-prompt baseline fails the unit bandit (tests/test_learning.py): prompts whose
     # samples all fail only see negative advantages and drift to junk rather than to the answer.
-    group_baseline: bool = True
-    agg_mode: str = "token-mean"
-    entropy_coef: float = 0.0
+    group_baseline: bool = field(default=True, metadata={"doc": "subtract the group mean score (REINFORCE++-baseline)"})
+    agg_mode: str = field(default="token-mean", metadata={"doc": "how token losses are reduced to one number (token-mean, seq-mean-token-mean, ...)"})
+    entropy_coef: float = field(default=0.0, metadata={"doc": "entropy bonus coefficient"})
 
     def validate(self) -> None:
         check_clip_options(self)

@@ -11,7 +11,7 @@ and every head regresses to R_t with PPO's clipped value loss. Everything else i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -55,7 +55,7 @@ def robust_gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Te
 
 @dataclass
 class RobustPPOOptions(PPOOptions):
-    n_heads: int = 4  # spec §9 #12
+    n_heads: int = field(default=4, metadata={"doc": "value heads whose minimum is the robust Bellman target"})  # spec §9 #12
 
     def validate(self) -> None:
         super().validate()

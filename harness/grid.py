@@ -36,7 +36,9 @@ from harness import store
 from harness.config import (RunConfig, apply_section_overrides, options_dataclass, resolved_old_logp, set_dataclass_field,
                             split_overrides)
 from harness.errors import HarnessError
+from harness.export import save_model
 from harness.models import MODEL_ALIASES, check_local_model
+from harness.tracking import Tracker
 from noise import parse_noise_list
 from tasks import SUITES
 
@@ -88,6 +90,9 @@ def default_algos() -> list[str]:
 class Cell:
     cfg: RunConfig
     path: Path
+    log_to: tuple[str, ...] = ()  # tracking backends (harness.tracking)
+    grid: str = ""  # the tracked runs' group
+    save_model: str = "none"  # harness.export.MODES
 
     @property
     def label(self) -> str:
@@ -277,24 +282,32 @@ def _run_cell(cell: Cell, cache_dir: Path | None, ckpt_every: int, progress: boo
     info = {"resumed_from": resumed_from, "attempt": attempt, "steps": steps, "pid": os.getpid(),
             "host": socket.gethostname()}
     store.write_status(cell.path, "running", **info)
-    trainer = None
+    trainer = tracker = None
     try:
         trainer = Trainer(cell.cfg, cell.path, cache_dir=cache_dir, progress=progress)
+        trainer.tracker = tracker = Tracker(cell.log_to, cell.path, cell.label, cell.grid, cell.cfg.to_dict(), resumed_from)
         summary = trainer.run(ckpt_every=ckpt_every, resume=found[1] if found else None)
+        if cell.save_model != "none":
+            save_model(trainer, cell.path / "model", with_critic=cell.save_model == "final+critic")
     except KeyboardInterrupt:
         step = trainer.step if trainer else resumed_from
         store.write_status(cell.path, "interrupted", step=step, reason="interrupted", **info)
+        close_tracker(tracker, "interrupted")
         raise
     except HarnessError as exc:
         step = trainer.step if trainer else resumed_from
         store.write_status(cell.path, "failed", step=step, reason=str(exc), fatal=True, **info)
+        close_tracker(tracker, "failed")
         return store.read_status(cell.path)
     except OSError as exc:
+        close_tracker(tracker, "failed")
         if write_error(cell, exc) is not None:
             raise
         return _failed(cell, trainer, resumed_from, exc, info)
     except Exception as exc:  # noqa: BLE001 - a failing cell must not stop the grid
+        close_tracker(tracker, "failed")
         return _failed(cell, trainer, resumed_from, exc, info)
+    close_tracker(tracker, "done")
     store.write_status(cell.path, "done", **summary, **info)
     store.prune_checkpoints(cell.path)
     return store.read_status(cell.path)
@@ -307,6 +320,16 @@ def _failed(cell: Cell, trainer, resumed_from: int, exc: BaseException, info: di
         reason = f"out of memory: {reason}"
     store.write_status(cell.path, "failed", step=step, reason=reason, traceback=traceback.format_exc(), **info)
     return store.read_status(cell.path)
+
+
+def close_tracker(tracker: Tracker | None, state: str) -> None:
+    """Close a cell's tracked runs; a tracking backend that fails to close does not change the cell's state."""
+    if tracker is None:
+        return
+    try:
+        tracker.close(state)
+    except Exception as exc:  # noqa: BLE001
+        say(f"tracking: closing the tracked runs failed: {type(exc).__name__}: {exc}")
 
 
 def write_manifest(out: Path, cells: list[Cell]) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import math
 import random
 import time
 from pathlib import Path
@@ -33,11 +32,13 @@ from harness import fast_llama, store
 from harness.config import RunConfig, resolved_old_logp
 from harness.models import load_policy
 from harness.errors import HarnessError
+from harness.evaluation import PolicyEvaluator, pass_at_k  # noqa: F401 - pass_at_k: the trainer's API before
 from harness.rollout import forward_response, generate, merge_rollouts
 from harness.seeding import seed_everything, torch_generator
+from harness.tracking import Tracker
 from noise import NoiseContext, parse_noise
 from tasks import SUITES
-from tasks.base import Benchmark, Problem
+from tasks.base import Problem
 
 
 class NonFiniteLoss(RuntimeError):
@@ -69,14 +70,9 @@ def epoch_order(seed: int, n: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch_generator(seed, "data-order", epoch)).tolist()
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+class Trainer(PolicyEvaluator):
+    """One cell's training; its ID/OOD evaluation is `PolicyEvaluator`'s (harness.evaluation)."""
 
-
-class Trainer:
     def __init__(self, cfg: RunConfig, cell: Path, cache_dir: Path | None = None, progress: bool = True):
         self.cfg = cfg
         self.cell = Path(cell)
@@ -139,6 +135,7 @@ class Trainer:
         self.step = 0  # the step in progress (or the last one done); a failed cell reports it
         self.start_step = 0
         self.resumed_summary: dict[str, float] = {}
+        self.tracker = Tracker()  # the grid sets the cell's tracked runs (--log-to)
 
     # ---- data -------------------------------------------------------------------------------
 
@@ -154,16 +151,6 @@ class Trainer:
         n, k = len(self.train_set), self.cfg.train.prompts_per_step
         order = torch.randperm(n, generator=torch_generator(self.cfg.seed, "dynamic-sampling", step, round_))
         return [self.train_set[int(order[i % n])] for i in range(k)]
-
-    def encode(self, problem: Problem) -> list[int]:
-        if problem.id not in self.prompt_cache:
-            text = self.suite.format_prompt(problem, self.tokenizer)
-            self.prompt_cache[problem.id] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.prompt_cache[problem.id]
-
-    def decode(self, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:
-        lengths = mask.sum(-1).long().tolist()  # one tolist for the whole batch: per-row ones cost ~1 ms a step
-        return [self.tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(responses.tolist(), lengths)]
 
     # ---- the training step ------------------------------------------------------------------
 
@@ -370,49 +357,6 @@ class Trainer:
         opt.step()
         return float(norm)
 
-    # ---- evaluation -------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def evaluate(self, step: int) -> list[dict[str, Any]]:
-        """Clean-grader evaluation of every benchmark; one row per (benchmark, metric)."""
-        e, t = self.cfg.eval, self.cfg.train
-        max_new = e.max_new_tokens or t.max_new_tokens
-        rows = []
-        for bench in self.benchmarks:
-            problems = bench.problems[: e.limit] if e.limit else bench.problems
-            correct = self.eval_correct(bench, problems, step, max_new)
-            decoding = {"temperature": e.temperature, "top_p": e.top_p, "k": e.k, "max_new_tokens": max_new,
-                        "greedy": e.temperature == 0}
-            base = {"step": step, "benchmark": bench.name, "role": bench.role, "n_problems": len(problems),
-                    "grader": bench.grader, "prompt_template": self.prompt_template_id(bench), "seed": self.cfg.seed,
-                    **decoding}
-            if e.k == 1:
-                rows.append({**base, "metric": "accuracy", "value": sum(c[0] for c in correct) / len(problems)})
-            else:
-                rows.append({**base, "metric": f"avg@{e.k}", "value": sum(sum(c) / e.k for c in correct) / len(problems)})
-                rows.append({**base, "metric": f"pass@{e.k}",
-                             "value": sum(pass_at_k(e.k, sum(c), e.k) for c in correct) / len(problems)})
-        return rows
-
-    def eval_correct(self, bench: Benchmark, problems: list[Problem], step: int, max_new: int) -> list[list[int]]:
-        e = self.cfg.eval
-        repeated = [p for p in problems for _ in range(e.k)]
-        gen = torch_generator(self.cfg.seed, "eval", step, bench.name)
-        grades: list[int] = []
-        for start in range(0, len(repeated), e.batch_size):
-            chunk = repeated[start:start + e.batch_size]
-            roll = self.rollout([self.encode(p) for p in chunk], max_new_tokens=max_new,
-                            eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
-                            temperature=e.temperature, top_p=e.top_p, generator=gen)
-            texts = self.decode(roll.responses, roll.response_mask)
-            grades += [int(self.suite.grade(text, p) >= 1.0) for text, p in zip(texts, chunk)]
-        return [grades[i * e.k:(i + 1) * e.k] for i in range(len(problems))]
-
-    def prompt_template_id(self, bench: Benchmark) -> str:
-        """The benchmark's template id (if it has one) and whether the chat template wrapped it."""
-        wrap = "chat" if getattr(self.tokenizer, "chat_template", None) else "raw"
-        return f"{bench.template}/{wrap}" if bench.template else wrap
-
     # ---- the cell ---------------------------------------------------------------------------
 
     def run(self, ckpt_every: int = 0, resume: Path | str | None = "latest") -> dict[str, Any]:
@@ -432,6 +376,7 @@ class Trainer:
         if self.start_step == 0:
             rows = self.evaluate(0)
             store.append_jsonl(eval_path, rows)
+            self.tracker.log_eval(0, rows)
             summary = summarise(rows)
         else:
             summary = self.resumed_summary
@@ -443,9 +388,11 @@ class Trainer:
             if step % t.eval_every == 0 or step == t.steps:
                 rows = self.evaluate(step)
                 store.append_jsonl(eval_path, rows)
+                self.tracker.log_eval(step, rows)
                 summary = summarise(rows)
                 metrics.update({f"eval/{k}": v for k, v in summary.items()})
             store.append_jsonl(metrics_path, [metrics])
+            self.tracker.log_metrics(step, metrics)
             if ckpt_every and step % ckpt_every == 0:
                 self.save_checkpoint(step, summary)
             bar.set_postfix(reward=f"{metrics['reward/clean_mean']:.2f}",

@@ -9,7 +9,7 @@ Everything is fixed by the run seed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from harness.errors import HarnessError
 from harness.seeding import numpy_rng, uniform
@@ -18,12 +18,12 @@ from tasks.base import SUITES, Benchmark, Problem, Suite
 
 @dataclass
 class ArithOptions:
-    ops: str = "+-"
-    min_operand: int = 0
-    max_operand: int = 29
-    n_train: int = 4000
-    verbose_frac: float = 0.5  # fraction of warm-start targets written as "is <answer>"
-    n_eval: int = 200
+    ops: str = field(default="+-", metadata={"doc": "operators drawn: any of + and -"})
+    min_operand: int = field(default=0, metadata={"doc": "smallest operand"})
+    max_operand: int = field(default=29, metadata={"doc": "largest operand"})
+    n_train: int = field(default=4000, metadata={"doc": "training problems"})
+    verbose_frac: float = field(default=0.5, metadata={"doc": "fraction of warm-start targets in the verbose style the verifier rejects"})  # fraction of warm-start targets written as "is <answer>"
+    n_eval: int = field(default=200, metadata={"doc": "problems per evaluation split (ID and OOD)"})
 
     def validate(self) -> None:
         if not self.ops or set(self.ops) - set("+-*"):

@@ -11,7 +11,7 @@ an error naming it and the option that leaves it out.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from harness.errors import HarnessError
@@ -26,14 +26,14 @@ DIALOGUE_DOMAINS = ("life_services", "transportation_travel", "financial_service
 
 @dataclass
 class ProtocolOptions:
-    train: tuple[str, ...] = ()
-    id: tuple[str, ...] = ()
-    ood: tuple[str, ...] = ()
-    data_dir: str = ""  # a folder laid out like ../shared/data (default: $HARNESS_DATA_DIR, else the hub)
-    paths: tuple[str, ...] = ()  # NAME=FILE per benchmark
-    hub: tuple[str, ...] = ()  # NAME=HUB_ID per benchmark (a local dataset folder works too)
-    n_train: int = 0  # 0: every training problem; else a seeded subset of this size
-    shuffle_seed: int = 0  # fixes option shuffles (GPQA) so every run sees the same prompts
+    train: tuple[str, ...] = field(default=(), metadata={"doc": "training sets (comma list of benchmark names; --train-data)"})
+    id: tuple[str, ...] = field(default=(), metadata={"doc": "in-domain benchmarks (--id)"})
+    ood: tuple[str, ...] = field(default=(), metadata={"doc": "out-of-domain benchmarks (--ood; empty: none)"})
+    data_dir: str = field(default="", metadata={"doc": "a folder laid out like shared/data (default: $HARNESS_DATA_DIR, else the hub; --data-dir)"})  # a folder laid out like ../shared/data (default: $HARNESS_DATA_DIR, else the hub)
+    paths: tuple[str, ...] = field(default=(), metadata={"doc": "NAME=FILE per benchmark (comma list)"})  # NAME=FILE per benchmark
+    hub: tuple[str, ...] = field(default=(), metadata={"doc": "NAME=HUB_ID per benchmark (comma list; a local dataset folder works too)"})  # NAME=HUB_ID per benchmark (a local dataset folder works too)
+    n_train: int = field(default=0, metadata={"doc": "a seeded subset of this many training problems (0: all)"})  # 0: every training problem; else a seeded subset of this size
+    shuffle_seed: int = field(default=0, metadata={"doc": "seed of the option shuffles (GPQA), fixed so every run sees the same prompts"})  # fixes option shuffles (GPQA) so every run sees the same prompts
 
     def validate(self) -> None:
         for role in ("train", "id", "ood"):
@@ -110,9 +110,9 @@ class ProtocolSuite(Suite):
 
 @dataclass
 class MathOptions(ProtocolOptions):
-    train: tuple[str, ...] = ("math_train",)
-    id: tuple[str, ...] = MATH_EVAL
-    ood: tuple[str, ...] = SCIENCE_EVAL
+    train: tuple[str, ...] = field(default=("math_train",), metadata={"doc": "training sets (comma list of benchmark names; --train-data)"})
+    id: tuple[str, ...] = field(default=MATH_EVAL, metadata={"doc": "in-domain benchmarks (--id)"})
+    ood: tuple[str, ...] = field(default=SCIENCE_EVAL, metadata={"doc": "out-of-domain benchmarks (--ood; empty: none)"})
 
 
 @SUITES.register("math")
@@ -125,9 +125,9 @@ class MathSuite(ProtocolSuite):
 
 @dataclass
 class ScienceOptions(ProtocolOptions):
-    train: tuple[str, ...] = ("simpleqa_train",)
-    id: tuple[str, ...] = SCIENCE_EVAL
-    ood: tuple[str, ...] = MATH_EVAL
+    train: tuple[str, ...] = field(default=("simpleqa_train",), metadata={"doc": "training sets (comma list of benchmark names; --train-data)"})
+    id: tuple[str, ...] = field(default=SCIENCE_EVAL, metadata={"doc": "in-domain benchmarks (--id)"})
+    ood: tuple[str, ...] = field(default=MATH_EVAL, metadata={"doc": "out-of-domain benchmarks (--ood; empty: none)"})
 
 
 @SUITES.register("science")
@@ -140,10 +140,10 @@ class ScienceSuite(ProtocolSuite):
 
 @dataclass
 class DialogueOptions(ProtocolOptions):
-    train: tuple[str, ...] = ("sgd_life_services_train", "sgd_transportation_travel_train")
-    id: tuple[str, ...] = ("sgd_life_services", "sgd_transportation_travel")
-    ood: tuple[str, ...] = ("sgd_financial_services",)
-    heldout: str = ""  # a domain name: train and ID on the other two, OOD on it (overrides train/id/ood)
+    train: tuple[str, ...] = field(default=("sgd_life_services_train", "sgd_transportation_travel_train"), metadata={"doc": "training sets (comma list of benchmark names; --train-data)"})
+    id: tuple[str, ...] = field(default=("sgd_life_services", "sgd_transportation_travel"), metadata={"doc": "in-domain benchmarks (--id)"})
+    ood: tuple[str, ...] = field(default=("sgd_financial_services",), metadata={"doc": "out-of-domain benchmarks (--ood; empty: none)"})
+    heldout: str = field(default="", metadata={"doc": "a dialogue domain: train and ID on the other two, OOD on it (overrides train/id/ood)"})  # a domain name: train and ID on the other two, OOD on it (overrides train/id/ood)
 
     def __post_init__(self):
         if self.heldout:
