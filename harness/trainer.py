@@ -119,6 +119,7 @@ class Trainer:
         # and the critic loss joins the actor loss (`update`).
         self.shared_critic = self.critic is not None and t.critic_backbone == "shared"
         self.heads = nn.ModuleDict(self.algo.extra_heads(self.policy.config.hidden_size)).to(self.device)
+        self.distribute()  # before the optimisers: sharding replaces the parameters
 
         groups = [{"params": list(self.policy.parameters())}]
         if len(self.heads):
@@ -253,8 +254,8 @@ class Trainer:
         # Frozen passes run under inference mode (no autograd bookkeeping); their results are copied out.
         if self.reference is not None:
             with timer("reference"), torch.inference_mode():
-                ref_logp, _, _ = forward_response(self.reference, roll.input_ids, roll.attention_mask, roll.prompt_len,
-                                                  t.temperature)
+                ref_logp, _, _ = self.response_forward(self.reference, roll.input_ids, roll.attention_mask,
+                                                       roll.prompt_len)
             batch["ref_logp"] = ref_logp.clone()
         if self.critic is not None:
             with timer("critic"), torch.inference_mode():
@@ -316,10 +317,18 @@ class Trainer:
             out += [index.to(self.device) for index in order.chunk(t.num_minibatches)]
         return out
 
+    def distribute(self) -> None:
+        """Hook between building the modules and their optimisers; the sharded trainer
+        (`harness.sharded`) shards the modules here. One process: nothing to do."""
+
+    def response_forward(self, model, input_ids, attention_mask, prompt_len: int, **kwargs):
+        """`forward_response` at the rollout temperature (the sharded trainer splits its rows across ranks)."""
+        return forward_response(model, input_ids, attention_mask, prompt_len, self.cfg.train.temperature, **kwargs)
+
     def policy_forward(self, mb: Batch) -> PolicyForward:
-        logp, entropy, hidden = forward_response(self.policy, mb["input_ids"], mb["attention_mask"], mb.prompt_len,
-                                                 self.cfg.train.temperature, want_hidden=self.algo.needs_hidden,
-                                                 entropy_grad=getattr(self.algo.opts, "entropy_coef", 0) > 0)
+        logp, entropy, hidden = self.response_forward(self.policy, mb["input_ids"], mb["attention_mask"], mb.prompt_len,
+                                                      want_hidden=self.algo.needs_hidden,
+                                                      entropy_grad=getattr(self.algo.opts, "entropy_coef", 0) > 0)
         return PolicyForward(logp, entropy, hidden)
 
     @torch.no_grad()
@@ -364,6 +373,7 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
         if not torch.isfinite(norm):
             raise NonFiniteLoss(f"non-finite {which} gradient norm at step {step}")
         opt.step()
@@ -426,7 +436,7 @@ class Trainer:
         self.start_step = self.restore_latest()
         if self.start_step == 0:
             rows = self.evaluate(0)
-            store.append_jsonl(eval_path, rows)
+            self.write_rows(eval_path, rows)
             summary = summarise(rows)
         else:
             summary = self.resumed_summary
@@ -437,15 +447,19 @@ class Trainer:
             metrics = self.train_step(step)
             if step % t.eval_every == 0 or step == t.steps:
                 rows = self.evaluate(step)
-                store.append_jsonl(eval_path, rows)
+                self.write_rows(eval_path, rows)
                 summary = summarise(rows)
                 metrics.update({f"eval/{k}": v for k, v in summary.items()})
-            store.append_jsonl(metrics_path, [metrics])
+            self.write_rows(metrics_path, [metrics])
             if ckpt_every and step % ckpt_every == 0:
                 self.save_checkpoint(step, summary)
             bar.set_postfix(reward=f"{metrics['reward/clean_mean']:.2f}",
                             **{k: f"{v:.2f}" for k, v in summary.items()})
         return {"final_step": t.steps, **summary}
+
+    def write_rows(self, path: Path, rows: list[dict[str, Any]]) -> None:
+        """Append to a JSONL file of the cell (under sharding only rank 0 writes)."""
+        store.append_jsonl(path, rows)
 
     # ---- checkpoints ------------------------------------------------------------------------
 
