@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "tiny-model CPU cell, whose training is single-threaded; otherwise 1, in-process)")
     run.add_argument("--backend", choices=["local", "ray"], default="local",
                      help="local processes (default) or one Ray task per cell (pip install '.[ray]')")
+    run.add_argument("--nproc", type=int, default=None,
+                     help="ranks per cell (sets train.nproc): FSDP2-sharded training, started by torchrun on this "
+                          "node or, with --backend ray, as a Ray Train job (default: 1, one process)")
     run.add_argument("--ray-address", default=None, help="Ray cluster address, e.g. auto (default: a local Ray instance)")
     run.add_argument("--ckpt-every", type=int, default=20,
                      help="save a checkpoint every N steps; a re-run resumes from it (default: 20; 0: never)")
@@ -138,6 +141,8 @@ def run_command(args, overrides: dict[str, str]) -> int:
     algos = parse_algos(args.algos) if args.algos is not None else default_algos()
     if args.rollout:
         overrides["train.rollout"] = args.rollout
+    if args.nproc is not None:
+        overrides["train.nproc"] = str(args.nproc)
     for flag, key in (("data_dir", "suite.data_dir"), ("train_data", "suite.train"), ("id", "suite.id"),
                       ("ood", "suite.ood")):
         if getattr(args, flag) is not None:

@@ -71,6 +71,12 @@ class TrainConfig:
     # forward fewer); recompute: a trainer forward. auto resolves per cell: rollout for the hf backend in
     # float32, recompute for vLLM or lower precision, where sampler and trainer numerics differ  [I]
     old_logp: str = field(default="auto", metadata={"doc": "behaviour log-probs: auto, rollout (the sampler's own) or recompute (a trainer forward)"})
+    # Ranks per cell (harness.distributed): policy, critic, reference and heads sharded with FSDP2, rows
+    # split across ranks; 1 is the single-process trainer, unchanged  [I]
+    nproc: int = field(default=1, metadata={"doc": "ranks per cell (FSDP2 under torchrun or Ray Train); 1: one process"})
+    fsdp_mixed_precision: str = field(default="off", metadata={"doc": "off, or bf16: parameters and activations in bfloat16, gradients reduced in float32"})
+    reference_offload: bool = field(default=False, metadata={"doc": "keep the sharded reference policy's parameters on the CPU"})
+    dist_timeout: int = field(default=1800, metadata={"doc": "seconds a rank waits on a collective before it fails the cell"})
 
 
 @dataclass
@@ -257,6 +263,8 @@ def validate_core(cfg: RunConfig) -> None:
         "train.num_minibatches": t.num_minibatches,
         "train.eval_every": t.eval_every,
         "train.threads": t.threads,
+        "train.nproc": t.nproc,
+        "train.dist_timeout": t.dist_timeout,
         "eval.k": cfg.eval.k,
         "eval.batch_size": cfg.eval.batch_size,
         "model.warmstart_batch": cfg.model.warmstart_batch,
@@ -294,5 +302,9 @@ def validate_core(cfg: RunConfig) -> None:
         from harness.vllm_rollout import check_available
 
         check_available()
+    if t.nproc > 1:
+        from harness.distributed import check_config
+
+        check_config(cfg)
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise HarnessError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")

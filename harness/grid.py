@@ -76,8 +76,9 @@ def with_real_model_defaults(overrides: dict[str, str], model: str | None) -> di
 
 def default_workers(cells: list["Cell"]) -> int:
     """One worker per core when every cell is a tiny-model CPU cell (single-threaded training, about
-    0.5 GiB each); otherwise 1, so cells never share a GPU or a large model's memory by surprise."""
-    if all(c.cfg.model.name == "tiny" and c.cfg.train.device == "cpu" and c.cfg.train.threads == 1 for c in cells):
+    0.5 GiB each); otherwise 1 (a cell of several ranks uses a core per rank), so cells never share a GPU or a large model's memory by surprise."""
+    if all(c.cfg.model.name == "tiny" and c.cfg.train.device == "cpu" and c.cfg.train.threads == 1
+           and c.cfg.train.nproc == 1 for c in cells):
         return max(1, min(os.cpu_count() or 1, len(cells)))
     return 1
 
@@ -229,13 +230,19 @@ def write_error(cell: Cell, exc: OSError) -> str | None:
     return None
 
 
-def run_cell(cell: Cell, cache_dir: Path | None = None, ckpt_every: int = 0, progress: bool = False) -> dict[str, Any]:
+def run_cell(cell: Cell, cache_dir: Path | None = None, ckpt_every: int = 0, progress: bool = False,
+             backend: str = "local") -> dict[str, Any]:
     """Run one cell to the end in this process, resuming from its newest checkpoint that passes
     verification when its configuration is unchanged; write its status.json; return that status.
     An exception inside the cell (a non-finite loss, out of memory, a bug) marks it failed and
     does not propagate, except bad input (`HarnessError`, e.g. a model that cannot load) and a
-    store that cannot be written (full disk, read-only), which the grid stops on."""
+    store that cannot be written (full disk, read-only), which the grid stops on. A cell of
+    `train.nproc` > 1 runs as that many ranks (`harness.launch`, torchrun or Ray Train)."""
     try:
+        if cell.cfg.train.nproc > 1:
+            from harness.launch import run_cell_ranks
+
+            return run_cell_ranks(cell, cache_dir, ckpt_every, progress, backend)
         return _run_cell(cell, cache_dir, ckpt_every, progress)
     except OSError as exc:
         reason = write_error(cell, exc)
@@ -249,9 +256,10 @@ def run_cell(cell: Cell, cache_dir: Path | None = None, ckpt_every: int = 0, pro
         return status
 
 
-def _run_cell(cell: Cell, cache_dir: Path | None, ckpt_every: int, progress: bool) -> dict[str, Any]:
-    from harness.trainer import Trainer
-
+def begin_cell(cell: Cell) -> tuple[dict[str, Any], tuple[int, Path] | None]:
+    """Before a cell trains: keep its files when it resumes (unchanged configuration and a
+    checkpoint that passes verification), else start it afresh; say which; write status `running`.
+    Returns the status fields and the checkpoint `(step, folder)` to resume from (None: step 0)."""
     try:
         previous = store.read_status(cell.path) or {}
     except store.StoreError:  # run_grid runs such a cell only when it did not finish
@@ -282,6 +290,14 @@ def _run_cell(cell: Cell, cache_dir: Path | None, ckpt_every: int, progress: boo
     info = {"resumed_from": resumed_from, "attempt": attempt, "steps": steps, "pid": os.getpid(),
             "host": socket.gethostname()}
     store.write_status(cell.path, "running", **info)
+    return info, found
+
+
+def _run_cell(cell: Cell, cache_dir: Path | None, ckpt_every: int, progress: bool) -> dict[str, Any]:
+    from harness.trainer import Trainer
+
+    info, found = begin_cell(cell)
+    resumed_from = info["resumed_from"]
     trainer = tracker = None
     try:
         trainer = Trainer(cell.cfg, cell.path, cache_dir=cache_dir, progress=progress)
@@ -561,14 +577,9 @@ def run_processes(todo: list[Cell], cache_dir, ckpt_every: int, workers: int, pr
     return outcomes
 
 
-def ray_resources(cfg: RunConfig) -> dict[str, float]:
-    """A cell's Ray resource request: `train.threads` CPUs, one GPU when it trains on cuda."""
-    return {"num_cpus": cfg.train.threads, "num_gpus": 1 if cfg.train.device == "cuda" else 0}
-
-
-def run_ray(todo: list[Cell], cache_dir, ckpt_every: int, address: str | None) -> list[tuple[Cell, dict]]:
-    """Each cell a Ray task with its resource request. Every node must see `--out` and the cache
-    (a shared filesystem) and have the harness installed; a local instance gets this checkout."""
+def start_ray(address: str | None):
+    """`(ray, started)`: Ray imported and connected (`address`, else a local instance that gets
+    this checkout on its workers' path); `started` when this call started it."""
     try:
         import ray
     except ImportError:
@@ -581,10 +592,34 @@ def run_ray(todo: list[Cell], cache_dir, ckpt_every: int, address: str | None) -
             env["TRANSFORMERS_VERBOSITY"] = os.environ["TRANSFORMERS_VERBOSITY"]
         kwargs = {"address": address} if address else {"include_dashboard": False}
         ray.init(runtime_env={"env_vars": env}, logging_level="ERROR", **kwargs)
+    return ray, started
+
+
+def ray_resources(cfg: RunConfig) -> dict[str, float]:
+    """A cell's Ray resource request: `train.threads` CPUs, one GPU when it trains on cuda."""
+    return {"num_cpus": cfg.train.threads, "num_gpus": 1 if cfg.train.device == "cuda" else 0}
+
+
+def run_ray(todo: list[Cell], cache_dir, ckpt_every: int, address: str | None) -> list[tuple[Cell, dict]]:
+    """Each cell a Ray task with its resource request. Every node must see `--out` and the cache
+    (a shared filesystem) and have the harness installed; a local instance gets this checkout."""
+    ray, started = start_ray(address)
+    outcomes = []
+    sharded = [cell for cell in todo if cell.cfg.train.nproc > 1]
+    todo = [cell for cell in todo if cell.cfg.train.nproc == 1]
+    try:  # a sharded cell is a Ray Train job of its own, started from here, one after the other
+        for cell in sharded:
+            status = run_cell(cell, cache_dir, ckpt_every, False, backend="ray")
+            report_failure(cell, status)
+            outcomes.append((cell, status))
+    finally:
+        if started and not todo:
+            ray.shutdown()
+    if not todo:
+        return outcomes
     task = ray.remote(max_retries=0)(run_cell)
     pending = {task.options(**ray_resources(cell.cfg)).remote(cell, cache_dir, ckpt_every, False): cell
                for cell in todo}
-    outcomes = []
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)

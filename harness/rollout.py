@@ -54,10 +54,37 @@ def sample_with_logp(logits: torch.Tensor, temperature: float, top_p: float,
         keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the top token
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs * keep)
     cdf = probs.cumsum(-1)
-    u = torch.rand(len(cdf), 1, generator=generator).to(cdf.device) * cdf[:, -1:]
+    u = uniforms(generator, len(cdf)).to(cdf.device) * cdf[:, -1:]
     # right=True: a token whose probability is 0 never owns an interval; clamp guards rounding at 1
     token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
     return token, log_probs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+
+
+class RowsOf:
+    """The uniform draws of rows `rows` of a `batch`-row sampling with `generator`. A rank that samples
+    some rows of a step's batch (`harness.sharded`) draws the batch's uniforms and keeps its rows, so a
+    row's draws are those one process sampling the whole batch gives it, whatever the number of ranks."""
+
+    def __init__(self, generator: torch.Generator | None, batch: int, rows: slice):
+        self.generator, self.batch, self.rows, self.draws = generator, batch, rows, 0
+
+    def rand(self, n: int) -> torch.Tensor:
+        assert n == len(range(self.batch)[self.rows]), (n, self.batch, self.rows)
+        self.draws += 1
+        return torch.rand(self.batch, 1, generator=self.generator)[self.rows]
+
+    def skip(self, draws: int) -> None:
+        """Advance the generator by `draws` more draws of the whole batch (the tokens other ranks sampled)."""
+        for _ in range(draws):
+            torch.rand(self.batch, 1, generator=self.generator)
+        self.draws += max(draws, 0)
+
+
+def uniforms(generator, n: int) -> torch.Tensor:
+    """`[n, 1]` U[0, 1) draws for one sampled token per row."""
+    if isinstance(generator, RowsOf):
+        return generator.rand(n)
+    return torch.rand(n, 1, generator=generator)
 
 
 def scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -115,6 +115,7 @@ class Trainer(PolicyEvaluator):
         # and the critic loss joins the actor loss (`update`).
         self.shared_critic = self.critic is not None and t.critic_backbone == "shared"
         self.heads = nn.ModuleDict(self.algo.extra_heads(self.policy.config.hidden_size)).to(self.device)
+        self.distribute()  # before the optimisers: sharding replaces the parameters
 
         groups = [{"params": list(self.policy.parameters())}]
         if len(self.heads):
@@ -240,8 +241,8 @@ class Trainer(PolicyEvaluator):
         # Frozen passes run under inference mode (no autograd bookkeeping); their results are copied out.
         if self.reference is not None:
             with timer("reference"), torch.inference_mode():
-                ref_logp, _, _ = forward_response(self.reference, roll.input_ids, roll.attention_mask, roll.prompt_len,
-                                                  t.temperature)
+                ref_logp, _, _ = self.response_forward(self.reference, roll.input_ids, roll.attention_mask,
+                                                       roll.prompt_len)
             batch["ref_logp"] = ref_logp.clone()
         if self.critic is not None:
             with timer("critic"), torch.inference_mode():
@@ -303,10 +304,18 @@ class Trainer(PolicyEvaluator):
             out += [index.to(self.device) for index in order.chunk(t.num_minibatches)]
         return out
 
+    def distribute(self) -> None:
+        """Hook between building the modules and their optimisers; the sharded trainer
+        (`harness.sharded`) shards the modules here. One process: nothing to do."""
+
+    def response_forward(self, model, input_ids, attention_mask, prompt_len: int, **kwargs):
+        """`forward_response` at the rollout temperature (the sharded trainer splits its rows across ranks)."""
+        return forward_response(model, input_ids, attention_mask, prompt_len, self.cfg.train.temperature, **kwargs)
+
     def policy_forward(self, mb: Batch) -> PolicyForward:
-        logp, entropy, hidden = forward_response(self.policy, mb["input_ids"], mb["attention_mask"], mb.prompt_len,
-                                                 self.cfg.train.temperature, want_hidden=self.algo.needs_hidden,
-                                                 entropy_grad=self.algo.entropy_needs_grad())
+        logp, entropy, hidden = self.response_forward(self.policy, mb["input_ids"], mb["attention_mask"], mb.prompt_len,
+                                                      want_hidden=self.algo.needs_hidden,
+                                                      entropy_grad=self.algo.entropy_needs_grad())
         return PolicyForward(logp, entropy, hidden)
 
     @torch.no_grad()
@@ -352,6 +361,7 @@ class Trainer(PolicyEvaluator):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
         if not torch.isfinite(norm):
             raise NonFiniteLoss(f"non-finite {which} gradient norm at step {step}")
         opt.step()
@@ -375,7 +385,7 @@ class Trainer(PolicyEvaluator):
             self.start_step = self.restore_checkpoint(Path(resume)) if resume is not None else 0
         if self.start_step == 0:
             rows = self.evaluate(0)
-            store.append_jsonl(eval_path, rows)
+            self.write_rows(eval_path, rows)
             self.tracker.log_eval(0, rows)
             summary = summarise(rows)
         else:
@@ -387,17 +397,21 @@ class Trainer(PolicyEvaluator):
             metrics = self.train_step(step)
             if step % t.eval_every == 0 or step == t.steps:
                 rows = self.evaluate(step)
-                store.append_jsonl(eval_path, rows)
+                self.write_rows(eval_path, rows)
                 self.tracker.log_eval(step, rows)
                 summary = summarise(rows)
                 metrics.update({f"eval/{k}": v for k, v in summary.items()})
-            store.append_jsonl(metrics_path, [metrics])
+            self.write_rows(metrics_path, [metrics])
             self.tracker.log_metrics(step, metrics)
             if ckpt_every and step % ckpt_every == 0:
                 self.save_checkpoint(step, summary)
             bar.set_postfix(reward=f"{metrics['reward/clean_mean']:.2f}",
                             **{k: f"{v:.2f}" for k, v in summary.items()})
         return {"final_step": t.steps, **summary}
+
+    def write_rows(self, path: Path, rows: list[dict[str, Any]]) -> None:
+        """Append to a JSONL file of the cell (under sharding only rank 0 writes)."""
+        store.append_jsonl(path, rows)
 
     # ---- checkpoints ------------------------------------------------------------------------
 

@@ -26,7 +26,6 @@ is that problem's primary metric in [0, 1] (1/0 for accuracy, the fraction corre
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path

@@ -1,0 +1,177 @@
+"""Start a cell of `train.nproc` > 1 as that many ranks, and turn how they ended into its status.
+
+    local   torchrun's own engine (`torch.distributed.launcher.elastic_launch`), one node: N rank
+            processes of `python -m harness.launch JOB`
+    ray     Ray Train's `TorchTrainer` with N workers (any node of the Ray cluster; `--ray-address`)
+
+Either way the ranks run `rank_main`: join the process group (gloo on the CPU, NCCL on GPUs, with
+`train.dist_timeout` on every collective), train the cell with `harness.sharded.ShardedTrainer`
+and leave their outcome in the cell's `.ranks/` folder: rank 0 the summary (`result.json`), a rank
+that raises its step and reason (`failure_rank<r>.json`) before it exits, which makes the launcher
+stop the other ranks. This process (the grid's) writes status.json: `done`, or `failed` with the
+rank and reason of the first failure; a rank killed without a word (`kill -9`, the out-of-memory
+killer) is named from the launcher's report of its exit signal.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import sys
+import time
+import traceback
+import uuid
+from pathlib import Path
+from typing import Any
+
+from harness import store
+from harness.errors import HarnessError
+
+JOB_DIR = ".ranks"
+
+
+def run_cell_ranks(cell, cache_dir: Path | None, ckpt_every: int, progress: bool, backend: str = "local") -> dict:
+    """Run `cell` as `train.nproc` ranks to the end (resuming like a one-process cell); write and
+    return its status. A failing rank fails the cell and nothing else."""
+    from harness.grid import begin_cell
+
+    info, _ = begin_cell(cell)
+    job = Path(cell.path) / JOB_DIR
+    shutil.rmtree(job, ignore_errors=True)
+    job.mkdir(parents=True)
+    with open(job / "job.pkl", "wb") as fh:
+        pickle.dump({"cell": cell, "cache_dir": cache_dir, "ckpt_every": ckpt_every, "progress": progress}, fh)
+    launcher_failures: dict[int, str] = {}
+    try:
+        if backend == "ray":
+            launcher_failures = launch_ray(cell, job)
+        else:
+            launcher_failures = launch_torchrun(cell, job)
+    except KeyboardInterrupt:
+        store.write_status(cell.path, "interrupted", step=store.last_step(cell.path), reason="interrupted", **info)
+        raise
+    status = outcome(cell, job, launcher_failures, info)
+    shutil.rmtree(job, ignore_errors=True)
+    return status
+
+
+def launch_torchrun(cell, job: Path) -> dict[int, str]:
+    """torchrun --standalone --nproc_per_node N, in-process; returns {rank: how it died} for ranks
+    the launcher reported failed."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cell.cfg.train.nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    try:
+        elastic_launch(config, sys.executable)("-m", "harness.launch", str(job / "job.pkl"))
+    except ChildFailedError as exc:
+        return {rank: describe_exit(failure.exitcode, failure.signal_name() if failure.exitcode < 0 else "")
+                for rank, failure in exc.failures.items()}
+    return {}
+
+
+def describe_exit(exitcode: int, signal_name: str) -> str:
+    if exitcode < 0:
+        return f"rank process died (killed by {signal_name}{'; out of memory?' if signal_name == 'SIGKILL' else ''})"
+    return f"rank process exited with code {exitcode}"
+
+
+def launch_ray(cell, job: Path) -> dict[int, str]:
+    """One Ray Train `TorchTrainer` with `train.nproc` workers of `train.threads` CPUs (and one GPU
+    each on cuda); Ray Train sets up the process group. Returns {-1: error} when the job failed."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cell.cfg.train
+    gpu = t.device == "cuda"
+    trainer = TorchTrainer(
+        ray_worker, train_loop_config={"job": str(job / "job.pkl")},
+        scaling_config=ScalingConfig(num_workers=t.nproc, use_gpu=gpu, resources_per_worker={"CPU": t.threads}),
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo", timeout_s=t.dist_timeout),
+        run_config=RunConfig(storage_path=str((job / "ray").resolve()), name="cell",
+                             failure_config=FailureConfig(max_failures=0)))
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - Ray Train raises the workers' error as its own
+        return {-1: f"ray train job failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    if result.error is not None:
+        return {-1: f"ray train job failed: {type(result.error).__name__}: {result.error}"}
+    return {}
+
+
+def ray_worker(config: dict[str, Any]) -> None:
+    """A Ray Train worker: Ray set up the process group; the local rank comes from its context."""
+    import ray.train
+
+    os.environ.setdefault("LOCAL_RANK", str(ray.train.get_context().get_local_rank()))
+    rank_main(Path(config["job"]), exit_on_failure=False)
+
+
+def outcome(cell, job: Path, launcher_failures: dict[int, str], info: dict) -> dict:
+    """The cell's status from the ranks' files and the launcher's report."""
+    result = job / "result.json"
+    if result.exists() and not launcher_failures:
+        store.write_status(cell.path, "done", **store.read_json(result), **info)
+        store.prune_checkpoints(cell.path)
+        return store.read_status(cell.path)
+    written = sorted((store.read_json(p) for p in job.glob("failure_rank*.json")), key=lambda f: f["time"])
+    silent = {rank: why for rank, why in launcher_failures.items()
+              if rank >= 0 and "SIGTERM" not in why and not (job / f"failure_rank{rank}.json").exists()}
+    if silent:  # a rank that died without a word; the others' errors follow from its death
+        rank, why = min(silent.items())
+        fields = {"step": store.last_step(cell.path), "reason": f"rank {rank}: {why}", "rank": rank}
+    elif written:
+        first = written[0]
+        fields = {"step": first["step"], "reason": f"rank {first['rank']}: {first['reason']}", "rank": first["rank"],
+                  "traceback": first["traceback"]}
+        if first.get("fatal"):
+            fields["fatal"] = True
+    elif launcher_failures:
+        rank, why = min(launcher_failures.items())
+        fields = {"step": store.last_step(cell.path), "reason": why if rank < 0 else f"rank {rank}: {why}"}
+    else:
+        fields = {"step": store.last_step(cell.path), "reason": "the ranks ended without a result"}
+    store.write_status(cell.path, "failed", **fields, **info)
+    return store.read_status(cell.path)
+
+
+def rank_main(job_file: Path, exit_on_failure: bool = True) -> None:
+    """One rank of a cell: train it; leave the summary (rank 0) or this rank's failure in the job folder."""
+    import torch
+    import torch.distributed as dist
+
+    from harness import distributed
+    from harness.sharded import ShardedTrainer
+
+    with open(job_file, "rb") as fh:
+        job = pickle.load(fh)
+    cell, folder = job["cell"], Path(job_file).parent
+    t = cell.cfg.train
+    device = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    trainer, world = None, distributed.World()
+    try:
+        world = distributed.init(device, t.dist_timeout)
+        (folder / f"rank{world.rank}.pid").write_text(str(os.getpid()))
+        trainer = ShardedTrainer(cell.cfg, cell.path, cache_dir=job["cache_dir"], progress=job["progress"])
+        summary = trainer.run(ckpt_every=job["ckpt_every"])
+        distributed.barrier(world)
+        if world.main:
+            store.atomic_write_json(folder / "result.json", summary)
+    except BaseException as exc:  # noqa: BLE001 - reported to the launcher, which fails the cell
+        reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, HarnessError) else str(exc)
+        if "out of memory" in str(exc).lower() or isinstance(exc, MemoryError):
+            reason = f"out of memory: {reason}"
+        store.atomic_write_json(folder / f"failure_rank{world.rank}.json", {
+            "rank": world.rank, "step": trainer.step if trainer else 0, "reason": reason, "time": time.time(),
+            "traceback": traceback.format_exc(), "fatal": isinstance(exc, HarnessError)})
+        print(f"harness: rank {world.rank} failed: {reason}", file=sys.stderr, flush=True)
+        if exit_on_failure:
+            os._exit(1)  # at once: no rank waits on this one's collectives; the launcher stops the others
+        raise
+    if exit_on_failure and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    rank_main(Path(sys.argv[1]))

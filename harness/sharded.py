@@ -1,0 +1,225 @@
+"""The trainer of a cell that runs as N ranks: `Trainer` with FSDP2-sharded modules.
+
+Every rank runs the same step on the same data; only the heavy parts are divided:
+
+- **Modules.** Policy, reference, critic (backbone and head) and extra heads are sharded with
+  `fully_shard` per decoder layer and at the root (`distributed.shard`), before the optimisers are
+  built, so each rank holds 1/N of every parameter, gradient and Adam state.
+- **Forwards.** Each rank runs its contiguous share of a batch's rows through a sharded module;
+  the outputs (log-probs, entropies, hidden states, critic states) are all-gathered with autograd.
+  The algorithm's advantages and losses then run unchanged and identically on every rank, and
+  FSDP reduces the gradients.
+- **Rollout.** Each rank samples whole groups (consecutive rows of the same prompt) with a plain
+  replica of the policy, refreshed from the sharded weights after each update (a full state dict),
+  so sampling needs no collective and ranks may stop at different lengths. A row's uniform draws
+  are those of one process sampling the whole batch (`rollout.RowsOf`): sampling is keyed by
+  (seed, step, prompt, sample), never by rank. The rollouts are then all-gathered, so grading,
+  noise and dynamic sampling see the whole batch. The replica may use the fast Llama path; the
+  sharded modules never do (it bypasses `forward()`, so FSDP would not gather their weights).
+- **Files.** Rank 0 writes metrics.jsonl and eval.jsonl. Checkpoints are `torch.distributed.checkpoint`
+  folders of every module and optimiser, written by all ranks into `ckpt/step<k>.tmp` and renamed
+  by rank 0 after a barrier, with each rank's RNG states.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+
+from harness import distributed, fast_llama, store
+from harness.rollout import Rollout, RowsOf, generate, merge_rollouts
+from harness.trainer import Trainer, rng_state, set_rng_state
+
+
+def prompt_groups(prompts: list[list[int]]) -> list[int]:
+    """Start rows of the runs of equal consecutive prompts (a group's G samples), then len(prompts)."""
+    starts = [i for i in range(len(prompts)) if i == 0 or prompts[i] != prompts[i - 1]]
+    return starts + [len(prompts)]
+
+
+def group_share(prompts: list[list[int]], world: distributed.World) -> slice:
+    """This rank's rows: whole groups, contiguous, each group to the rank its first row falls to."""
+    n, bounds = len(prompts), prompt_groups(prompts)
+    owner = [min(start * world.size // max(n, 1), world.size - 1) for start in bounds[:-1]]
+    mine = [i for i, r in enumerate(owner) if r == world.rank]
+    if not mine:
+        return slice(0, 0)
+    return slice(bounds[mine[0]], bounds[mine[-1] + 1])
+
+
+def outside_inference_mode(fn):
+    """`fn` run under no_grad instead of inference mode: FSDP gathers a module's parameters into
+    buffers it reuses, and buffers made under inference mode cannot be written by a later training
+    forward (the trainer's frozen critic pass comes before the critic's update)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not torch.is_inference_mode_enabled():
+            return fn(*args, **kwargs)
+        with torch.inference_mode(False), torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return run
+
+
+class ShardedTrainer(Trainer):
+    def __init__(self, cfg, cell: Path, cache_dir: Path | None = None, progress: bool = True):
+        self.world = distributed.World.current()
+        super().__init__(cfg, cell, cache_dir, progress and self.world.main)
+        self.rollout = self.sharded_rollout
+
+    # ---- sharding (called by Trainer.__init__ before the optimisers) -------------------------
+
+    def distribute(self) -> None:
+        t = self.cfg.train
+        # The rollout replica: a plain copy of the policy (keeping the fast path where it is on).
+        self.replica = copy.deepcopy(self.policy).requires_grad_(False).eval()
+        self.replica_stale = False
+        modules = [self.policy, self.reference, self.critic.backbone if self.critic is not None else None]
+        for module in modules:
+            if module is not None:
+                fast_llama.enable(module, "off")
+        decoder = fast_llama.decoder_of
+        distributed.shard(self.policy, list(decoder(self.policy).layers), t.fsdp_mixed_precision)
+        if self.reference is not None:
+            distributed.shard(self.reference, list(decoder(self.reference).layers), t.fsdp_mixed_precision,
+                              offload=t.reference_offload)
+        if self.critic is not None:
+            distributed.shard(self.critic.backbone, list(self.critic.backbone.layers), t.fsdp_mixed_precision)
+            distributed.shard(self.critic.head, [], t.fsdp_mixed_precision)
+            states = self.critic.states  # each rank its rows; the states of all rows on every rank
+
+            def sharded_states(input_ids, attention_mask, prompt_len):
+                rows = self.world.rows(len(input_ids))
+                return distributed.gather_rows(states(input_ids[rows], attention_mask[rows], prompt_len),
+                                               len(input_ids), self.world)
+
+            self.critic.states = sharded_states
+            self.critic.forward = outside_inference_mode(self.critic.forward)
+        for head in self.heads.values():
+            distributed.shard(head, [], t.fsdp_mixed_precision)
+
+    def response_forward(self, model, input_ids, attention_mask, prompt_len: int, **kwargs):
+        rows, n = self.world.rows(len(input_ids)), len(input_ids)
+        logp, entropy, hidden = super().response_forward(model, input_ids[rows], attention_mask[rows], prompt_len,
+                                                         **kwargs)
+        gather = lambda x: distributed.gather_rows(x, n, self.world)  # noqa: E731
+        return gather(logp), gather(entropy), gather(hidden) if hidden is not None else None
+
+    def update(self, *args, **kwargs) -> dict[str, float]:
+        metrics = super().update(*args, **kwargs)
+        self.replica_stale = True
+        return metrics
+
+    # ---- rollout -----------------------------------------------------------------------------
+
+    def refresh_replica(self) -> None:
+        """Copy the sharded policy's current weights into the replica (a collective: every rank)."""
+        if self.replica_stale:
+            full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True))
+            self.replica.load_state_dict(full)
+            self.replica_stale = False
+
+    def sharded_rollout(self, prompts: list[list[int]], *, generator=None, temperature: float = 1.0,
+                        **kwargs) -> Rollout:
+        """Sample this rank's whole groups with the replica, then all-gather every rank's rollout."""
+        self.refresh_replica()
+        rows = group_share(prompts, self.world)
+        draws = RowsOf(generator, len(prompts), rows)
+        mine = None
+        if rows.stop > rows.start:
+            mine = generate(self.replica, prompts[rows], generator=draws, temperature=temperature, **kwargs)
+            mine = Rollout(**{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in vars(mine).items()})
+        parts: list[Rollout | None] = [None] * self.world.size
+        dist.all_gather_object(parts, mine)
+        parts = [p for p in parts if p is not None]
+        roll = merge_rollouts([(p, torch.arange(len(p.input_ids))) for p in parts], kwargs["pad_id"])
+        if temperature != 0:  # later calls with this generator continue where one process would
+            draws.skip(roll.responses.shape[1] - draws.draws)
+        return Rollout(**{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in vars(roll).items()})
+
+    # ---- files and checkpoints ---------------------------------------------------------------
+
+    def write_rows(self, path: Path, rows: list[dict[str, Any]]) -> None:
+        if self.world.main:
+            super().write_rows(path, rows)
+
+    def stateful(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer | None]]:
+        """The trained modules of the cell, each with its optimiser, as DCP state-dict pairs."""
+        out = {"actor": (nn.ModuleDict({"policy": self.policy, "heads": self.heads}), self.actor_opt)}
+        if self.critic is not None:
+            out["critic"] = (self.critic, self.critic_opt)
+        return out
+
+    def dcp_state(self) -> dict[str, Any]:
+        state = {}
+        for name, (module, opt) in self.stateful().items():
+            model_sd, optim_sd = get_state_dict(module, opt)
+            state[name] = {"model": model_sd, "optim": optim_sd}
+        return state
+
+    def save_checkpoint(self, step: int, summary: dict[str, float]) -> None:
+        """Every rank writes its shards into `ckpt/step<k>.tmp` (DCP) and its RNG states; after a
+        barrier rank 0 adds the step's record (`state.pt`) and renames the folder into place."""
+        final = store.checkpoint_dir(self.cell, step)
+        tmp = final.with_name(final.name + ".tmp")
+        if self.world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        distributed.barrier(self.world)
+        dcp.save(self.dcp_state(), checkpoint_id=str(tmp / "dcp"))
+        store.save_tensors(rng_state(), tmp / f"rng_rank{self.world.rank}.pt")
+        distributed.barrier(self.world)
+        if self.world.main:
+            record = {"step": step, "summary": summary, "config": self.cfg.to_dict(), "world_size": self.world.size,
+                      "files": {name: store.file_size(self.cell / name) for name in ("metrics.jsonl", "eval.jsonl")}}
+            for name, obj in (("algo", self.algo), ("noise", self.noise)):
+                if hasattr(obj, "state_dict"):
+                    record[name] = obj.state_dict()
+            store.save_tensors(record, tmp / store.STATE_FILE)
+            store.atomic_write_json(tmp / store.MANIFEST_FILE, store.checkpoint_manifest(self.cell, tmp, step))
+            for path in tmp.rglob("*"):
+                if path.is_file():
+                    with open(path, "rb") as fh:
+                        os.fsync(fh.fileno())
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            store.fsync_dir(final.parent)
+            store.prune_checkpoints(self.cell, keep=final)
+        distributed.barrier(self.world)
+
+    def restore_latest(self) -> int:
+        found = store.usable_checkpoint(self.cell)
+        if found is None:
+            return 0
+        step, path = found
+        record = torch.load(path / store.STATE_FILE, weights_only=True)
+        if record["world_size"] != self.world.size:
+            raise RuntimeError(f"checkpoint {path} was written by {record['world_size']} ranks, this cell has "
+                               f"{self.world.size}")
+        state = self.dcp_state()
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        for name, (module, opt) in self.stateful().items():
+            set_state_dict(module, opt, model_state_dict=state[name]["model"], optim_state_dict=state[name]["optim"])
+        for name, obj in (("algo", self.algo), ("noise", self.noise)):
+            if name in record:
+                obj.load_state_dict(record[name])
+        set_rng_state(torch.load(path / f"rng_rank{self.world.rank}.pt", weights_only=True))
+        distributed.barrier(self.world)  # every rank has read the checkpoint before rank 0 cuts the files
+        if self.world.main:
+            for name, size in record["files"].items():
+                store.truncate(self.cell / name, size)
+        self.resumed_summary = record["summary"]
+        self.replica_stale = True
+        self.step = step
+        return step
