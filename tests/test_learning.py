@@ -6,7 +6,7 @@ few dozen steps, and must not with the reward signal removed (flip0.5 makes rewa
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -19,7 +19,7 @@ from tasks.base import SUITES, Benchmark, Problem, Suite
 
 @dataclass
 class BanditOptions:
-    n_prompts: int = 8
+    n_prompts: int = field(default=8, metadata={"doc": "number of training prompts"})
 
 
 @SUITES.register("unit-bandit")
