@@ -142,6 +142,12 @@ def load_pretrained(name: str, dtype: str, device: str, gguf_file: str | None = 
     except OSError as exc:
         where = "local folder" if local else "Hugging Face id (offline? pass a local folder instead)"
         raise HarnessError(f"cannot load model {name!r} as a {where}: {str(exc).splitlines()[0]}") from None
+    if gguf_file:
+        # The weights are dequantised to plain tensors on load; only the marker that the model came
+        # from GGUF is left, and transformers refuses to save_pretrained a model carrying it.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
