@@ -130,8 +130,12 @@ def test_lm_eval_runs_on_the_loaded_model_with_local_gsm8k(trained, tmp_path, mo
                  "--lm-eval-gen-kwargs", "max_gen_toks=4"]) == 0
     folder = out / "arith" / "ppo-model" / "flip0.2" / "seed0"
     rows = [json.loads(line) for line in (folder / "lm_eval.jsonl").read_text().splitlines()]
-    assert sorted(r["metric"] for r in rows) == ["exact_match,flexible-extract", "exact_match,strict-match"]
+    assert sorted(r["metric"] for r in rows) == ["exact_match,flexible-extract", "exact_match,strict-match",
+                                                 "grader_agreement,flexible-extract", "grader_agreement,strict-match"]
     assert all(r["task"] == "harness_gsm8k" and r["n_samples"] == 2 and 0 <= r["value"] <= 1 for r in rows)
+    for row in (r for r in rows if r["metric"].startswith("grader_agreement")):
+        counts = [row[k] for k in ("both_correct", "both_wrong", "harness_only", "lm_eval_only")]
+        assert sum(counts) == 2 and row["value"] == (counts[0] + counts[1]) / 2
     results = json.loads((folder / "lm_eval_results.json").read_text())
     gold = [json.loads(line) for line in (SHARED_DATA / "math" / "gsm8k_test.jsonl").read_text().splitlines()[:2]]
     samples = results["samples"]["harness_gsm8k"]
@@ -162,3 +166,23 @@ def test_save_model_default_is_none_for_the_tiny_model(tmp_path, cache_dir):
     assert (model / "model.safetensors").exists() and (model / "heads" / "heads.safetensors").exists()
     assert not (model / "critic").exists()  # FlowRL has no critic
     assert not list(model.parent.glob(".model.*"))  # no temporary folder left
+
+
+def test_grader_agreement_counts_and_kappa_by_hand():
+    from harness.lm_eval_tasks import grader_agreement
+
+    docs = [json.loads(line) for line in (SHARED_DATA / "math" / "gsm8k_test.jsonl").read_text().splitlines()[:4]]
+    golds = [d["answer"].split("####")[-1].strip() for d in docs]
+    # Ours right on docs 0 and 1 (the gold answer), wrong on 2 and 3; lm-eval says right on 0 and 2.
+    responses = [f"The answer is {golds[0]}.", f"The answer is {golds[1]}.", "The answer is -12345.", "no idea"]
+    lm_eval = [1.0, 0.0, 1.0, 0.0]
+    samples = [{"doc": d, "resps": [[r]], "exact_match": e, "filter": "strict-match"}
+               for d, r, e in zip(docs, responses, lm_eval)]
+    samples += [{"doc": docs[0], "resps": [[responses[0]]], "exact_match": 1.0, "filter": "flexible-extract"}]
+    rows = {r["filter"]: r for r in grader_agreement("harness_gsm8k", samples, "gsm8k")}
+    strict = rows["strict-match"]
+    assert (strict["both_correct"], strict["both_wrong"], strict["harness_only"], strict["lm_eval_only"]) == (1, 1, 1, 1)
+    # Agreement 2/4; both graders say "right" half the time, so chance agreement is 1/2 and kappa 0.
+    assert strict["value"] == 0.5 and strict["kappa"] == pytest.approx(0.0) and strict["n_samples"] == 4
+    # One sample, both right: agreement 1, chance agreement 1, kappa undefined (None, a dash in tables).
+    assert rows["flexible-extract"]["value"] == 1.0 and rows["flexible-extract"]["kappa"] is None
