@@ -32,7 +32,7 @@ from harness import fast_llama, store
 from harness.config import RunConfig, resolved_old_logp
 from harness.models import load_policy
 from harness.errors import HarnessError
-from harness.evaluation import PolicyEvaluator, pass_at_k  # noqa: F401 - pass_at_k: the trainer's API before
+from harness.evaluation import PolicyEvaluator
 from harness.rollout import forward_response, generate, merge_rollouts
 from harness.seeding import seed_everything, torch_generator
 from harness.tracking import Tracker

@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from matplotlib.figure import Figure
 
 from reports.analysis import AVERAGES, CURVE_METRICS, SuiteReport, noise_rate

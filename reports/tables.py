@@ -326,8 +326,8 @@ def render_markdown(reports: list[SuiteReport], baseline: str, figures: dict, fi
         if stem and fig_ext:
             lines += [f"![robustness {r.suite.name}](figures/{stem}.{fig_ext})", ""]
         caption, header, rows = stability_table(r)
-        lines += [f"### {caption}", "", f"Per seed, then mean over seeds; collapsed = seeds whose final ALL AVG "
-                  f"is below their step-0 evaluation.", ""] + md_table(header, rows) + [""]
+        lines += [f"### {caption}", "", "Per seed, then mean over seeds; collapsed = seeds whose final ALL AVG "
+                  "is below their step-0 evaluation.", ""] + md_table(header, rows) + [""]
         if fig_ext:
             for noise in r.suite.noises:
                 stem = figures.get((r.suite.name, "stability", noise))

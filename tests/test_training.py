@@ -10,7 +10,8 @@ import torch
 from algorithms import ALGOS
 from harness.cli import main
 from harness.grid import build_cells, run_grid
-from harness.trainer import Trainer, pass_at_k
+from harness.evaluation import pass_at_k
+from harness.trainer import Trainer
 from tests.conftest import FAST, fast_args
 
 

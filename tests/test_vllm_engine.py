@@ -16,7 +16,7 @@ from harness.cli import main
 from harness.grid import MISSION_ALGOS, build_cells
 from harness.rollout import forward_response
 from harness.trainer import Trainer
-from harness.vllm_rollout import VLLMRollout, pack_rollout
+from harness.vllm_rollout import pack_rollout
 from tests.conftest import FAST, fast_args
 
 pytestmark = pytest.mark.vllm
