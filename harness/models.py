@@ -46,10 +46,11 @@ def byte_tokenizer():
     )
 
 
-def tiny_llama(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
+    """The tiny Llama's transformers config (also `harness plan`'s shape of the tiny model)."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -62,7 +63,12 @@ def tiny_llama(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_
         bos_token_id=bos_id,
         eos_token_id=eos_id,
     )
-    return LlamaForCausalLM(config)
+
+
+def tiny_llama(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM(tiny_llama_config(cfg, vocab_size, pad_id, bos_id, eos_id))
 
 
 def warmstart_key(cfg: ModelConfig, suite: "Suite", seed: int) -> str:
