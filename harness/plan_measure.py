@@ -80,5 +80,5 @@ def format_measurements(pairs: list[tuple[Plan, dict[str, Any]]]) -> str:
             lines.append(f"{plan.algo:8s} {name:22s} {plan.persistent.get(name, 0) / MiB:10.2f} {real / MiB:10.2f}")
         estimate = plan.peak
         lines.append(f"{plan.algo:8s} {'peak (trainer share)':22s} {estimate / MiB:10.2f} {measured['peak_delta'] / MiB:10.2f}"
-                     f"   (process peak RSS {measured['peak'] / MiB:.0f} MiB, {measured['before'] / GiB:.3f} before the trainer)")
+                     f"   (process peak RSS {measured['peak'] / MiB:.0f} MiB, {measured['before'] / MiB:.0f} MiB before the trainer)")
     return "\n".join(lines)
