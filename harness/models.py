@@ -173,8 +173,13 @@ def build_tiny_warmstart(cfg: ModelConfig, suite: "Suite", seed: int, path: Path
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    # transformers writes a model only on rank 0 of an initialised process group; any rank of a
+    # sharded cell may be the one that builds this per-machine cache, so this rank writes it.
+    model.should_save_on_this_rank = lambda is_main_process: True
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if not (tmp / "config.json").is_file():
+        raise RuntimeError(f"the tiny model's warm start was not written to {tmp}")
     (tmp / "done").write_text("ok\n")
     if path.exists():  # a half-written folder from a crash: replace it
         shutil.rmtree(path)
