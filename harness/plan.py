@@ -294,7 +294,7 @@ def format_plans(plans: list[Plan], model: str, prompt_len: int, cfg) -> str:
              f"{prompt_len}+{t.max_new_tokens} tokens, gradient_checkpointing={str(t.gradient_checkpointing).lower()}",
              "GiB per device"]
     labels: list[str] = []
-    for plan in plans:
+    for plan in sorted(plans, key=lambda p: -len(p.rows())):  # the fullest plan's order, then the rest
         labels += [label for label, _ in plan.rows() if label not in labels]
     tables = [dict(plan.rows()) for plan in plans]
     width = max(len(label) for label in labels)
