@@ -1,4 +1,4 @@
-"""`harness run | status | report | eval | bench | list`.
+"""`harness run | status | report | eval | bench | plan | list`.
 
 Bad input ends with one line `harness: error: ...` and exit status 2, before anything is written.
 SIGINT or SIGTERM ends a run with one line `harness: interrupted: ...` and exit status 130.
@@ -104,6 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--algos", default=None, help="comma list for the algorithm table (default: registered mission algorithms)")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides, as for run")
     bench.add_argument("--cache-dir", default=None, help="warm-start cache (default: $HARNESS_CACHE or ~/.cache/harness)")
+
+    plan = sub.add_parser("plan", help="estimated memory per device of each algorithm's cell, before launching it")
+    plan.add_argument("--model", default="tiny",
+                      help="'tiny' (default), 'smollm2', Qwen/Qwen3-8B (shapes known offline), a local folder with "
+                           "config.json or a hub id in the Hugging Face cache")
+    plan.add_argument("--algos", default=None, help="comma list (default: the mission's registered algorithms)")
+    plan.add_argument("--nproc", type=int, default=1, help="ranks per cell (sets train.nproc; default: 1)")
+    plan.add_argument("--suite", default=None,
+                      help="the suite whose run defaults apply (default: arith for tiny, math for other models)")
+    plan.add_argument("--prompt-len", type=int, default=None,
+                      help="prompt tokens (default: model.max_positions - train.max_new_tokens)")
+    plan.add_argument("--device-memory", default="80GB", help="memory of one device, e.g. 80GB, 141GB (default: 80GB, "
+                      "read as GiB)")
+    plan.add_argument("--rollout", choices=["hf", "vllm"], default=None, help="rollout backend (sets train.rollout)")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides, as for run")
+    plan.add_argument("--json", action="store_true", help="print the plans as JSON")
+    plan.add_argument("--measure", type=int, default=0, metavar="STEPS",
+                      help="also train each cell this many steps in this process (CPU, one rank) and print the "
+                           "measured bytes and peak memory beside the estimate")
+    plan.add_argument("--cache-dir", default=None, help="warm-start cache for --measure (default: $HARNESS_CACHE)")
 
     lst = sub.add_parser("list", help="list registered algorithms, suites or noise injectors")
     lst.add_argument("what", choices=["algos", "suites", "noise", "presets", "config"])
@@ -228,6 +248,54 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def plan_configs(args) -> list:
+    """The resolved configuration of each algorithm's cell, as `harness run` would build it, without
+    the data check (a plan needs no benchmark files) and without importing vLLM."""
+    import tempfile
+
+    from harness.config import parse_assignments
+    from harness.grid import build_cells, default_algos, parse_algos
+
+    overrides = parse_assignments(args.set)
+    overrides["train.nproc"] = str(args.nproc)
+    rollout = args.rollout or overrides.pop("train.rollout", "hf")
+    overrides.pop("train.rollout", None)
+    algos = parse_algos(args.algos) if args.algos is not None else default_algos()
+    suite = args.suite or ("arith" if args.model == "tiny" else "math")
+    cells = build_cells(suite=suite, algos=algos, noise="none", seeds=[0], out=Path(tempfile.gettempdir()),
+                        model=args.model, overrides=overrides, check_data=False)
+    for cell in cells:
+        cell.cfg.train.rollout = rollout
+        if rollout not in ("hf", "vllm"):
+            raise HarnessError(f"train.rollout must be hf or vllm, got {rollout!r}")
+        if cell.cfg.train.nproc > 1:
+            from harness.distributed import check_config
+
+            check_config(cell.cfg)  # what a sharded cell refuses (vLLM among them), refused here too
+    return [cell.cfg for cell in cells]
+
+
+def cmd_plan(args) -> int:
+    from harness.plan import format_plans, parse_memory, plan_cell, plans_json
+
+    device = parse_memory(args.device_memory)
+    cfgs = plan_configs(args)
+    if args.prompt_len is not None and args.prompt_len < 1:
+        raise HarnessError(f"--prompt-len must be a positive integer, got {args.prompt_len}")
+    if args.measure < 0:
+        raise HarnessError(f"--measure must be a number of steps >= 0, got {args.measure}")
+    t = cfgs[0].train
+    prompt_len = args.prompt_len or max(cfgs[0].model.max_positions - t.max_new_tokens, 1)
+    plans = [plan_cell(cfg, prompt_len, device) for cfg in cfgs]
+    print(plans_json(plans) if args.json else format_plans(plans, args.model, prompt_len, cfgs[0]))
+    if args.measure:
+        from harness.plan_measure import format_measurements, measure_cell
+
+        print(format_measurements([(plan, measure_cell(cfg, args.measure, cache_dir=args.cache_dir))
+                                   for plan, cfg in zip(plans, cfgs)]))
+    return 0 if all(p.fits for p in plans) else 1
+
+
 def cmd_list(args) -> int:
     if args.what == "algos":
         from algorithms import ALGOS
@@ -283,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return cmd_run(args, origin)
         return {"status": cmd_status, "report": cmd_report, "eval": cmd_eval, "bench": cmd_bench,
-                "list": cmd_list}[args.command](args)
+                "plan": cmd_plan, "list": cmd_list}[args.command](args)
     except HarnessError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return 2

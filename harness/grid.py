@@ -153,7 +153,9 @@ def resolve_options(options_cls: type, groups: dict[str, dict[str, str]], shared
 
 def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out: Path,
                 model: str | None = None, steps: int | None = None, eval_limit: int | None = None,
-                overrides: dict[str, str] | None = None) -> list[Cell]:
+                overrides: dict[str, str] | None = None, check_data: bool = True) -> list[Cell]:
+    """The grid's cells, every configuration resolved and validated; with `check_data`, the suite's
+    benchmarks are also checked to be had (`harness plan` needs no data)."""
     suite_cls = SUITES.get(suite)
     noise_specs = parse_noise_list(noise)
     overrides = {**getattr(suite_cls, "run_defaults", {}), **(overrides or {})}  # the user's --set wins
@@ -170,9 +172,9 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
     if model_name in MODEL_ALIASES:
         MODEL_ALIASES[model_name]()  # a missing offline model stops the grid before it writes anything
     check_local_model(model_name)  # so does a local folder that is not there
-    check_data = getattr(suite_cls, "check_data", None)
-    if check_data is not None:  # data that cannot be had stops the grid before it writes anything
-        check_data(suite_cls.Options(**suite_options))
+    data_check = getattr(suite_cls, "check_data", None) if check_data else None
+    if data_check is not None:  # data that cannot be had stops the grid before it writes anything
+        data_check(suite_cls.Options(**suite_options))
     cells = []
     for algo in algos:
         algo_options = resolve_options(ALGOS.get(algo).Options, groups, "algo", algo)

@@ -46,10 +46,11 @@ def byte_tokenizer():
     )
 
 
-def tiny_llama(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
+    """The tiny Llama's transformers config (also `harness plan`'s shape of the tiny model)."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -62,7 +63,12 @@ def tiny_llama(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_
         bos_token_id=bos_id,
         eos_token_id=eos_id,
     )
-    return LlamaForCausalLM(config)
+
+
+def tiny_llama(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM(tiny_llama_config(cfg, vocab_size, pad_id, bos_id, eos_id))
 
 
 def warmstart_key(cfg: ModelConfig, suite: "Suite", seed: int) -> str:
@@ -167,8 +173,13 @@ def build_tiny_warmstart(cfg: ModelConfig, suite: "Suite", seed: int, path: Path
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    # transformers writes a model only on rank 0 of an initialised process group; any rank of a
+    # sharded cell may be the one that builds this per-machine cache, so this rank writes it.
+    model.should_save_on_this_rank = lambda is_main_process: True
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if not (tmp / "config.json").is_file():
+        raise RuntimeError(f"the tiny model's warm start was not written to {tmp}")
     (tmp / "done").write_text("ok\n")
     if path.exists():  # a half-written folder from a crash: replace it
         shutil.rmtree(path)

@@ -1,0 +1,327 @@
+"""Memory per device of a cell before it is launched (`harness plan`): what the trainer holds, from
+the model's shape alone, without its weights.
+
+The model is built on PyTorch's `meta` device from its transformers config (a local folder's
+config.json, the Hugging Face cache, or `KNOWN_MODELS` offline), so every parameter count is the
+real module's, and the algorithm's critic head and extra heads are the algorithm's own modules.
+What the trainer does with them (harness.trainer, harness.sharded, harness.distributed), and so
+what is counted here:
+
+- **Parameters** are held in `model.dtype` (`load_pretrained(dtype=...)`); critic heads and extra
+  heads in float32 (built in the default dtype and moved, never cast). FSDP2's mixed precision
+  (`train.fsdp_mixed_precision=bf16`) casts only the gathered copies used in forward and backward:
+  the sharded parameters keep `model.dtype`, there is no separate float32 master copy.
+- **Gradients** have the sharded parameter's dtype (FSDP2 reduces in float32 and casts back).
+- **Optimiser**: fused AdamW, `exp_avg` and `exp_avg_sq` like the parameter, plus a float32 `step`
+  scalar per parameter tensor.
+- **Sharding** (N = `train.nproc` > 1): `fully_shard` splits every parameter on dim 0 into N chunks
+  of ceil(dim0 / N) rows (the largest rank's share is counted), for the policy, the reference, the
+  critic (backbone and head) and the extra heads. With `train.reference_offload` the reference's
+  shards sit on the CPU. With N > 1 every rank also keeps an unsharded **rollout replica** of the
+  policy, refreshed after each update from a full state dict, which is gathered on the device
+  first: a second full copy for a moment (**replica refresh**). FSDP gathers one decoder layer at a
+  time, prefetching the next, and the root (embeddings, final norm, output layer) for the whole
+  forward: **FSDP buffers** = root + 2 largest layers in the compute dtype, + one layer's unsharded
+  gradient in the reduce dtype.
+- **Activations** of the update's forward with gradients on one minibatch: r rows per rank
+  (r = ceil(prompts_per_step * group_size / num_minibatches / N)), S = prompt_len + max_new_tokens
+  tokens each, compute dtype of b bytes (2 under bf16 mixed precision, else `model.dtype`'s).
+  Per token and decoder layer (Llama/Qwen block, SDPA attention that keeps no S x S scores, SwiGLU):
+
+      act_layer = b * (4 h + 3 q + 3 kv + 4 I) + 8 h
+
+  (h hidden size, q = heads * head_dim, kv = kv_heads * head_dim, I the MLP width: the two norms'
+  inputs and outputs, q, k, v, rotated q and k, the attention output, gate, up, SiLU(gate) and the
+  product; 8 h for the float32 copies the two RMSNorms keep). The output layer's logits over the
+  T = max_new_tokens + 1 scored positions: r * T * V * (b + 4 + 4) (logits, float32 log-softmax,
+  its exp for the entropy). Then
+
+      without checkpointing:  r * S * L * act_layer + logits
+      with checkpointing:     r * S * L * b * h  (each layer's input)  + r * S * act_layer  + logits
+
+  A separate critic's update runs after the actor's, so the larger of the two counts (its backbone
+  without the logits, plus its head on the response tokens; the flow head: M samples x width x
+  (4 layers + 2) float32 values per token, twice for the loss's two passes).
+- **Rollout**: the KV cache of the rows a rank samples, rows * S * 2 * L * kv * b, for the training
+  batch (prompts_per_step * group_size / N rows) and for an evaluation batch (eval.batch_size / N
+  rows of prompt_len + eval.max_new_tokens); with `train.rollout=vllm` (one rank only) vLLM takes
+  `GPU_MEMORY_UTILIZATION` of the device instead and the trainer the rest.
+
+Peak = the persistent part (shards, gradients, optimiser, reference, replica) + the larger of the
+update phase (FSDP buffers + activations) and the rollout phase (replica refresh, KV cache).
+Activation and KV figures are estimates; parameter, gradient and optimiser bytes are exact.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.errors import HarnessError
+
+GiB = 1024 ** 3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# Architectures known offline, as their config.json (checked against the hub's files).
+KNOWN_MODELS: dict[str, dict[str, Any]] = {
+    "Qwen/Qwen3-8B": {"model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+                      "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+                      "tie_word_embeddings": False, "attention_bias": False},
+    "smollm2": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+                "tie_word_embeddings": True},
+}
+KNOWN_MODELS["HuggingFaceTB/SmolLM2-135M-Instruct"] = KNOWN_MODELS["smollm2"]
+
+
+def model_config(cfg) -> Any:
+    """The transformers config of `cfg.model`, without weights: the tiny model's own, a local
+    folder's config.json, an entry of KNOWN_MODELS, or a hub id's config already in the HF cache."""
+    from transformers import AutoConfig
+
+    name = cfg.model.name
+    if name == "tiny":
+        from harness.models import byte_tokenizer, tiny_llama_config
+
+        tokenizer = byte_tokenizer()
+        return tiny_llama_config(cfg.model, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
+                                 tokenizer.eos_token_id)
+    if (Path(name).expanduser() / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(Path(name).expanduser()))
+    if name in KNOWN_MODELS:
+        known = dict(KNOWN_MODELS[name])
+        return AutoConfig.for_model(known.pop("model_type"), **known)
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        choices = ", ".join(["tiny", *KNOWN_MODELS, "a local folder with config.json",
+                             "a hub id in the Hugging Face cache"])
+        raise HarnessError(f"harness plan: no shape known for model {name!r} (valid: {choices})") from None
+
+
+def meta_model(config, dtype: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+
+def unique_params(module: nn.Module) -> list[torch.Tensor]:
+    return list(module.parameters())  # nn.Module.parameters() yields a tied weight once
+
+
+def shard_bytes(params: list[torch.Tensor], nproc: int, element_size: int | None = None) -> int:
+    """Bytes of the largest rank's FSDP2 shards (dim 0 in chunks of ceil(dim0 / N))."""
+    total = 0
+    for p in params:
+        size = element_size or p.element_size()
+        if p.dim() == 0:
+            total += size
+            continue
+        rows = math.ceil(p.shape[0] / nproc)
+        total += rows * (p.numel() // p.shape[0]) * size
+    return total
+
+
+def adam_bytes(params: list[torch.Tensor], nproc: int) -> int:
+    """Fused AdamW's state: exp_avg and exp_avg_sq like each (sharded) parameter, a float32 step each."""
+    return 2 * shard_bytes(params, nproc) + 4 * len(params)
+
+
+@dataclass
+class Plan:
+    """Bytes per device of one algorithm's cell, by phase: `persistent` (held throughout), `update`
+    (the update's extra, with checkpointing as configured), `rollout` (sampling's extra)."""
+
+    algo: str
+    nproc: int
+    device_bytes: int
+    checkpointing: bool
+    persistent: dict[str, int] = field(default_factory=dict)
+    update: dict[str, int] = field(default_factory=dict)
+    rollout: dict[str, int] = field(default_factory=dict)
+    activations: dict[bool, int] = field(default_factory=dict)  # checkpointing on/off -> activation bytes
+    vllm_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        return sum(self.persistent.values()) + max(sum(self.update.values()), sum(self.rollout.values())) \
+            + self.vllm_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.device_bytes
+
+    def rows(self) -> list[tuple[str, int]]:
+        ckpt = "checkpointing" if self.checkpointing else "no checkpointing"
+        other = "no checkpointing" if self.checkpointing else "checkpointing"
+        rows = list(self.persistent.items())
+        rows += [(f"update: {k}" + (f" ({ckpt})" if k == "activations" else ""), v) for k, v in self.update.items()]
+        rows.append((f"  (activations with {other}, not counted)", self.activations[not self.checkpointing]))
+        rows += [(f"rollout: {k}", v) for k, v in self.rollout.items()]
+        if self.vllm_bytes:
+            rows.append(("vLLM share", self.vllm_bytes))
+        return rows + [("peak", self.peak), ("device", self.device_bytes)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"algo": self.algo, "nproc": self.nproc, "device_bytes": self.device_bytes,
+                "persistent": self.persistent, "update": self.update, "rollout": self.rollout,
+                "activations": {"checkpointing": self.activations[True], "no_checkpointing": self.activations[False]},
+                "vllm_bytes": self.vllm_bytes, "gradient_checkpointing": self.checkpointing,
+                "peak_bytes": self.peak, "fits": self.fits, "notes": self.notes}
+
+
+def module_bytes(cfg, algo) -> dict[str, Any]:
+    """The exact parameter, gradient and optimiser bytes per device of every trained or frozen module
+    of a cell (policy, reference, critic backbone and head, extra heads), on the meta device."""
+    from algorithms.critics import CRITICS
+
+    t, n = cfg.train, cfg.train.nproc
+    config = model_config(cfg)
+    policy = meta_model(config, cfg.model.dtype)
+    hidden = config.hidden_size
+    with torch.device("meta"):
+        heads = list(nn.ModuleDict(algo.extra_heads(hidden)).parameters())
+        critic_head = CRITICS.get(algo.critic)(hidden, **algo.critic_options()) if algo.critic != "none" else None
+    policy_params = unique_params(policy)
+    out: dict[str, Any] = {"config": config, "policy_model": policy, "policy": shard_bytes(policy_params, n),
+                           "policy_numel": sum(p.numel() for p in policy_params)}
+    actor = policy_params + heads
+    shared = critic_head is not None and t.critic_backbone == "shared"
+    if shared:
+        actor = actor + list(critic_head.parameters())
+    out["heads"] = shard_bytes(heads, n) + (shard_bytes(list(critic_head.parameters()), n) if shared else 0)
+    out["actor_grads"] = shard_bytes(actor, n)
+    out["actor_adam"] = adam_bytes(actor, n)
+    out["reference"] = shard_bytes(policy_params, n) if algo.needs_reference() else 0
+    out["critic"] = out["critic_grads"] = out["critic_adam"] = 0
+    if critic_head is not None and not shared:
+        critic = unique_params(backbone_of(policy)) + list(critic_head.parameters())
+        out["critic"] = out["critic_grads"] = shard_bytes(critic, n)
+        out["critic_adam"] = adam_bytes(critic, n)
+    out["critic_head"] = critic_head
+    return out
+
+
+def layer_activation_bytes(config, b: int) -> int:
+    """act_layer: bytes one token keeps for the backward in one decoder layer (module docstring)."""
+    h, inter = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    return b * (4 * h + 3 * q + 3 * kv + 4 * inter) + 8 * h
+
+
+def kv_cache_bytes(config, rows: int, seq: int, b: int) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return rows * seq * 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * b
+
+
+def plan_cell(cfg, prompt_len: int, device_bytes: int) -> Plan:
+    """The memory plan of one cell's configuration `cfg` (a RunConfig), per device."""
+    from algorithms import ALGOS
+    from harness.vllm_rollout import GPU_MEMORY_UTILIZATION
+
+    t, n = cfg.train, cfg.train.nproc
+    algo = ALGOS.get(cfg.algo)(ALGOS.get(cfg.algo).Options(**cfg.algo_options))
+    m = module_bytes(cfg, algo)
+    config, policy = m["config"], m["policy_model"]
+    plan = Plan(cfg.algo, n, device_bytes, checkpointing=t.gradient_checkpointing)
+    plan.persistent = {"parameters": m["policy"] + m["heads"], "gradients": m["actor_grads"],
+                       "optimiser (Adam)": m["actor_adam"]}
+    if m["reference"]:
+        plan.persistent["reference"] = 0 if t.reference_offload and n > 1 else m["reference"]
+        if t.reference_offload and n > 1:
+            plan.notes.append(f"reference shards on the CPU: {m['reference'] / GiB:.2f} GiB per rank")
+    if m["critic"]:
+        plan.persistent["critic"] = m["critic"]
+        plan.persistent["critic gradients"] = m["critic_grads"]
+        plan.persistent["critic optimiser"] = m["critic_adam"]
+    full_policy = shard_bytes(unique_params(policy), 1)
+    if n > 1:
+        plan.persistent["rollout replica"] = full_policy
+
+    b = 2 if t.fsdp_mixed_precision == "bf16" and n > 1 else DTYPE_BYTES[cfg.model.dtype]
+    rows = math.ceil(t.prompts_per_step * t.group_size / t.num_minibatches / n)
+    seq, width = prompt_len + t.max_new_tokens, t.max_new_tokens + 1
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    act_layer = layer_activation_bytes(config, b)
+    logits = rows * width * config.vocab_size * (b + 4 + 4)
+    critic_head, head_act = m["critic_head"], 0
+    if critic_head is not None and hasattr(critic_head, "n_samples"):  # the flow head's M samples per token
+        blocks = len(getattr(critic_head, "blocks", []))
+        head_act = 2 * rows * t.max_new_tokens * critic_head.n_samples * critic_head.out.in_features * (4 * blocks + 2) * 4
+    # The output layer's share: the actor's logits, or a separate critic's head in its own (later) update.
+    output = max(logits, head_act) if m["critic"] else logits + head_act
+    plan.activations = {True: rows * seq * layers * b * hidden + rows * seq * act_layer + output,
+                        False: rows * seq * layers * act_layer + output}
+    plan.update = {"activations": plan.activations[t.gradient_checkpointing]}
+    if n > 1:
+        decoder_layers = list(backbone_of(policy).layers)
+        layer_params = max(sum(p.numel() for p in layer.parameters()) for layer in decoder_layers)
+        root = m["policy_numel"] - sum(p.numel() for layer in decoder_layers for p in layer.parameters())
+        reduce_b = 4 if t.fsdp_mixed_precision == "bf16" else DTYPE_BYTES[cfg.model.dtype]
+        plan.update["FSDP buffers"] = (root + 2 * layer_params) * b + layer_params * reduce_b
+    kv_b = DTYPE_BYTES[cfg.model.dtype]
+    train_kv = kv_cache_bytes(config, math.ceil(t.prompts_per_step * t.group_size / n), seq, kv_b)
+    eval_kv = kv_cache_bytes(config, math.ceil(cfg.eval.batch_size / n),
+                             prompt_len + (cfg.eval.max_new_tokens or t.max_new_tokens), kv_b)
+    plan.rollout = {"KV cache": max(train_kv, eval_kv)}
+    if n > 1:
+        plan.rollout["replica refresh"] = full_policy
+    if t.rollout == "vllm":
+        plan.vllm_bytes = int(GPU_MEMORY_UTILIZATION * device_bytes)
+        plan.rollout = {}  # vLLM's share holds its own weights and KV cache
+        plan.notes.append(f"vLLM reserves {GPU_MEMORY_UTILIZATION:.0%} of the device (its weights and KV cache)")
+    return plan
+
+
+def format_plans(plans: list[Plan], model: str, prompt_len: int, cfg) -> str:
+    """A table, one column per algorithm, one row per component (GiB per device), then the verdicts."""
+    t = cfg.train
+    rows_per_rank = math.ceil(t.prompts_per_step * t.group_size / t.num_minibatches / t.nproc)
+    lines = [f"harness plan: {model}, {t.nproc} rank(s) per cell, model.dtype={cfg.model.dtype}, "
+             f"fsdp_mixed_precision={t.fsdp_mixed_precision}, {rows_per_rank} row(s) per rank in a minibatch of "
+             f"{prompt_len}+{t.max_new_tokens} tokens, gradient_checkpointing={str(t.gradient_checkpointing).lower()}",
+             "GiB per device"]
+    labels: list[str] = []
+    for plan in sorted(plans, key=lambda p: -len(p.rows())):  # the fullest plan's order, then the rest
+        labels += [label for label, _ in plan.rows() if label not in labels]
+    tables = [dict(plan.rows()) for plan in plans]
+    width = max(len(label) for label in labels)
+    lines.append(f"{'':{width}s}" + "".join(f"  {p.algo:>9s}" for p in plans))
+    for label in labels:
+        lines.append(f"{label:{width}s}" + "".join(f"  {table.get(label, 0) / GiB:9.2f}" for table in tables))
+    for p in plans:
+        lines.append(f"{p.algo}: {'fits' if p.fits else 'does not fit'}: {p.peak / GiB:.2f} GiB of "
+                     f"{p.device_bytes / GiB:.2f} GiB per device" + "".join(f"; {note}" for note in p.notes))
+    return "\n".join(lines)
+
+
+def parse_memory(text: str) -> int:
+    """'80GB', '80GiB', '80G', '40960MB' -> bytes (GB and GiB are both read as GiB, as GPU sizes are)."""
+    units = {"": GiB, "g": GiB, "gb": GiB, "gib": GiB, "m": 1024 ** 2, "mb": 1024 ** 2, "mib": 1024 ** 2,
+             "t": 1024 ** 4, "tb": 1024 ** 4, "tib": 1024 ** 4}
+    s = text.strip().lower()
+    number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(number):].strip()
+    try:
+        value = float(number)
+    except ValueError:
+        value = float("nan")
+    if unit not in units or not math.isfinite(value) or value <= 0:
+        raise HarnessError(f"--device-memory {text!r}: expected a positive size such as 80GB, 141GiB or 40960MB")
+    return int(value * units[unit])
+
+
+def plans_json(plans: list[Plan]) -> str:
+    return json.dumps([p.to_dict() for p in plans], indent=2)
