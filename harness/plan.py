@@ -101,7 +101,7 @@ def model_config(cfg) -> Any:
     except (OSError, ValueError):
         choices = ", ".join(["tiny", *KNOWN_MODELS, "a local folder with config.json",
                              "a hub id in the Hugging Face cache"])
-        raise HarnessError(f"harness plan: no shape known for model {name!r} (valid: {choices})") from None
+        raise HarnessError(f"no shape known for model {name!r} (valid: {choices})") from None
 
 
 def meta_model(config, dtype: str) -> nn.Module:
