@@ -258,16 +258,17 @@ def plan_configs(args) -> list:
 
     overrides = parse_assignments(args.set)
     overrides["train.nproc"] = str(args.nproc)
-    rollout = args.rollout or overrides.pop("train.rollout", "hf")
-    overrides.pop("train.rollout", None)
+    # train.rollout is set after build_cells, whose check of `vllm` would need vLLM installed.
+    set_rollout = overrides.pop("train.rollout", "hf")
+    rollout = args.rollout or set_rollout
+    if rollout not in ("hf", "vllm"):
+        raise HarnessError(f"train.rollout must be hf or vllm, got {rollout!r}")
     algos = parse_algos(args.algos) if args.algos is not None else default_algos()
     suite = args.suite or ("arith" if args.model == "tiny" else "math")
     cells = build_cells(suite=suite, algos=algos, noise="none", seeds=[0], out=Path(tempfile.gettempdir()),
                         model=args.model, overrides=overrides, check_data=False)
     for cell in cells:
         cell.cfg.train.rollout = rollout
-        if rollout not in ("hf", "vllm"):
-            raise HarnessError(f"train.rollout must be hf or vllm, got {rollout!r}")
         if cell.cfg.train.nproc > 1:
             from harness.distributed import check_config
 

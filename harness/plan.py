@@ -213,17 +213,26 @@ def module_bytes(cfg, algo) -> dict[str, Any]:
     return out
 
 
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def minibatch_rows_per_rank(t) -> int:
+    """Rows of one update minibatch on the largest rank."""
+    return math.ceil(t.prompts_per_step * t.group_size / t.num_minibatches / t.nproc)
+
+
 def layer_activation_bytes(config, b: int) -> int:
     """act_layer: bytes one token keeps for the backward in one decoder layer (module docstring)."""
     h, inter = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    head_dim = head_dim_of(config)
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     return b * (4 * h + 3 * q + 3 * kv + 4 * inter) + 8 * h
 
 
 def kv_cache_bytes(config, rows: int, seq: int, b: int) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return rows * seq * 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * b
+    return rows * seq * 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim_of(config) * b
+
 
 
 def plan_cell(cfg, prompt_len: int, device_bytes: int) -> Plan:
@@ -251,7 +260,7 @@ def plan_cell(cfg, prompt_len: int, device_bytes: int) -> Plan:
         plan.persistent["rollout replica"] = full_policy
 
     b = 2 if t.fsdp_mixed_precision == "bf16" and n > 1 else DTYPE_BYTES[cfg.model.dtype]
-    rows = math.ceil(t.prompts_per_step * t.group_size / t.num_minibatches / n)
+    rows = minibatch_rows_per_rank(t)
     seq, width = prompt_len + t.max_new_tokens, t.max_new_tokens + 1
     layers, hidden = config.num_hidden_layers, config.hidden_size
     act_layer = layer_activation_bytes(config, b)
@@ -288,7 +297,7 @@ def plan_cell(cfg, prompt_len: int, device_bytes: int) -> Plan:
 def format_plans(plans: list[Plan], model: str, prompt_len: int, cfg) -> str:
     """A table, one column per algorithm, one row per component (GiB per device), then the verdicts."""
     t = cfg.train
-    rows_per_rank = math.ceil(t.prompts_per_step * t.group_size / t.num_minibatches / t.nproc)
+    rows_per_rank = minibatch_rows_per_rank(t)
     lines = [f"harness plan: {model}, {t.nproc} rank(s) per cell, model.dtype={cfg.model.dtype}, "
              f"fsdp_mixed_precision={t.fsdp_mixed_precision}, {rows_per_rank} row(s) per rank in a minibatch of "
              f"{prompt_len}+{t.max_new_tokens} tokens, gradient_checkpointing={str(t.gradient_checkpointing).lower()}",
