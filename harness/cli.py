@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ranks per cell (sets train.nproc): FSDP2-sharded training, started by torchrun on this "
                           "node or, with --backend ray, as a Ray Train job (default: 1, one process)")
     run.add_argument("--ray-address", default=None, help="Ray cluster address, e.g. auto (default: a local Ray instance)")
+    run.add_argument("--nnodes", type=int, default=None,
+                     help="nodes per cell for a plain multi-node torchrun (sets train.nnodes; --nproc ranks on each): "
+                          "run the same command on every node with its --node-rank (default: 1)")
+    run.add_argument("--node-rank", type=int, default=0,
+                     help="this node's rank, 0..nnodes-1; node 0 hosts the rendezvous and writes the store (default: 0)")
+    run.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT",
+                     help="node 0's address and a free port, reachable from every node (needed with --nnodes > 1)")
+    run.add_argument("--rdzv-id", default=None,
+                     help="rendezvous name, the same on every node (default: the run store folder's name)")
     run.add_argument("--ckpt-every", type=int, default=20,
                      help="save a checkpoint every N steps; a re-run resumes from it (default: 20; 0: never)")
     run.add_argument("--retry-failed", action="store_true", help="re-run failed cells (default: leave them as they are)")
@@ -111,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "config.json or a hub id in the Hugging Face cache")
     plan.add_argument("--algos", default=None, help="comma list (default: the mission's registered algorithms)")
     plan.add_argument("--nproc", type=int, default=1, help="ranks per cell (sets train.nproc; default: 1)")
+    plan.add_argument("--nnodes", type=int, default=1, help="nodes, --nproc ranks on each (sets train.nnodes; default: 1)")
     plan.add_argument("--suite", default=None,
                       help="the suite whose run defaults apply (default: arith for tiny, math for other models)")
     plan.add_argument("--prompt-len", type=int, default=None,
@@ -156,6 +166,7 @@ def cmd_run(args, origin=None) -> int:
 
 def run_command(args, overrides: dict[str, str]) -> int:
     from harness.grid import build_cells, default_algos, default_workers, parse_algos, parse_seeds, run_grid
+    from harness.launch import NodeLaunch, check_nodes
     from harness.tracking import parse_backends
 
     algos = parse_algos(args.algos) if args.algos is not None else default_algos()
@@ -163,6 +174,8 @@ def run_command(args, overrides: dict[str, str]) -> int:
         overrides["train.rollout"] = args.rollout
     if args.nproc is not None:
         overrides["train.nproc"] = str(args.nproc)
+    if args.nnodes is not None:
+        overrides["train.nnodes"] = str(args.nnodes)
     for flag, key in (("data_dir", "suite.data_dir"), ("train_data", "suite.train"), ("id", "suite.id"),
                       ("ood", "suite.ood")):
         if getattr(args, flag) is not None:
@@ -172,13 +185,17 @@ def run_command(args, overrides: dict[str, str]) -> int:
         model=args.model, steps=args.steps, eval_limit=args.eval_limit, overrides=overrides,
     )
     log_to = parse_backends(args.log_to)
+    workers = args.workers if args.workers is not None else default_workers(cells)
+    node = NodeLaunch(rank=args.node_rank, endpoint=args.rdzv_endpoint, run_id=args.rdzv_id or Path(args.out).resolve().name)
+    check_nodes(max(c.cfg.train.nnodes for c in cells), node, args.backend, workers)
     for cell in cells:
         cell.log_to = log_to
         cell.grid = Path(args.out).resolve().name
         cell.save_model = args.save_model or ("none" if cell.cfg.model.name == "tiny" else "final")
+        cell.node = node
     try:
         counts = run_grid(cells, cache_dir=Path(args.cache_dir) if args.cache_dir else None, progress=not args.quiet,
-                          workers=args.workers if args.workers is not None else default_workers(cells),
+                          workers=workers,
                           backend=args.backend, ray_address=args.ray_address,
                           ckpt_every=args.ckpt_every, retry_failed=args.retry_failed, out=Path(args.out))
     except KeyboardInterrupt:  # SIGINT or SIGTERM, to the process or its group (harness.grid.interrupt_signals)
@@ -258,6 +275,7 @@ def plan_configs(args) -> list:
 
     overrides = parse_assignments(args.set)
     overrides["train.nproc"] = str(args.nproc)
+    overrides["train.nnodes"] = str(args.nnodes)
     # train.rollout is set after build_cells, whose check of `vllm` would need vLLM installed.
     set_rollout = overrides.pop("train.rollout", "hf")
     rollout = args.rollout or set_rollout
@@ -269,7 +287,7 @@ def plan_configs(args) -> list:
                         model=args.model, overrides=overrides, check_data=False)
     for cell in cells:
         cell.cfg.train.rollout = rollout
-        if cell.cfg.train.nproc > 1:
+        if cell.cfg.train.world_size > 1:
             from harness.distributed import check_config
 
             check_config(cell.cfg)  # what a sharded cell refuses (vLLM among them), refused here too

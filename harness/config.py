@@ -74,9 +74,17 @@ class TrainConfig:
     # Ranks per cell (harness.distributed): policy, critic, reference and heads sharded with FSDP2, rows
     # split across ranks; 1 is the single-process trainer, unchanged  [I]
     nproc: int = field(default=1, metadata={"doc": "ranks per cell (FSDP2 under torchrun or Ray Train); 1: one process"})
+    # Nodes of a plain multi-node torchrun (harness.launch.NodeLaunch): nproc ranks on each, one
+    # rendezvous per cell; every node runs the same `harness run` with its --node-rank  [I]
+    nnodes: int = field(default=1, metadata={"doc": "nodes per cell under plain torchrun (nproc ranks on each); 1: this node only"})
     fsdp_mixed_precision: str = field(default="off", metadata={"doc": "off, or bf16: parameters and activations in bfloat16, gradients reduced in float32"})
     reference_offload: bool = field(default=False, metadata={"doc": "keep the sharded reference policy's parameters on the CPU"})
     dist_timeout: int = field(default=1800, metadata={"doc": "seconds a rank waits on a collective before it fails the cell"})
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of a cell: nproc on each of nnodes nodes."""
+        return self.nproc * self.nnodes
 
 
 @dataclass
@@ -264,6 +272,7 @@ def validate_core(cfg: RunConfig) -> None:
         "train.eval_every": t.eval_every,
         "train.threads": t.threads,
         "train.nproc": t.nproc,
+        "train.nnodes": t.nnodes,
         "train.dist_timeout": t.dist_timeout,
         "eval.k": cfg.eval.k,
         "eval.batch_size": cfg.eval.batch_size,
@@ -302,7 +311,7 @@ def validate_core(cfg: RunConfig) -> None:
         from harness.vllm_rollout import check_available
 
         check_available()
-    if t.nproc > 1:
+    if t.world_size > 1:
         from harness.distributed import check_config
 
         check_config(cfg)

@@ -137,8 +137,8 @@ def check_config(cfg) -> None:
     if t.fsdp_mixed_precision not in ("off", "bf16"):
         raise HarnessError(f"train.fsdp_mixed_precision must be off or bf16, got {t.fsdp_mixed_precision!r}")
     rows = t.prompts_per_step * t.group_size // t.num_minibatches
-    if rows < t.nproc:
-        raise HarnessError(f"train.nproc={t.nproc} needs at least one row per rank in every minibatch, but a "
+    if rows < t.world_size:
+        raise HarnessError(f"{t.world_size} ranks (train.nproc x train.nnodes) need at least one row each in every minibatch, but a "
                            f"minibatch has {rows} (prompts_per_step x group_size / num_minibatches)")
     from noise import parse_noise
 

@@ -37,6 +37,7 @@ from harness.config import (RunConfig, apply_section_overrides, options_dataclas
                             split_overrides)
 from harness.errors import HarnessError
 from harness.export import save_model
+from harness.launch import NodeLaunch
 from harness.models import MODEL_ALIASES, check_local_model
 from harness.tracking import Tracker
 from noise import parse_noise_list
@@ -78,7 +79,7 @@ def default_workers(cells: list["Cell"]) -> int:
     """One worker per core when every cell is a tiny-model CPU cell (single-threaded training, about
     0.5 GiB each); otherwise 1 (a cell of several ranks uses a core per rank), so cells never share a GPU or a large model's memory by surprise."""
     if all(c.cfg.model.name == "tiny" and c.cfg.train.device == "cpu" and c.cfg.train.threads == 1
-           and c.cfg.train.nproc == 1 for c in cells):
+           and c.cfg.train.world_size == 1 for c in cells):
         return max(1, min(os.cpu_count() or 1, len(cells)))
     return 1
 
@@ -94,6 +95,7 @@ class Cell:
     log_to: tuple[str, ...] = ()  # tracking backends (harness.tracking)
     grid: str = ""  # the tracked runs' group
     save_model: str = "none"  # harness.export.MODES
+    node: NodeLaunch = NodeLaunch()  # this process's node in a multi-node torchrun (train.nnodes > 1)
 
     @property
     def label(self) -> str:
@@ -243,7 +245,7 @@ def run_cell(cell: Cell, cache_dir: Path | None = None, ckpt_every: int = 0, pro
     store that cannot be written (full disk, read-only), which the grid stops on. A cell of
     `train.nproc` > 1 runs as that many ranks (`harness.launch`, torchrun or Ray Train)."""
     try:
-        if cell.cfg.train.nproc > 1:
+        if cell.cfg.train.world_size > 1:
             from harness.launch import run_cell_ranks
 
             return run_cell_ranks(cell, cache_dir, ckpt_every, progress, backend)
@@ -400,6 +402,8 @@ def run_grid(cells: list[Cell], cache_dir: Path | None = None, progress: bool = 
         else:
             todo.append(cell)
 
+    if not cells[0].node.leader:
+        return follow_grid(todo, cache_dir, ckpt_every, progress, counts)
     store.claim_store(out)
     lock = store.RunLock(out).acquire()
     try:
@@ -420,6 +424,20 @@ def run_grid(cells: list[Cell], cache_dir: Path | None = None, progress: bool = 
         raise
     finally:
         lock.release()
+    return count_outcomes(outcomes, counts)
+
+
+def follow_grid(todo: list[Cell], cache_dir, ckpt_every: int, progress: bool, counts: dict[str, int]) -> dict[str, int]:
+    """Node rank > 0 of a multi-node grid: start this node's ranks of every cell the leader (node 0)
+    runs, in the same order. The leader holds the store's lock and writes every status; this node
+    writes nothing but its ranks' shares of checkpoints, so the store must be on a shared filesystem."""
+    with interrupt_signals():
+        outcomes = run_serial(todo, cache_dir, ckpt_every, progress)
+    return count_outcomes(outcomes, counts)
+
+
+def count_outcomes(outcomes: list[tuple[Cell, dict]], counts: dict[str, int]) -> dict[str, int]:
+    """Add the cells' ends to `counts`; a fatal reason (bad input, an unwritable store) stops the run."""
     fatal = None
     for cell, status in outcomes:
         if status.get("resumed_from"):
@@ -609,8 +627,8 @@ def run_ray(todo: list[Cell], cache_dir, ckpt_every: int, address: str | None) -
     (a shared filesystem) and have the harness installed; a local instance gets this checkout."""
     ray, started = start_ray(address)
     outcomes = []
-    sharded = [cell for cell in todo if cell.cfg.train.nproc > 1]
-    todo = [cell for cell in todo if cell.cfg.train.nproc == 1]
+    sharded = [cell for cell in todo if cell.cfg.train.world_size > 1]
+    todo = [cell for cell in todo if cell.cfg.train.world_size == 1]
     try:  # a sharded cell is a Ray Train job of its own, started from here, one after the other
         for cell in sharded:
             status = run_cell(cell, cache_dir, ckpt_every, False, backend="ray")

@@ -1,7 +1,8 @@
 """Start a cell of `train.nproc` > 1 as that many ranks, and turn how they ended into its status.
 
-    local   torchrun's own engine (`torch.distributed.launcher.elastic_launch`), one node: N rank
-            processes of `python -m harness.launch JOB`
+    local   torchrun's own engine (`torch.distributed.launcher.elastic_launch`): N rank processes of
+            `python -m harness.launch JOB` on this node; with `train.nnodes` > 1, on each of that
+            many nodes, which meet at a c10d rendezvous per cell (`NodeLaunch`)
     ray     Ray Train's `TorchTrainer` with N workers (any node of the Ray cluster; `--ray-address`)
 
 Either way the ranks run `rank_main`: join the process group (gloo on the CPU, NCCL on GPUs, with
@@ -20,7 +21,9 @@ import shutil
 import sys
 import time
 import traceback
+import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +33,53 @@ from harness.errors import HarnessError
 JOB_DIR = ".ranks"
 
 
+@dataclass(frozen=True)
+class NodeLaunch:
+    """This process's place in a plain multi-node torchrun (`train.nnodes` > 1): every node runs the
+    same `harness run` over a run store on a shared filesystem, with its own `rank`. Node 0, the
+    leader, hosts the rendezvous at `endpoint` (HOST:PORT, reachable from every node), locks the
+    store and writes every status; each cell is one rendezvous, named `run_id` and the cell."""
+    rank: int = 0
+    endpoint: str = ""
+    run_id: str = "harness"
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+
+def check_nodes(nnodes: int, node: NodeLaunch, backend: str, workers: int) -> None:
+    """Refuse, with what is valid, a multi-node launch that cannot meet."""
+    if not 0 <= node.rank < nnodes:
+        raise HarnessError(f"--node-rank must be in 0..{nnodes - 1} for --nnodes {nnodes}, got {node.rank}")
+    if nnodes == 1:
+        return
+    if backend != "local":
+        raise HarnessError("--nnodes is for the local backend (plain torchrun on every node); with --backend ray "
+                           "give the total ranks as --nproc and Ray places them on the cluster's nodes")
+    host, _, port = node.endpoint.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise HarnessError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT of node 0, reachable from every node "
+                           f"(e.g. node0.cluster:29500), got {node.endpoint!r}")
+    if workers != 1:
+        raise HarnessError(f"--nnodes {nnodes} runs one cell at a time on every node (--workers 1), got --workers {workers}")
+
+
 def run_cell_ranks(cell, cache_dir: Path | None, ckpt_every: int, progress: bool, backend: str = "local") -> dict:
-    """Run `cell` as `train.nproc` ranks to the end (resuming like a one-process cell); write and
-    return its status. A failing rank fails the cell and nothing else."""
+    """Run `cell` as `train.nproc` ranks (on each of `train.nnodes` nodes) to the end, resuming like a
+    one-process cell; write and return its status. A failing rank fails the cell and nothing else.
+    On a node other than the leader: start this node's ranks and return how they ended; the leader
+    checks and resets the cell and writes its status."""
     from harness.grid import begin_cell
 
+    results = Path(cell.path) / JOB_DIR  # the ranks' outcome files, on the shared store
+    if not cell.node.leader:
+        return follow_cell(cell, results, cache_dir, ckpt_every, progress)
     info, _ = begin_cell(cell)
-    job = Path(cell.path) / JOB_DIR
+    job = results
     shutil.rmtree(job, ignore_errors=True)
     job.mkdir(parents=True)
-    with open(job / "job.pkl", "wb") as fh:
-        pickle.dump({"cell": cell, "cache_dir": cache_dir, "ckpt_every": ckpt_every, "progress": progress}, fh)
+    write_job(job, cell, results, cache_dir, ckpt_every, progress)
     launcher_failures: dict[int, str] = {}
     try:
         if backend == "ray":
@@ -55,14 +94,43 @@ def run_cell_ranks(cell, cache_dir: Path | None, ckpt_every: int, progress: bool
     return status
 
 
+def write_job(job: Path, cell, results: Path, cache_dir: Path | None, ckpt_every: int, progress: bool) -> None:
+    with open(job / "job.pkl", "wb") as fh:
+        pickle.dump({"cell": cell, "results": results, "cache_dir": cache_dir, "ckpt_every": ckpt_every,
+                     "progress": progress}, fh)
+
+
+def follow_cell(cell, results: Path, cache_dir: Path | None, ckpt_every: int, progress: bool) -> dict:
+    """A follower node's share of a cell: its job file stays on this node (the leader may reset the
+    cell's folder before the ranks meet); the outcome it returns is this node's view only."""
+    job = Path(tempfile.mkdtemp(prefix=f"harness-node{cell.node.rank}-"))
+    try:
+        write_job(job, cell, results, cache_dir, ckpt_every, progress)
+        failures = launch_torchrun(cell, job)
+    finally:
+        shutil.rmtree(job, ignore_errors=True)
+    if failures:
+        rank, why = min(failures.items())
+        return {"state": "failed", "reason": f"node {cell.node.rank}, rank {rank}: {why}", "step": store.last_step(cell.path)}
+    return {"state": "done"}
+
+
 def launch_torchrun(cell, job: Path) -> dict[int, str]:
-    """torchrun --standalone --nproc_per_node N, in-process; returns {rank: how it died} for ranks
+    """torchrun --nproc_per_node N, in-process: --standalone on one node, else --nnodes M with the
+    c10d rendezvous at `cell.node.endpoint`, hosted by node 0. Returns {rank: how it died} for ranks
     the launcher reported failed."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cell.cfg.train.nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    t = cell.cfg.train
+    if t.nnodes > 1:  # the same rendezvous name on every node, one per cell
+        run_id = f"{cell.node.run_id}-{cell.label}".replace("/", "-")  # torchelastic names a log folder with it
+        rdzv = {"run_id": run_id, "rdzv_endpoint": cell.node.endpoint,
+                "rdzv_configs": {"is_host": cell.node.leader, "join_timeout": t.dist_timeout}}
+    else:
+        rdzv = {"run_id": str(uuid.uuid4()), "rdzv_endpoint": "localhost:0"}
+    config = LaunchConfig(min_nodes=t.nnodes, max_nodes=t.nnodes, nproc_per_node=t.nproc, rdzv_backend="c10d",
+                          max_restarts=0, monitor_interval=0.1, **rdzv)
     try:
         elastic_launch(config, sys.executable)("-m", "harness.launch", str(job / "job.pkl"))
     except ChildFailedError as exc:
@@ -146,7 +214,7 @@ def rank_main(job_file: Path, exit_on_failure: bool = True) -> None:
 
     with open(job_file, "rb") as fh:
         job = pickle.load(fh)
-    cell, folder = job["cell"], Path(job_file).parent
+    cell, folder = job["cell"], Path(job.get("results") or Path(job_file).parent)
     t = cell.cfg.train
     device = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     trainer, world = None, distributed.World()

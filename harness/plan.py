@@ -186,7 +186,7 @@ def module_bytes(cfg, algo) -> dict[str, Any]:
     of a cell (policy, reference, critic backbone and head, extra heads), on the meta device."""
     from algorithms.critics import CRITICS
 
-    t, n = cfg.train, cfg.train.nproc
+    t, n = cfg.train, cfg.train.world_size
     config = model_config(cfg)
     policy = meta_model(config, cfg.model.dtype)
     hidden = config.hidden_size
@@ -219,7 +219,7 @@ def head_dim_of(config) -> int:
 
 def minibatch_rows_per_rank(t) -> int:
     """Rows of one update minibatch on the largest rank."""
-    return math.ceil(t.prompts_per_step * t.group_size / t.num_minibatches / t.nproc)
+    return math.ceil(t.prompts_per_step * t.group_size / t.num_minibatches / t.world_size)
 
 
 def layer_activation_bytes(config, b: int) -> int:
@@ -240,7 +240,7 @@ def plan_cell(cfg, prompt_len: int, device_bytes: int) -> Plan:
     from algorithms import ALGOS
     from harness.vllm_rollout import GPU_MEMORY_UTILIZATION
 
-    t, n = cfg.train, cfg.train.nproc
+    t, n = cfg.train, cfg.train.world_size
     algo = ALGOS.get(cfg.algo)(ALGOS.get(cfg.algo).Options(**cfg.algo_options))
     m = module_bytes(cfg, algo)
     config, policy = m["config"], m["policy_model"]
@@ -298,7 +298,8 @@ def format_plans(plans: list[Plan], model: str, prompt_len: int, cfg) -> str:
     """A table, one column per algorithm, one row per component (GiB per device), then the verdicts."""
     t = cfg.train
     rows_per_rank = minibatch_rows_per_rank(t)
-    lines = [f"harness plan: {model}, {t.nproc} rank(s) per cell, model.dtype={cfg.model.dtype}, "
+    ranks = f"{t.world_size} rank(s) per cell" + (f" ({t.nnodes} nodes x {t.nproc})" if t.nnodes > 1 else "")
+    lines = [f"harness plan: {model}, {ranks}, model.dtype={cfg.model.dtype}, "
              f"fsdp_mixed_precision={t.fsdp_mixed_precision}, {rows_per_rank} row(s) per rank in a minibatch of "
              f"{prompt_len}+{t.max_new_tokens} tokens, gradient_checkpointing={str(t.gradient_checkpointing).lower()}",
              "GiB per device"]

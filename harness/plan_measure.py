@@ -65,7 +65,7 @@ def _measure(cfg, steps: int, cache_dir: str | None) -> dict[str, Any]:
 
 def measure_cell(cfg, steps: int, cache_dir: str | None = None) -> dict[str, Any]:
     """Train `cfg` (one rank, on the CPU) for `steps` steps in a fresh process; its measurements."""
-    if cfg.train.nproc != 1:
+    if cfg.train.world_size != 1:
         from harness.errors import HarnessError
 
         raise HarnessError("harness plan --measure trains one rank in this process: use --nproc 1")

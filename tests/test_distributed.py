@@ -89,6 +89,48 @@ def test_killed_rank_fails_the_cell_then_resume_equals_the_uninterrupted_run(gri
     assert metrics(out, "ppo")[:4] == metrics(grids / "n2", "ppo")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_nodes_of_one_rank_equal_one_node_of_two(grids, cache_dir, tmp_path):
+    """A plain multi-node torchrun on one machine: node 0 and node 1 are two `harness run`s over one
+    store, one rank each, meeting at a rendezvous per cell (two cells: the port is reused)."""
+    out = tmp_path / "nodes"
+    node = [*COMMON, "--algos", "ppo,grpo", "--out", str(out), "--nnodes", "2",
+            "--rdzv-endpoint", f"localhost:{free_port()}", "--rdzv-id", "test"]
+    leader, follower = cli([*node, "--node-rank", "0"], cache_dir), cli([*node, "--node-rank", "1"], cache_dir)
+    logs = [proc.communicate(timeout=300)[0] for proc in (leader, follower)]
+    assert leader.returncode == 0 and follower.returncode == 0, logs
+    assert "grid: 2 done" in logs[0] and "grid: 2 done" in logs[1], logs
+    for algo in ("ppo", "grpo"):
+        cell = out / "arith" / algo / "flip0.3" / "seed0"
+        assert json.loads((cell / "status.json").read_text())["state"] == "done"
+        train = json.loads((cell / "config.json").read_text())["train"]
+        assert (train["nproc"], train["nnodes"]) == (1, 2)
+        assert not (cell / ".ranks").exists()
+        assert metrics(out, algo) == metrics(grids / "n2", algo)  # the same 2 ranks, the same numbers
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--nnodes", "2"], "--nnodes 2 needs --rdzv-endpoint HOST:PORT of node 0"),
+    (["--nnodes", "2", "--rdzv-endpoint", "node0:port"], "needs --rdzv-endpoint HOST:PORT"),
+    (["--nnodes", "2", "--rdzv-endpoint", "node0:29500", "--node-rank", "2"], "--node-rank must be in 0..1"),
+    (["--node-rank", "1"], "--node-rank must be in 0..0"),
+    (["--nnodes", "2", "--rdzv-endpoint", "node0:29500", "--backend", "ray"], "--nnodes is for the local backend"),
+    (["--nnodes", "2", "--rdzv-endpoint", "node0:29500", "--workers", "2"], "one cell at a time on every node"),
+    (["--nnodes", "0"], "train.nnodes must be a positive integer"),
+])
+def test_bad_multi_node_options_are_refused(extra, message, tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path / "x"), *SETTINGS, *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--set", "train.critic_backbone=shared", "--algos", "ppo"], "train.nproc > 1 needs train.critic_backbone=separate"),
     (["--set", "train.fast_model=on", "--algos", "grpo"], "train.fast_model=on is not supported with train.nproc > 1"),

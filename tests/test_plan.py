@@ -18,8 +18,8 @@ from tests.conftest import FAST
 SMALL = {"model.hidden_size": "32", "model.intermediate_size": "48", "model.num_layers": "3", "model.num_heads": "4"}
 
 
-def configs(algos: str, nproc: int = 1, model: str = "tiny", sets: dict[str, str] | None = None):
-    args = SimpleNamespace(model=model, algos=algos, nproc=nproc, suite=None, rollout=None,
+def configs(algos: str, nproc: int = 1, model: str = "tiny", sets: dict[str, str] | None = None, nnodes: int = 1):
+    args = SimpleNamespace(model=model, algos=algos, nproc=nproc, nnodes=nnodes, suite=None, rollout=None,
                            set=[f"{k}={v}" for k, v in (sets or {}).items()])
     return plan_configs(args)
 
@@ -105,6 +105,18 @@ def test_verdict_follows_the_device_memory(capsys):
     assert not json.loads(capsys.readouterr().out)[0]["fits"]
     assert main(argv[:-1] + ["--device-memory", "10GB"]) == 1
     assert "grpo: does not fit" in capsys.readouterr().out
+
+
+def test_two_nodes_of_four_plan_as_eight_ranks(capsys):
+    """Per-device memory depends on the ranks of a cell, not on how they are spread over nodes."""
+    base = ["plan", "--model", "Qwen/Qwen3-8B", "--algos", "dfpo", "--json"]
+    assert main([*base, "--nproc", "8"]) in (0, 1)
+    one_node = json.loads(capsys.readouterr().out)[0]
+    assert main([*base, "--nproc", "4", "--nnodes", "2"]) in (0, 1)
+    two_nodes = json.loads(capsys.readouterr().out)[0]
+    assert main([*base, "--nproc", "4"]) in (0, 1)
+    four = json.loads(capsys.readouterr().out)[0]
+    assert two_nodes["peak_bytes"] == one_node["peak_bytes"] < four["peak_bytes"]
 
 
 def test_checkpointing_and_vllm_change_the_plan(capsys):
