@@ -19,9 +19,9 @@ import os
 import pickle
 import shutil
 import sys
+import tempfile
 import time
 import traceback
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +76,7 @@ def run_cell_ranks(cell, cache_dir: Path | None, ckpt_every: int, progress: bool
     if not cell.node.leader:
         return follow_cell(cell, results, cache_dir, ckpt_every, progress)
     info, _ = begin_cell(cell)
-    job = results
+    job = results  # node 0's job file sits beside its ranks' outcome files
     shutil.rmtree(job, ignore_errors=True)
     job.mkdir(parents=True)
     write_job(job, cell, results, cache_dir, ckpt_every, progress)
@@ -214,7 +214,7 @@ def rank_main(job_file: Path, exit_on_failure: bool = True) -> None:
 
     with open(job_file, "rb") as fh:
         job = pickle.load(fh)
-    cell, folder = job["cell"], Path(job.get("results") or Path(job_file).parent)
+    cell, folder = job["cell"], Path(job["results"])
     t = cell.cfg.train
     device = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     trainer, world = None, distributed.World()
