@@ -134,7 +134,7 @@ def test_bad_multi_node_options_are_refused(extra, message, tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--set", "train.critic_backbone=shared", "--algos", "ppo"], "train.nproc > 1 needs train.critic_backbone=separate"),
     (["--set", "train.fast_model=on", "--algos", "grpo"], "train.fast_model=on is not supported with train.nproc > 1"),
-    (["--set", "train.num_minibatches=8", "--algos", "grpo"], "at least one row per rank"),
+    (["--set", "train.num_minibatches=8", "--algos", "grpo"], "need at least one row each in every minibatch"),
 ])
 def test_settings_a_sharded_cell_cannot_run_are_refused(extra, message, tmp_path, capsys):
     assert main(["run", "--nproc", "2", "--out", str(tmp_path / "x"), *SETTINGS, *extra]) == 2
