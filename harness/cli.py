@@ -186,11 +186,12 @@ def run_command(args, overrides: dict[str, str]) -> int:
     )
     log_to = parse_backends(args.log_to)
     workers = args.workers if args.workers is not None else default_workers(cells)
-    node = NodeLaunch(rank=args.node_rank, endpoint=args.rdzv_endpoint, run_id=args.rdzv_id or Path(args.out).resolve().name)
+    grid = Path(args.out).resolve().name
+    node = NodeLaunch(rank=args.node_rank, endpoint=args.rdzv_endpoint, run_id=args.rdzv_id or grid)
     check_nodes(max(c.cfg.train.nnodes for c in cells), node, args.backend, workers)
     for cell in cells:
         cell.log_to = log_to
-        cell.grid = Path(args.out).resolve().name
+        cell.grid = grid
         cell.save_model = args.save_model or ("none" if cell.cfg.model.name == "tiny" else "final")
         cell.node = node
     try:

@@ -242,8 +242,8 @@ def run_cell(cell: Cell, cache_dir: Path | None = None, ckpt_every: int = 0, pro
     verification when its configuration is unchanged; write its status.json; return that status.
     An exception inside the cell (a non-finite loss, out of memory, a bug) marks it failed and
     does not propagate, except bad input (`HarnessError`, e.g. a model that cannot load) and a
-    store that cannot be written (full disk, read-only), which the grid stops on. A cell of
-    `train.nproc` > 1 runs as that many ranks (`harness.launch`, torchrun or Ray Train)."""
+    store that cannot be written (full disk, read-only), which the grid stops on. A cell of more
+    than one rank (`train.nproc` x `train.nnodes`) runs as that many (`harness.launch`, torchrun or Ray Train)."""
     try:
         if cell.cfg.train.world_size > 1:
             from harness.launch import run_cell_ranks

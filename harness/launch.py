@@ -1,4 +1,4 @@
-"""Start a cell of `train.nproc` > 1 as that many ranks, and turn how they ended into its status.
+"""Start a cell of more than one rank (`train.nproc` x `train.nnodes`), and turn how they ended into its status.
 
     local   torchrun's own engine (`torch.distributed.launcher.elastic_launch`): N rank processes of
             `python -m harness.launch JOB` on this node; with `train.nnodes` > 1, on each of that
@@ -76,7 +76,7 @@ def run_cell_ranks(cell, cache_dir: Path | None, ckpt_every: int, progress: bool
     if not cell.node.leader:
         return follow_cell(cell, results, cache_dir, ckpt_every, progress)
     info, _ = begin_cell(cell)
-    job = results  # node 0's job file sits beside its ranks' outcome files
+    job = results  # node 0's job file sits beside the ranks' outcome files
     shutil.rmtree(job, ignore_errors=True)
     job.mkdir(parents=True)
     write_job(job, cell, results, cache_dir, ckpt_every, progress)
