@@ -160,6 +160,45 @@ def load_pretrained(name: str, dtype: str, device: str, gguf_file: str | None = 
     return model.to(device), tokenizer
 
 
+def loadable_source(policy: torch.nn.Module, cache_dir: Path | None) -> str:
+    """Where another library (vLLM, TRL) can load the policy's model from: its hub id or folder, or, for a
+    model that came from a GGUF file (a folder without `config.json`, e.g. --model smollm2), a
+    safetensors copy of its dequantised weights."""
+    source = policy.config._name_or_path
+    folder = Path(source)
+    if folder.is_dir() and not (folder / "config.json").exists():
+        return str(safetensors_copy(policy, cache_dir))
+    return source
+
+
+def safetensors_copy(policy: torch.nn.Module, cache_dir: Path | None) -> Path:
+    """The policy's config and weights as a folder vLLM can load (`config.json` + safetensors), for a model
+    that came from a GGUF file; written once under `cache_dir`/safetensors, atomically, and reused. The
+    GGUF quantization config is left out: the weights are the dequantised ones."""
+    from safetensors.torch import save_file
+
+    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "safetensors"
+    key = hashlib.sha256(f"{policy.config._name_or_path}|{policy.config.to_json_string()}".encode()).hexdigest()[:16]
+    path = root / f"{Path(policy.config._name_or_path).name}-{key}"
+    if (path / "config.json").exists():
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{path.name}."))
+    # Written by hand: transformers refuses to save a model it loaded from GGUF ("not serializable").
+    config = policy.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(policy).__name__]  # how vLLM picks its model class
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tied = policy.config.tie_word_embeddings
+    weights = {name: tensor.detach().contiguous().clone() for name, tensor in policy.state_dict().items()
+               if not (tied and name == "lm_head.weight")}  # tied: the embedding is the output layer
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
 def build_tiny_warmstart(cfg: ModelConfig, suite: "Suite", seed: int, path: Path, progress: bool = True) -> None:
     """Random-init tiny Llama, then supervised training on the suite's train split; saved atomically."""
     tokenizer = byte_tokenizer()

@@ -16,18 +16,15 @@ the CPU, where `cpu_engine_options` apply). It is anything with two methods (`VL
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from harness.errors import HarnessError
+from harness.models import loadable_source
 from harness.rollout import Rollout, left_pad
 
 ROLLOUTS = ("hf", "vllm")
@@ -174,15 +171,12 @@ class VLLMRollout:
     def for_policy(cls, policy: torch.nn.Module, dtype: str, seed: int, cache_dir: Path | None = None) -> "VLLMRollout":
         """A rollout from the process's engine for the policy's model folder (a safetensors copy for a GGUF
         model, written once under `cache_dir`), which starts from the policy's current weights."""
-        source = getattr(policy.config, "_name_or_path", "")
-        if not source:
+        if not getattr(policy.config, "_name_or_path", ""):
             raise HarnessError("train.rollout=vllm needs a policy loaded from a hub id or a folder")
         check_available()
         if on_cpu_platform():
             check_cpu_head_size(policy.config)
-        folder = Path(source)
-        if folder.is_dir() and not (folder / "config.json").exists():  # e.g. --model smollm2: a GGUF file
-            source = str(safetensors_copy(policy, cache_dir))
+        source = loadable_source(policy, cache_dir)
         max_len = getattr(policy.config, "max_position_embeddings", None)
         return cls(shared_engine(source, dtype, seed, max_len), policy)
 
@@ -220,33 +214,3 @@ def pack_rollout(prompts: list[list[int]], responses: list[list[int]], pad_id: i
         input_ids=torch.cat([prompt_ids, resp], dim=1), attention_mask=torch.cat([prompt_mask, resp_mask.long()], dim=1),
         prompt_len=prompt_ids.shape[1], responses=resp, response_mask=resp_mask,
     )
-
-
-def safetensors_copy(policy: torch.nn.Module, cache_dir: Path | None) -> Path:
-    """The policy's config and weights as a folder vLLM can load (`config.json` + safetensors), for a model
-    that came from a GGUF file; written once under `cache_dir`/safetensors, atomically, and reused. The
-    GGUF quantization config is left out: the weights are the dequantised ones."""
-    from safetensors.torch import save_file
-
-    from harness.models import default_cache_dir
-
-    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "safetensors"
-    key = hashlib.sha256(f"{policy.config._name_or_path}|{policy.config.to_json_string()}".encode()).hexdigest()[:16]
-    path = root / f"{Path(policy.config._name_or_path).name}-{key}"
-    if (path / "config.json").exists():
-        return path
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{path.name}."))
-    # Written by hand: transformers refuses to save a model it loaded from GGUF ("not serializable").
-    config = policy.config.to_dict()
-    config.pop("quantization_config", None)
-    config["architectures"] = [type(policy).__name__]  # how vLLM picks its model class
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tied = policy.config.tie_word_embeddings
-    weights = {name: tensor.detach().contiguous().clone() for name, tensor in policy.state_dict().items()
-               if not (tied and name == "lm_head.weight")}  # tied: the embedding is the output layer
-    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
