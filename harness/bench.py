@@ -64,6 +64,11 @@ HARNESS_PHASES = {  # time/* key -> bench phase
     "reference": "forward", "critic": "forward", "update": "update",
 }
 QUICK = {"steps": 2, "warmup": 1, "rounds": 1}
+# A real model's bench configuration, under the user's --set: a step small enough to measure on a few
+# CPU cores, and gradient checkpointing off on both sides (harness real-model default: on; TRL's: on).
+REAL_MODEL_BENCH = {"train.prompts_per_step": "4", "train.group_size": "4", "train.max_new_tokens": "16",
+                    "train.num_minibatches": "2", "train.lr": "1e-6", "train.gradient_checkpointing": "false"}
+ROLLOUTS = ("hf", "vllm")
 
 
 def peak_rss_mib() -> float:
@@ -72,12 +77,21 @@ def peak_rss_mib() -> float:
     return kib / 1024 if sys.platform != "darwin" else kib / 2**20
 
 
-def resolve_config(algo: str, overrides: dict[str, str]):
-    """The resolved default `arith` configuration of one algorithm, with `--set` overrides."""
+def resolve_config(algo: str, overrides: dict[str, str], model: str | None = None):
+    """The resolved default `arith` configuration of one algorithm on `model` (default: the tiny Llama),
+    with `--set` overrides; a real model gets `REAL_MODEL_BENCH` under them."""
     from harness.grid import build_cells
 
-    cells = build_cells("arith", [algo], "none", [0], Path(tempfile.gettempdir()) / "harness-bench", overrides=overrides)
+    if (model or overrides.get("model.name", "tiny")) != "tiny":
+        overrides = {**REAL_MODEL_BENCH, **overrides}
+    cells = build_cells("arith", [algo], "none", [0], Path(tempfile.gettempdir()) / "harness-bench", model=model,
+                        overrides=overrides)
     return cells[0].cfg
+
+
+def bench_overrides(overrides: dict[str, str], rollout: str) -> dict[str, str]:
+    """The `--set` overrides of a configuration with the given rollout backend (hf: the config's own)."""
+    return {**overrides, "train.rollout": "vllm"} if rollout == "vllm" else dict(overrides)
 
 
 def summarise_steps(step_seconds: list[float], phases: list[dict[str, float]], tokens: list[float], warmup: int,
@@ -103,18 +117,20 @@ def summarise_steps(step_seconds: list[float], phases: list[dict[str, float]], t
 
 
 def measure_harness(algo: str, steps: int, warmup: int, overrides: dict[str, str], cache_dir: str | None,
-                    with_eval: bool = False) -> dict[str, Any]:
+                    with_eval: bool = False, model: str | None = None) -> dict[str, Any]:
     from harness.trainer import Trainer
 
-    cfg = resolve_config(algo, overrides)
+    cfg = resolve_config(algo, overrides, model)
     with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()  # setup: loading the model(s), the optimiser, a vLLM engine's start
         trainer = Trainer(cfg, Path(tmp), cache_dir=Path(cache_dir) if cache_dir else None, progress=False)
+        setup = time.perf_counter() - start
         record = StepRecord()
         for step in range(1, warmup + steps + 1):
             record.add(*timed_harness_step(trainer, step))
         if with_eval:
             trainer.evaluate(0)
-    return {"library": "harness", "algo": algo, **record.summary(warmup)}
+    return {"library": "harness", "algo": algo, "rollout": cfg.train.rollout, "setup_s": setup, **record.summary(warmup)}
 
 
 class StepRecord:
@@ -163,7 +179,9 @@ def trl_available() -> bool:
 
 
 def trl_grpo_config(cfg, output_dir: str) -> dict[str, Any]:
-    """GRPOConfig keyword arguments equivalent to the harness's GRPO configuration `cfg`."""
+    """GRPOConfig keyword arguments equivalent to the harness's GRPO configuration `cfg`. With
+    `train.rollout=vllm`, TRL's own vLLM option in its in-process mode ("colocate"), with no
+    importance-sampling correction between engine and trainer (the harness applies none either)."""
     t, o = cfg.train, cfg.algo_options
     if t.ppo_epochs != 1:
         raise HarnessError("the TRL comparison needs train.ppo_epochs=1 (TRL's num_iterations is per minibatch)")
@@ -185,11 +203,14 @@ def trl_grpo_config(cfg, output_dir: str) -> dict[str, Any]:
         gradient_checkpointing=t.gradient_checkpointing,  # TRL's default is on; the tiny model trains without
         use_cpu=True, bf16=False, fp16=False, seed=cfg.seed, report_to=[], save_strategy="no",
         logging_strategy="no", disable_dropout=True, dataloader_num_workers=0,
+        model_init_kwargs={"dtype": cfg.model.dtype},  # TRL's default "auto" would follow the checkpoint
+        **({"use_vllm": True, "vllm_mode": "colocate", "vllm_importance_sampling_correction": False}
+           if t.rollout == "vllm" else {}),
     )
 
 
 def measure_trl(steps: int, warmup: int, overrides: dict[str, str], cache_dir: str | None,
-                between: Callable[[], None] | None = None) -> dict[str, Any]:
+                between: Callable[[], None] | None = None, model: str | None = None) -> dict[str, Any]:
     """TRL's seconds per step, where a step is one generation and its optimiser steps. `between`, when
     given, runs after every step, outside the timed intervals (the paired measurement's harness step)."""
     import torch
@@ -197,16 +218,18 @@ def measure_trl(steps: int, warmup: int, overrides: dict[str, str], cache_dir: s
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from harness.models import default_cache_dir, load_policy, warmstart_key
+    from harness.models import default_cache_dir, load_policy, loadable_source
     from tasks import SUITES
 
-    cfg = resolve_config("grpo", overrides)
+    start = time.perf_counter()
+    cfg = resolve_config("grpo", overrides, model)
     torch.set_num_threads(cfg.train.threads)
     suite_cls = SUITES.get(cfg.suite)
     suite = suite_cls(suite_cls.Options(**cfg.suite_options), cfg.seed)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    _, tokenizer = load_policy(cfg.model, suite, cfg.seed, cache, "cpu", progress=False)  # builds if missing
-    model_path = str(cache / "warmstart" / warmstart_key(cfg.model, suite, cfg.seed))
+    policy, tokenizer = load_policy(cfg.model, suite, cfg.seed, cache, "cpu", progress=False)  # builds if missing
+    model_path = loadable_source(policy, cache)  # the tiny warm start's folder; a GGUF model's safetensors copy
+    del policy
     problems = suite.train_problems()
     data = Dataset.from_dict({"prompt": [suite.format_prompt(p, tokenizer) for p in problems],
                               "problem": list(range(len(problems)))})
@@ -256,22 +279,24 @@ def measure_trl(steps: int, warmup: int, overrides: dict[str, str], cache_dir: s
                  "update": seconds - d["score"]}
         split["other"] = seconds - sum(split.values())
         record.add(seconds, c1 - c0, split, n1 - n0)
-    return {"library": "trl", "algo": "grpo", **record.summary(warmup)}
+    return {"library": "trl", "algo": "grpo", "rollout": cfg.train.rollout, "setup_s": starts[0][0] - start,
+            **record.summary(warmup)}
 
 
-def measure_paired(steps: int, warmup: int, overrides: dict[str, str], cache_dir: str | None) -> dict[str, Any]:
+def measure_paired(steps: int, warmup: int, overrides: dict[str, str], cache_dir: str | None,
+                   model: str | None = None) -> dict[str, Any]:
     """Harness and TRL in one process, their steps interleaved (a harness step after each TRL step), so
     that the machine's speed at any moment reaches both: the steadiest estimate of their ratio."""
     from harness.trainer import Trainer
 
-    cfg = resolve_config("grpo", overrides)
+    cfg = resolve_config("grpo", overrides, model)
     with tempfile.TemporaryDirectory() as tmp:
         # Built before TRL's trainer, whose seeding then comes last, as in TRL's own process.
         ours = Trainer(cfg, Path(tmp), cache_dir=Path(cache_dir) if cache_dir else None, progress=False)
         record = StepRecord()
-        theirs = measure_trl(steps, warmup, overrides, cache_dir,
+        theirs = measure_trl(steps, warmup, overrides, cache_dir, model=model,
                              between=lambda: record.add(*timed_harness_step(ours, len(record.seconds) + 1)))
-    harness = {"library": "harness", "algo": "grpo", **record.summary(warmup)}
+    harness = {"library": "harness", "algo": "grpo", "rollout": cfg.train.rollout, **record.summary(warmup)}
     ratios = [t / h for t, h in zip(theirs["step_s_all"], harness["step_s_all"])]
     return {"library": "paired", "algo": "grpo", "harness": harness, "trl": theirs, "pair_ratios": ratios}
 
@@ -298,13 +323,13 @@ def timed(obj: Any, method: str, totals: dict[str, float], phase: str, when: Cal
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one configuration in this process (run as `python -m harness.bench --worker JSON`)."""
     start = time.perf_counter()
+    args = (spec["steps"], spec["warmup"], spec["overrides"], spec["cache_dir"])
     if spec["library"] == "trl":
-        result = measure_trl(spec["steps"], spec["warmup"], spec["overrides"], spec["cache_dir"])
+        result = measure_trl(*args, model=spec.get("model"))
     elif spec["library"] == "paired":
-        result = measure_paired(spec["steps"], spec["warmup"], spec["overrides"], spec["cache_dir"])
+        result = measure_paired(*args, model=spec.get("model"))
     else:
-        result = measure_harness(spec["algo"], spec["steps"], spec["warmup"], spec["overrides"], spec["cache_dir"],
-                                 with_eval=spec.get("with_eval", False))
+        result = measure_harness(spec["algo"], *args, with_eval=spec.get("with_eval", False), model=spec.get("model"))
     import torch
 
     result["peak_rss_mib"] = peak_rss_mib()
@@ -320,10 +345,17 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "harness.bench", "--worker", json.dumps(spec)],
                           capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise HarnessError(f"benchmark worker {spec['library']}/{spec.get('algo')} failed: {tail[0]}")
-    return json.loads(lines[-1])
+    result = json.loads(lines[-1]) if lines else {}
+    if proc.returncode != 0 or not result or "failed" in result:
+        reason = result.get("failed") or ((proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"])[0]
+        raise HarnessError(f"benchmark worker {label(spec)}/{spec.get('algo')} failed: {reason}")
+    return result
+
+
+def label(r: dict[str, Any]) -> str:
+    """harness, trl, harness+vllm or trl+vllm: the library and, when it is vLLM, the rollout backend."""
+    vllm = r.get("rollout") == "vllm" or r.get("overrides", {}).get("train.rollout") == "vllm"
+    return r["library"] + ("+vllm" if vllm else "")
 
 
 def load_average() -> str:
@@ -336,9 +368,10 @@ def load_average() -> str:
 def format_result(r: dict[str, Any]) -> str:
     ph = r["phases"]
     split = "  ".join(f"{p} {ph[p] * 1000:7.1f}" for p in PHASES)
-    return (f"{r['library']:8s} {r['algo']:7s} {r['step_s'] * 1000:9.1f} ms/step ({r['cpu_s'] * 1000:.1f} CPU ms)  "
-            f"{r['tokens_per_s']:9.0f} tok/s  "
-            f"peak RSS {r['peak_rss_mib']:7.0f} MiB  | ms: {split}  | {r['torch_threads']} torch thread(s), "
+    setup = f"  setup {r['setup_s']:.1f} s" if r.get("setup_s") is not None else ""
+    return (f"{label(r):12s} {r['algo']:7s} {r['step_s'] * 1000:9.1f} ms/step ({r['cpu_s'] * 1000:.1f} CPU ms)  "
+            f"{r['tokens_per_s']:9.1f} tok/s  "
+            f"peak RSS {r['peak_rss_mib']:7.0f} MiB{setup}  | ms: {split}  | {r['torch_threads']} torch thread(s), "
             f"CPU/wall {r['cpu_per_wall']:.2f}  ({load_average()})")
 
 
@@ -352,14 +385,18 @@ def pool_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
         pooled[key] = statistics.median(r[key] for r in runs)
     pooled["phases"] = {p: statistics.median(r["phases"][p] for r in runs) for p in PHASES}
     pooled["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    if all(r.get("setup_s") is not None for r in runs):
+        pooled["setup_s"] = statistics.median(r["setup_s"] for r in runs)
     pooled["steps"] = len(pooled["step_s_all"])
     pooled["round_step_s"] = [r["step_s"] for r in runs]
     return pooled
 
 
 def run_bench(steps: int, warmup: int, overrides: dict[str, str], cache_dir: str | None, with_trl: bool = True,
-              algos: list[str] | None = None, out: Callable[[str], None] = print, rounds: int = 3) -> float:
-    """Print the benchmark; return the speedup (harness steps per second / TRL's), nan without TRL."""
+              algos: list[str] | None = None, out: Callable[[str], None] = print, rounds: int = 3,
+              model: str | None = None, rollout: str = "hf") -> float:
+    """Print the benchmark; return the speedup (harness steps per second / TRL's), nan without TRL.
+    `model`: the tiny Llama by default; `rollout` vllm adds rows with vLLM rollouts on both sides."""
     from algorithms import ALGOS
     from harness.grid import MISSION_ALGOS
     from harness.models import default_cache_dir, load_policy
@@ -367,18 +404,26 @@ def run_bench(steps: int, warmup: int, overrides: dict[str, str], cache_dir: str
 
     if steps < 1 or warmup < 0 or rounds < 1:
         raise HarnessError(f"--steps and --rounds must be >= 1 and --warmup >= 0, got {steps}, {rounds}, {warmup}")
-    cfg = resolve_config("grpo", overrides)
+    if rollout not in ROLLOUTS:
+        raise HarnessError(f"--rollout must be one of {', '.join(ROLLOUTS)}, got {rollout!r}")
+    if rollout == "vllm":
+        from harness.vllm_rollout import check_available
+
+        check_available()  # before any row: each would fail the same way
+    overrides = bench_overrides(overrides, "hf")
+    cfg = resolve_config("grpo", overrides, model)
     t = cfg.train
     suite_cls = SUITES.get(cfg.suite)
-    load_policy(cfg.model, suite_cls(suite_cls.Options(**cfg.suite_options), cfg.seed),
-                cfg.seed, Path(cache_dir) if cache_dir else default_cache_dir(), "cpu", progress=False)  # warm start once
-    out(f"bench: arith, tiny Llama (hidden {cfg.model.hidden_size}, {cfg.model.num_layers} layers), "
+    policy, _ = load_policy(cfg.model, suite_cls(suite_cls.Options(**cfg.suite_options), cfg.seed),
+                            cfg.seed, Path(cache_dir) if cache_dir else default_cache_dir(), "cpu", progress=False)  # warm start once
+    out(f"bench: arith, {describe_model(cfg.model, policy)}, "
         f"{t.prompts_per_step} prompts x {t.group_size} samples, {t.max_new_tokens} new tokens, "
-        f"{t.num_minibatches} minibatches, lr {t.lr}, {t.threads} thread(s), CPU; "
-        f"median of {steps} steps after {warmup} warm-up, {rounds} round(s); {load_average()}")
+        f"{t.num_minibatches} minibatches, lr {t.lr}, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}, "
+        f"{t.threads} thread(s), CPU; median of {steps} steps after {warmup} warm-up, {rounds} round(s); {load_average()}")
+    del policy
     out("phases: generation | reward | forward (old log-probs, reference, critic) | update | other; "
-        "peak RSS per configuration, each in its own process")
-    base = {"steps": steps, "warmup": warmup, "overrides": overrides, "cache_dir": cache_dir}
+        "peak RSS per configuration, each in its own process; setup = loading models and optimiser (and a vLLM engine's start)")
+    base = {"steps": steps, "warmup": warmup, "overrides": overrides, "cache_dir": cache_dir, "model": model}
     out("-- GRPO, harness vs TRL GRPOTrainer")
     compare = with_trl and trl_available()
     ours_runs, theirs_runs = [], []
@@ -407,13 +452,51 @@ def run_bench(steps: int, warmup: int, overrides: dict[str, str], cache_dir: str
         # The headline ratio: both libraries in one process, steps interleaved, as many pairs as pooled steps.
         paired = run_worker({**base, "steps": steps * rounds, "library": "paired", "algo": "grpo"})
         speedup = report_paired(paired, out)
-    names = algos if algos is not None else [a for a in MISSION_ALGOS if a in ALGOS]
-    out(f"-- algorithms on the default arith configuration (registered: {', '.join(names)}); "
-        "peak RSS includes one ID/OOD evaluation")
+    if rollout == "vllm":
+        vllm_rows({**base, "steps": steps * rounds}, ours, compare, out)
+    if algos is None and cfg.model.name != "tiny":
+        out(f"-- algorithms: skipped on {cfg.model.name} (each is a long run here; name them with --algos)")
+        names = []
+    else:
+        names = algos if algos is not None else [a for a in MISSION_ALGOS if a in ALGOS]
+    if names:
+        out(f"-- algorithms on the default arith configuration ({', '.join(names)}); "
+            "peak RSS includes one ID/OOD evaluation")
     for name in names:
         out(format_result(run_worker({**base, "library": "harness", "algo": name, "with_eval": True})))
     out(f"speedup_vs_trl={speedup:.2f}" if not math.isnan(speedup) else "speedup_vs_trl=nan")
     return speedup
+
+
+def vllm_rows(base: dict[str, Any], ours_hf: dict[str, Any], with_trl: bool, out: Callable[[str], None]) -> None:
+    """GRPO with vLLM rollouts: the harness's backend, and TRL's own vLLM option when TRL is there. One
+    process each (an engine's start is minutes), as many steps as the HF rows' rounds pooled. A row that
+    cannot run says why instead of stopping the bench."""
+    out(f"-- GRPO with vLLM rollouts (one process each, {base['steps']} steps after {base['warmup']} warm-up; "
+        "setup includes the engine's start)")
+    spec = {**base, "overrides": bench_overrides(base["overrides"], "vllm"), "algo": "grpo"}
+    rows = {}
+    for library in ("harness", "trl") if with_trl else ("harness",):
+        try:
+            rows[library] = run_worker({**spec, "library": library})
+        except HarnessError as exc:
+            out(f"{library + '+vllm':12s} grpo    failed: {exc}")
+            continue
+        out(format_result(rows[library]))
+    if "harness" in rows:
+        theirs = rows.get("trl")
+        versus = f"; TRL+vLLM {theirs['step_s']:.4f}, ratio {theirs['step_s'] / rows['harness']['step_s']:.2f}" if theirs else ""
+        out(f"seconds per step: harness+vLLM {rows['harness']['step_s']:.4f}, harness (HF generate) "
+            f"{ours_hf['step_s']:.4f}, ratio {ours_hf['step_s'] / rows['harness']['step_s']:.2f}{versus}")
+
+
+def describe_model(model_cfg, policy) -> str:
+    """The bench header's model: name, parameters, shape, dtype."""
+    config = getattr(policy, "config", None)
+    params = sum(p.numel() for p in policy.parameters()) / 1e6
+    name = "tiny Llama" if model_cfg.name == "tiny" else model_cfg.name
+    shape = f", hidden {config.hidden_size}, {config.num_hidden_layers} layers" if config is not None else ""
+    return f"{name} ({params:.1f}M parameters{shape}, {model_cfg.dtype})"
 
 
 def report_paired(paired: dict[str, Any], out: Callable[[str], None]) -> float:
@@ -435,6 +518,11 @@ def fmt_list(values: list[float], digits: int = 3) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(json.loads(sys.argv[2]))))
+        try:
+            result = worker(json.loads(sys.argv[2]))
+        except Exception as exc:  # the driver prints the reason on the row (a vLLM row may not run here)
+            print(json.dumps({"failed": f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or [""])[0][:300]}))
+            sys.exit(1)
+        print(json.dumps(result))
     else:
         sys.exit("usage: python -m harness.cli bench [--quick] (this module's own entry is for benchmark workers)")

@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
     bench.add_argument("--algos", default=None, help="comma list for the algorithm table (default: registered mission algorithms)")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides, as for run")
+    bench.add_argument("--model", default=None,
+                       help="'tiny' (default) or 'smollm2' (offline), a Hugging Face id or a local folder; a real model "
+                            "gets a small step (4 prompts x 4 samples, 16 new tokens) under --set")
+    bench.add_argument("--rollout", choices=["hf", "vllm"], default=None,
+                       help="vllm: also rows with vLLM rollouts (the harness's backend, TRL's vLLM option); needs vLLM")
     bench.add_argument("--cache-dir", default=None, help="warm-start cache (default: $HARNESS_CACHE or ~/.cache/harness)")
 
     plan = sub.add_parser("plan", help="estimated memory per device of each algorithm's cell, before launching it")
@@ -261,8 +266,11 @@ def cmd_bench(args) -> int:
 
     steps, warmup, rounds = (QUICK["steps"], QUICK["warmup"], QUICK["rounds"]) if args.quick \
         else (args.steps, args.warmup, args.rounds)
-    run_bench(steps, warmup, parse_assignments(args.set), args.cache_dir, with_trl=not args.no_trl,
-              algos=parse_algos(args.algos) if args.algos else None, rounds=rounds)
+    overrides = parse_assignments(args.set)
+    rollout = args.rollout or overrides.get("train.rollout", "hf")  # the HF rows stay HF; vllm adds rows
+    overrides.pop("train.rollout", None)
+    run_bench(steps, warmup, overrides, args.cache_dir, with_trl=not args.no_trl,
+              algos=parse_algos(args.algos) if args.algos else None, rounds=rounds, model=args.model, rollout=rollout)
     return 0
 
 

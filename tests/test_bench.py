@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from harness import bench
+from harness.errors import HarnessError
 from tests.conftest import fast_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,16 +33,19 @@ def test_bench_quick_prints_the_speedup_last(cache_dir):
         assert f"harness steps {value}x as fast" in paired  # the last line reports the paired ratio
     else:
         assert math.isnan(ratio) and any("TRL comparison skipped" in line for line in lines)
-    assert any(line.startswith("harness  grpo") and "peak RSS" in line for line in lines)
-    assert any(line.startswith("harness  ppo") for line in lines)
+    assert any(line.split()[:2] == ["harness", "grpo"] and "peak RSS" in line for line in lines)
+    assert any(line.split()[:2] == ["harness", "ppo"] for line in lines)
+
+
+FAKE = {"library": "harness", "algo": "grpo", "step_s": 0.1, "cpu_s": 0.1, "tokens_per_s": 10.0, "peak_rss_mib": 1.0,
+        "torch_threads": 1, "cpu_per_wall": 1.0, "phases": dict.fromkeys(bench.PHASES, 0.02), "step_s_all": [0.1]}
 
 
 def test_without_trl_the_comparison_is_skipped_with_a_message(monkeypatch):
-    fake = {"library": "harness", "algo": "grpo", "step_s": 0.1, "cpu_s": 0.1, "tokens_per_s": 10.0, "peak_rss_mib": 1.0, "torch_threads": 1, "cpu_per_wall": 1.0,
-            "phases": dict.fromkeys(bench.PHASES, 0.02), "step_s_all": [0.1]}
+    fake = FAKE
     monkeypatch.setattr(bench, "trl_available", lambda: False)
     monkeypatch.setattr(bench, "run_worker", lambda spec: {**fake, "algo": spec.get("algo", "grpo")})
-    monkeypatch.setattr("harness.models.load_policy", lambda *a, **k: None)
+    monkeypatch.setattr("harness.models.load_policy", lambda *a, **k: (torch.nn.Linear(2, 2), None))
     lines: list[str] = []
     assert math.isnan(bench.run_bench(1, 0, {}, None, algos=["ppo"], out=lines.append))
     assert any("TRL comparison skipped" in line for line in lines)
@@ -86,3 +91,76 @@ def test_paired_ratio_is_trl_median_over_harness_median():
     assert "median 3.00" in lines[0] and "peak RSS of the pair 600 MiB" in lines[0]
     q1, _, q3 = statistics.quantiles([1.5, 3.0, 9.0], n=4)
     assert f"quartiles {q1:.2f}-{q3:.2f}" in lines[0]
+
+
+def test_trl_config_with_vllm_rollouts_uses_trls_in_process_vllm(tmp_path):
+    cfg = bench.resolve_config("grpo", {})
+    assert "use_vllm" not in bench.trl_grpo_config(cfg, str(tmp_path))  # HF generate unless asked
+    cfg.train.rollout = "vllm"  # set after resolving: resolving it checks that vLLM is installed
+    mapped = bench.trl_grpo_config(cfg, str(tmp_path))
+    assert mapped["use_vllm"] is True and mapped["vllm_mode"] == "colocate"
+    assert mapped["vllm_importance_sampling_correction"] is False  # the harness corrects nothing either
+    assert mapped["model_init_kwargs"] == {"dtype": cfg.model.dtype}
+
+
+def test_vllm_rows_run_after_the_hf_rows_and_a_row_that_fails_says_why(monkeypatch):
+    specs: list[dict] = []
+
+    def fake_worker(spec):
+        specs.append(spec)
+        rollout = spec["overrides"].get("train.rollout", "hf")
+        if spec["library"] == "paired":
+            return {"library": "paired", "harness": FAKE, "trl": {**FAKE, "step_s": 0.3}, "pair_ratios": [3.0],
+                    "peak_rss_mib": 2.0}
+        if spec["library"] == "trl" and rollout == "vllm":
+            raise HarnessError("benchmark worker trl+vllm/grpo failed: RuntimeError: no GPU")
+        step = 0.05 if rollout == "vllm" else (0.3 if spec["library"] == "trl" else 0.1)
+        return {**FAKE, "library": spec["library"], "rollout": rollout, "step_s": step, "setup_s": 12.5}
+
+    monkeypatch.setattr(bench, "trl_available", lambda: True)
+    monkeypatch.setattr(bench, "run_worker", fake_worker)
+    monkeypatch.setattr("harness.vllm_rollout.check_available", lambda: None)
+    monkeypatch.setattr("harness.models.load_policy", lambda *a, **k: (torch.nn.Linear(2, 2), None))
+    lines: list[str] = []
+    speedup = bench.run_bench(2, 1, {}, None, algos=[], out=lines.append, rounds=2, rollout="vllm")
+    assert speedup == pytest.approx(3.0)  # the headline stays the paired HF ratio
+    vllm_specs = [s for s in specs if s["overrides"].get("train.rollout") == "vllm"]
+    assert [s["library"] for s in vllm_specs] == ["harness", "trl"] and all(s["steps"] == 4 for s in vllm_specs)
+    assert all(s["overrides"].get("train.rollout", "hf") == "hf" for s in specs if s not in vllm_specs)
+    row = next(line for line in lines if line.startswith("harness+vllm"))
+    assert "50.0 ms/step" in row and "setup 12.5 s" in row
+    failed = next(line for line in lines if line.startswith("trl+vllm"))
+    assert "failed:" in failed and "no GPU" in failed
+    assert any("harness (HF generate) 0.1000, ratio 2.00" in line for line in lines)
+    assert lines[-1] == "speedup_vs_trl=3.00"
+
+
+def test_bench_rejects_an_unknown_rollout():
+    with pytest.raises(HarnessError, match="--rollout must be one of hf, vllm"):
+        bench.run_bench(1, 0, {}, None, rollout="sglang", out=lambda line: None)
+
+
+def test_real_model_bench_defaults_sit_under_the_users_set():
+    cfg = bench.resolve_config("grpo", {"train.max_new_tokens": "8"}, "smollm2")
+    t = cfg.train
+    assert (t.prompts_per_step, t.group_size, t.num_minibatches, t.max_new_tokens) == (4, 4, 2, 8)
+    assert t.gradient_checkpointing is False and cfg.model.name == "smollm2"
+    from harness.grid import build_cells
+
+    tiny = bench.resolve_config("grpo", {})  # the tiny model's bench is the grid's own default cell
+    assert tiny.train == build_cells("arith", ["grpo"], "none", [0], Path("unused"))[0].cfg.train
+
+
+@pytest.mark.slow
+def test_bench_runs_smollm2_and_skips_the_algorithm_table(cache_dir):
+    args = [sys.executable, "-m", "harness.cli", "bench", "--model", "smollm2", "--quick", "--no-trl",
+            "--cache-dir", str(cache_dir), "--set", "train.prompts_per_step=2", "--set", "train.group_size=2",
+            "--set", "train.max_new_tokens=4"]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert "smollm2 (134.5M parameters, hidden 576, 30 layers, float32), 2 prompts x 2 samples" in lines[0]
+    row = next(line for line in lines if line.split()[:2] == ["harness", "grpo"])
+    assert "setup" in row and "tok/s" in row
+    assert any("algorithms: skipped on smollm2" in line for line in lines)
+    assert lines[-1] == "speedup_vs_trl=nan"
