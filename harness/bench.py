@@ -40,6 +40,15 @@ harness's, printed with the quartiles of the per-pair ratios. Phases:
     update       harness: minibatch forward/backward/optimiser      TRL: the step minus _generate_and_score_completions
     other        the rest (advantages, padding, bookkeeping)
 
+`--model smollm2` (or any Hugging Face id or folder) runs the same comparison on a real model: a step
+small enough for a few CPU cores (`REAL_MODEL_BENCH`, under any `--set`), gradient checkpointing off on
+both sides, TRL loading the model in the harness's dtype from the folder the harness loads (a GGUF
+model's safetensors copy); the algorithm table runs only for the algorithms named with `--algos`.
+`--rollout vllm` adds two rows, one process each: the harness with its vLLM backend and TRL with its
+own vLLM option (in-process "colocate" mode, no importance-sampling correction); a row that cannot run
+where the bench runs prints `failed: <reason>`. `setup` is each process's seconds before its first
+step (loading models and optimiser; a vLLM engine's start).
+
 The last line printed is `speedup_vs_trl=<paired ratio>` (`nan` when TRL is not installed).
 """
 from __future__ import annotations
@@ -228,7 +237,7 @@ def measure_trl(steps: int, warmup: int, overrides: dict[str, str], cache_dir: s
     suite = suite_cls(suite_cls.Options(**cfg.suite_options), cfg.seed)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     policy, tokenizer = load_policy(cfg.model, suite, cfg.seed, cache, "cpu", progress=False)  # builds if missing
-    model_path = loadable_source(policy, cache)  # the tiny warm start's folder; a GGUF model's safetensors copy
+    model_path = loadable_source(policy, cache, tokenizer)  # the tiny warm start's folder; a GGUF model's safetensors copy
     del policy
     problems = suite.train_problems()
     data = Dataset.from_dict({"prompt": [suite.format_prompt(p, tokenizer) for p in problems],

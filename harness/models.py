@@ -160,25 +160,27 @@ def load_pretrained(name: str, dtype: str, device: str, gguf_file: str | None = 
     return model.to(device), tokenizer
 
 
-def loadable_source(policy: torch.nn.Module, cache_dir: Path | None) -> str:
+def loadable_source(policy: torch.nn.Module, cache_dir: Path | None, tokenizer=None) -> str:
     """Where another library (vLLM, TRL) can load the policy's model from: its hub id or folder, or, for a
     model that came from a GGUF file (a folder without `config.json`, e.g. --model smollm2), a
-    safetensors copy of its dequantised weights."""
+    safetensors copy of its dequantised weights, with `tokenizer`'s files when given (TRL's vLLM
+    engine loads a tokenizer from the folder)."""
     source = policy.config._name_or_path
     folder = Path(source)
     if folder.is_dir() and not (folder / "config.json").exists():
-        return str(safetensors_copy(policy, cache_dir))
+        return str(safetensors_copy(policy, cache_dir, tokenizer))
     return source
 
 
-def safetensors_copy(policy: torch.nn.Module, cache_dir: Path | None) -> Path:
+def safetensors_copy(policy: torch.nn.Module, cache_dir: Path | None, tokenizer=None) -> Path:
     """The policy's config and weights as a folder vLLM can load (`config.json` + safetensors), for a model
     that came from a GGUF file; written once under `cache_dir`/safetensors, atomically, and reused. The
     GGUF quantization config is left out: the weights are the dequantised ones."""
     from safetensors.torch import save_file
 
     root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "safetensors"
-    key = hashlib.sha256(f"{policy.config._name_or_path}|{policy.config.to_json_string()}".encode()).hexdigest()[:16]
+    with_tokenizer = "tokenizer" if tokenizer is not None else ""
+    key = hashlib.sha256(f"{policy.config._name_or_path}|{policy.config.to_json_string()}|{with_tokenizer}".encode()).hexdigest()[:16]
     path = root / f"{Path(policy.config._name_or_path).name}-{key}"
     if (path / "config.json").exists():
         return path
@@ -193,6 +195,8 @@ def safetensors_copy(policy: torch.nn.Module, cache_dir: Path | None) -> Path:
     weights = {name: tensor.detach().contiguous().clone() for name, tensor in policy.state_dict().items()
                if not (tied and name == "lm_head.weight")}  # tied: the embedding is the output layer
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -100,7 +100,7 @@ class Trainer(PolicyEvaluator):
         if cfg.train.rollout == "vllm":  # generation by vLLM; weights pushed after every update
             from harness.vllm_rollout import VLLMRollout
 
-            self.vllm = VLLMRollout.for_policy(self.policy, cfg.model.dtype, cfg.seed, cache_dir)
+            self.vllm = VLLMRollout.for_policy(self.policy, cfg.model.dtype, cfg.seed, cache_dir, self.tokenizer)
             self.rollout = self.vllm.generate
         self.reference = None
         if self.algo.needs_reference():

@@ -168,7 +168,8 @@ class VLLMRollout:
         self.sync_weights(policy)  # the engine starts from the trainer's weights, whatever it loaded
 
     @classmethod
-    def for_policy(cls, policy: torch.nn.Module, dtype: str, seed: int, cache_dir: Path | None = None) -> "VLLMRollout":
+    def for_policy(cls, policy: torch.nn.Module, dtype: str, seed: int, cache_dir: Path | None = None,
+                   tokenizer=None) -> "VLLMRollout":
         """A rollout from the process's engine for the policy's model folder (a safetensors copy for a GGUF
         model, written once under `cache_dir`), which starts from the policy's current weights."""
         if not getattr(policy.config, "_name_or_path", ""):
@@ -176,7 +177,7 @@ class VLLMRollout:
         check_available()
         if on_cpu_platform():
             check_cpu_head_size(policy.config)
-        source = loadable_source(policy, cache_dir)
+        source = loadable_source(policy, cache_dir, tokenizer)
         max_len = getattr(policy.config, "max_position_embeddings", None)
         return cls(shared_engine(source, dtype, seed, max_len), policy)
 

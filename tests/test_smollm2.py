@@ -39,3 +39,31 @@ def test_two_grpo_steps_with_smollm2(tmp_path, monkeypatch, suite, roles):
     assert {r["step"] for r in rows} == {0, 2}
     assert all(r["prompt_template"].endswith("/chat") for r in rows)  # SmolLM2's chat template is used
     assert {r["role"] for r in rows} == {"ID", "OOD"}
+
+
+@pytest.mark.slow
+def test_a_gguf_models_safetensors_copy_loads_as_the_same_model_and_tokenizer(tmp_path):
+    """What vLLM and TRL get for --model smollm2: a Hugging Face folder with the dequantised weights and
+    the tokenizer, which loads as the same function and the same token ids; written once, then reused."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harness.config import ModelConfig
+    from harness.models import load_policy, loadable_source
+    from tasks import SUITES
+
+    suite = SUITES.get("arith")(SUITES.get("arith").Options(), 0)
+    policy, tokenizer = load_policy(ModelConfig(name="smollm2"), suite, 0, tmp_path, "cpu", progress=False)
+    folder = Path(loadable_source(policy, tmp_path, tokenizer))
+    assert folder.parent == tmp_path / "safetensors" and (folder / "tokenizer.json").exists()
+    text = "What is 17 + 25?"
+    copy_tok = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert copy_tok(text, return_tensors="pt").input_ids.tolist() == ids.tolist()
+    copy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        diff = (copy(ids).logits - policy(ids).logits).abs().max().item()
+    assert diff < 1e-4, diff
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert loadable_source(policy, tmp_path, tokenizer) == str(folder)
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rewritten

@@ -137,7 +137,7 @@ def smollm2_trainer(tmp_path_factory, cache_dir):
 def test_smollm2_goes_to_the_engine_as_a_safetensors_folder(smollm2_trainer, cache_dir):
     folder = smollm2_trainer.vllm.engine.llm.llm_engine.model_config.model
     files = {p.name for p in (cache_dir / "safetensors").glob("*/*")}
-    assert str(cache_dir / "safetensors") in folder and {"config.json", "model.safetensors"} <= files
+    assert str(cache_dir / "safetensors") in folder and {"config.json", "model.safetensors", "tokenizer.json"} <= files
     config = json.loads((cache_dir / "safetensors").glob("*/config.json").__next__().read_text())
     assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
 
