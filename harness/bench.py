@@ -357,8 +357,14 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     result = json.loads(lines[-1]) if lines else {}
     if proc.returncode != 0 or not result or "failed" in result:
         reason = result.get("failed") or ((proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"])[0]
-        raise HarnessError(f"benchmark worker {label(spec)}/{spec.get('algo')} failed: {reason}")
+        raise WorkerFailed(f"benchmark worker {label(spec)}/{spec.get('algo')} failed: {reason}", reason)
     return result
+
+
+class WorkerFailed(HarnessError):
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def label(r: dict[str, Any]) -> str:
@@ -488,8 +494,8 @@ def vllm_rows(base: dict[str, Any], ours_hf: dict[str, Any], with_trl: bool, out
     for library in ("harness", "trl") if with_trl else ("harness",):
         try:
             rows[library] = run_worker({**spec, "library": library})
-        except HarnessError as exc:
-            out(f"{library + '+vllm':12s} grpo    failed: {exc}")
+        except WorkerFailed as exc:
+            out(f"{library + '+vllm':12s} grpo    failed: {exc.reason}")
             continue
         out(format_result(rows[library]))
     if "harness" in rows:

@@ -113,7 +113,7 @@ def test_vllm_rows_run_after_the_hf_rows_and_a_row_that_fails_says_why(monkeypat
             return {"library": "paired", "harness": FAKE, "trl": {**FAKE, "step_s": 0.3}, "pair_ratios": [3.0],
                     "peak_rss_mib": 2.0}
         if spec["library"] == "trl" and rollout == "vllm":
-            raise HarnessError("benchmark worker trl+vllm/grpo failed: RuntimeError: no GPU")
+            raise bench.WorkerFailed("benchmark worker trl+vllm/grpo failed: RuntimeError: no GPU", "RuntimeError: no GPU")
         step = 0.05 if rollout == "vllm" else (0.3 if spec["library"] == "trl" else 0.1)
         return {**FAKE, "library": spec["library"], "rollout": rollout, "step_s": step, "setup_s": 12.5}
 
@@ -130,7 +130,7 @@ def test_vllm_rows_run_after_the_hf_rows_and_a_row_that_fails_says_why(monkeypat
     row = next(line for line in lines if line.startswith("harness+vllm"))
     assert "50.0 ms/step" in row and "setup 12.5 s" in row
     failed = next(line for line in lines if line.startswith("trl+vllm"))
-    assert "failed:" in failed and "no GPU" in failed
+    assert failed.split() == ["trl+vllm", "grpo", "failed:", "RuntimeError:", "no", "GPU"]
     assert any("harness (HF generate) 0.1000, ratio 2.00" in line for line in lines)
     assert lines[-1] == "speedup_vs_trl=3.00"
 
