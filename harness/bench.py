@@ -77,7 +77,6 @@ QUICK = {"steps": 2, "warmup": 1, "rounds": 1}
 # CPU cores, and gradient checkpointing off on both sides (harness real-model default: on; TRL's: on).
 REAL_MODEL_BENCH = {"train.prompts_per_step": "4", "train.group_size": "4", "train.max_new_tokens": "16",
                     "train.num_minibatches": "2", "train.lr": "1e-6", "train.gradient_checkpointing": "false"}
-ROLLOUTS = ("hf", "vllm")
 
 
 def peak_rss_mib() -> float:
@@ -96,11 +95,6 @@ def resolve_config(algo: str, overrides: dict[str, str], model: str | None = Non
     cells = build_cells("arith", [algo], "none", [0], Path(tempfile.gettempdir()) / "harness-bench", model=model,
                         overrides=overrides)
     return cells[0].cfg
-
-
-def bench_overrides(overrides: dict[str, str], rollout: str) -> dict[str, str]:
-    """The `--set` overrides of a configuration with the given rollout backend (hf: the config's own)."""
-    return {**overrides, "train.rollout": "vllm"} if rollout == "vllm" else dict(overrides)
 
 
 def summarise_steps(step_seconds: list[float], phases: list[dict[str, float]], tokens: list[float], warmup: int,
@@ -419,13 +413,12 @@ def run_bench(steps: int, warmup: int, overrides: dict[str, str], cache_dir: str
 
     if steps < 1 or warmup < 0 or rounds < 1:
         raise HarnessError(f"--steps and --rounds must be >= 1 and --warmup >= 0, got {steps}, {rounds}, {warmup}")
+    from harness.vllm_rollout import ROLLOUTS, check_available
+
     if rollout not in ROLLOUTS:
         raise HarnessError(f"--rollout must be one of {', '.join(ROLLOUTS)}, got {rollout!r}")
     if rollout == "vllm":
-        from harness.vllm_rollout import check_available
-
         check_available()  # before any row: each would fail the same way
-    overrides = bench_overrides(overrides, "hf")
     cfg = resolve_config("grpo", overrides, model)
     t = cfg.train
     suite_cls = SUITES.get(cfg.suite)
@@ -489,7 +482,7 @@ def vllm_rows(base: dict[str, Any], ours_hf: dict[str, Any], with_trl: bool, out
     cannot run says why instead of stopping the bench."""
     out(f"-- GRPO with vLLM rollouts (one process each, {base['steps']} steps after {base['warmup']} warm-up; "
         "setup includes the engine's start)")
-    spec = {**base, "overrides": bench_overrides(base["overrides"], "vllm"), "algo": "grpo"}
+    spec = {**base, "overrides": {**base["overrides"], "train.rollout": "vllm"}, "algo": "grpo"}
     rows = {}
     for library in ("harness", "trl") if with_trl else ("harness",):
         try:

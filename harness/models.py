@@ -174,8 +174,9 @@ def loadable_source(policy: torch.nn.Module, cache_dir: Path | None, tokenizer=N
 
 def safetensors_copy(policy: torch.nn.Module, cache_dir: Path | None, tokenizer=None) -> Path:
     """The policy's config and weights as a folder vLLM and transformers can load (`config.json` +
-    safetensors, and the tokenizer's files when given), for a model that came from a GGUF file; written once under `cache_dir`/safetensors, atomically, and reused. The
-    GGUF quantization config is left out: the weights are the dequantised ones."""
+    safetensors, and the tokenizer's files when given), for a model that came from a GGUF file; written
+    once under `cache_dir`/safetensors, atomically, and reused. The GGUF quantization config is left
+    out: the weights are the dequantised ones."""
     from safetensors.torch import save_file
 
     root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "safetensors"
