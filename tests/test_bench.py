@@ -42,9 +42,8 @@ FAKE = {"library": "harness", "algo": "grpo", "step_s": 0.1, "cpu_s": 0.1, "toke
 
 
 def test_without_trl_the_comparison_is_skipped_with_a_message(monkeypatch):
-    fake = FAKE
     monkeypatch.setattr(bench, "trl_available", lambda: False)
-    monkeypatch.setattr(bench, "run_worker", lambda spec: {**fake, "algo": spec.get("algo", "grpo")})
+    monkeypatch.setattr(bench, "run_worker", lambda spec: {**FAKE, "algo": spec.get("algo", "grpo")})
     monkeypatch.setattr("harness.models.load_policy", lambda *a, **k: (torch.nn.Linear(2, 2), None))
     lines: list[str] = []
     assert math.isnan(bench.run_bench(1, 0, {}, None, algos=["ppo"], out=lines.append))
