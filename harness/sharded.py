@@ -36,7 +36,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-from harness import distributed, fast_llama, store
+from harness import distributed, fast_llama, precision, store
 from harness.rollout import Rollout, RowsOf, generate, merge_rollouts
 from harness.trainer import Trainer, rng_state, set_rng_state
 
@@ -82,21 +82,24 @@ class ShardedTrainer(Trainer):
 
     def distribute(self) -> None:
         t = self.cfg.train
-        # The rollout replica: a plain copy of the policy (keeping the fast path where it is on).
-        self.replica = copy.deepcopy(self.policy).requires_grad_(False).eval()
+        # The rollout replica: a plain copy of the policy in the generation dtype, model.dtype (keeping the
+        # fast path where it is on); refreshed from the float32 masters, cast tensor by tensor.
+        self.replica = copy.deepcopy(self.policy).to(precision.generation_dtype(self.cfg)).requires_grad_(False).eval()
         self.replica_stale = False
         modules = [self.policy, self.reference, self.critic.backbone if self.critic is not None else None]
         for module in modules:
             if module is not None:
                 fast_llama.enable(module, "off")
         decoder = fast_llama.decoder_of
-        distributed.shard(self.policy, list(decoder(self.policy).layers), t.fsdp_mixed_precision)
+        # Backbones compute in the mixed precision (FSDP2 casts the gathered float32 shards); the heads
+        # stay float32 in compute too: they cast their (bf16) inputs to float32 (harness.precision).
+        mp = precision.compute_precision(t)
+        distributed.shard(self.policy, list(decoder(self.policy).layers), mp)
         if self.reference is not None:
-            distributed.shard(self.reference, list(decoder(self.reference).layers), t.fsdp_mixed_precision,
-                              offload=t.reference_offload)
+            distributed.shard(self.reference, list(decoder(self.reference).layers), mp, offload=t.reference_offload)
         if self.critic is not None:
-            distributed.shard(self.critic.backbone, list(self.critic.backbone.layers), t.fsdp_mixed_precision)
-            distributed.shard(self.critic.head, [], t.fsdp_mixed_precision)
+            distributed.shard(self.critic.backbone, list(self.critic.backbone.layers), mp)
+            distributed.shard(self.critic.head, [], "off")
             states = self.critic.states  # each rank its rows; the states of all rows on every rank
 
             def sharded_states(input_ids, attention_mask, prompt_len):
@@ -107,12 +110,14 @@ class ShardedTrainer(Trainer):
             self.critic.states = sharded_states
             self.critic.forward = outside_inference_mode(self.critic.forward)
         for head in self.heads.values():
-            distributed.shard(head, [], t.fsdp_mixed_precision)
+            distributed.shard(head, [], "off")
 
     def response_forward(self, model, input_ids, attention_mask, prompt_len: int, **kwargs):
         rows, n = self.world.rows(len(input_ids)), len(input_ids)
-        logp, entropy, hidden = super().response_forward(model, input_ids[rows], attention_mask[rows], prompt_len,
-                                                         **kwargs)
+        # The trainer runs the reference under inference mode; FSDP's gather buffers made there break the
+        # next gather (with one rank: "Inference tensors do not track version counter"), so no_grad instead.
+        forward = outside_inference_mode(super().response_forward)
+        logp, entropy, hidden = forward(model, input_ids[rows], attention_mask[rows], prompt_len, **kwargs)
         gather = lambda x: distributed.gather_rows(x, n, self.world)  # noqa: E731
         return gather(logp), gather(entropy), gather(hidden) if hidden is not None else None
 
@@ -203,7 +208,7 @@ class ShardedTrainer(Trainer):
         if found is None:
             return 0
         step, path = found
-        record = torch.load(path / store.STATE_FILE, weights_only=True)
+        record = torch.load(path / store.STATE_FILE, map_location="cpu", weights_only=True)
         if record["world_size"] != self.world.size:
             raise RuntimeError(f"checkpoint {path} was written by {record['world_size']} ranks, this cell has "
                                f"{self.world.size}")
@@ -214,7 +219,7 @@ class ShardedTrainer(Trainer):
         for name, obj in (("algo", self.algo), ("noise", self.noise)):
             if name in record:
                 obj.load_state_dict(record[name])
-        set_rng_state(torch.load(path / f"rng_rank{self.world.rank}.pt", weights_only=True))
+        set_rng_state(torch.load(path / f"rng_rank{self.world.rank}.pt", map_location="cpu", weights_only=True))
         distributed.barrier(self.world)  # every rank has read the checkpoint before rank 0 cuts the files
         if self.world.main:
             for name, size in record["files"].items():
