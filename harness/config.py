@@ -343,11 +343,10 @@ def validate_core(cfg: RunConfig) -> None:
         raise HarnessError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
 
 
-ROLLOUT_CORRECTIONS = ("off", "token-tis", "seq-tis", "token-mask", "seq-mask")
-
-
 def check_rollout_correction(t: TrainConfig) -> None:
     """`train.rollout_correction` and its thresholds, and that it has two log-probs to compare."""
+    from algorithms.common import ROLLOUT_CORRECTIONS
+
     if t.rollout_correction not in ROLLOUT_CORRECTIONS:
         raise HarnessError(f"train.rollout_correction must be one of {', '.join(ROLLOUT_CORRECTIONS)}, "
                            f"got {t.rollout_correction!r}")
@@ -359,3 +358,6 @@ def check_rollout_correction(t: TrainConfig) -> None:
     if t.rollout_correction != "off" and t.old_logp == "rollout":
         raise HarnessError("train.rollout_correction needs train.old_logp=recompute or auto (with the sampler's own "
                            "log-probs as behaviour log-probs there is no mismatch to correct)")
+    if t.rollout_correction != "off" and t.rollout == "vllm":
+        raise HarnessError("train.rollout_correction needs the sampler's log-probs, which train.rollout=vllm does not "
+                           "return yet; use train.rollout=hf or train.rollout_correction=off")

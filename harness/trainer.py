@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from algorithms import ALGOS
 from algorithms.base import Batch, PolicyForward
-from algorithms.common import explained_variance, masked_mean
+from algorithms.common import explained_variance, masked_mean, rollout_correction, rollout_mismatch
 from algorithms.critics import build_critic
 from harness import fast_llama, precision, store
 from harness.config import RunConfig, resolved_old_logp
@@ -239,17 +239,27 @@ class Trainer(PolicyEvaluator):
             group_ids=group_ids.to(self.device), prompt_len=roll.prompt_len,
         )
         minibatches = self.minibatches(batch.size, step)
-        first_fwd = None
+        # The policy is unchanged until the first optimiser step, so the first minibatch's forward (with
+        # gradients, needed by the update anyway) also gives those rows' old log-probs; only the other
+        # rows need a no-grad forward. Same function, same weights: the same values as a full forward.
+        with timer("update"):
+            first_fwd = self.policy_forward(batch.select(minibatches[0]))
+        mismatch: dict[str, float] = {}
         if self.old_logp_from_rollout:  # the sampler's log-probs: the same weights and function
             batch["old_logp"] = roll.logp
+            if roll.logp is not None:  # the mismatch on the rows the trainer has scored already
+                first = minibatches[0]
+                mismatch = rollout_mismatch(first_fwd.logp.detach(), roll.logp[first], mask[first])
         else:
-            # The policy is unchanged until the first optimiser step, so the first minibatch's forward (with
-            # gradients, needed by the update anyway) also gives those rows' old log-probs; only the other
-            # rows need a no-grad forward. Same function, same weights: the same values as a full forward.
-            with timer("update"):
-                first_fwd = self.policy_forward(batch.select(minibatches[0]))
             with torch.no_grad(), timer("old_logp"):
                 batch["old_logp"] = self.old_logp(batch, minibatches[0], first_fwd.logp.detach())
+            if roll.logp is not None:
+                mismatch = rollout_mismatch(batch["old_logp"], roll.logp, mask)
+                if t.rollout_correction != "off":
+                    batch["rollout_weight"], correction = rollout_correction(
+                        batch["old_logp"], roll.logp, mask, t.rollout_correction, t.rollout_is_cap,
+                        t.rollout_mask_low, t.rollout_mask_high)
+                    mismatch.update(correction)
         # Frozen passes run under inference mode (no autograd bookkeeping); their results are copied out.
         if self.reference is not None:
             with timer("reference"), torch.inference_mode():
@@ -275,6 +285,7 @@ class Trainer(PolicyEvaluator):
             "step": step,
             **reward_metrics,
             **sampling_metrics,
+            **mismatch,
             "response/length_mean": n_tokens / mask.shape[0],
             **adv_metrics,
             **update_metrics,
