@@ -88,8 +88,9 @@ def check_master(modules: dict[str, nn.Module | None], cfg) -> None:
 def tf32(mode: str, device: str) -> bool:
     """Allow TF32 for float32 matmuls and convolutions on CUDA (`train.tf32`: auto = on for CUDA,
     on, off); returns whether it is on. A no-op on the CPU, where there is no TF32."""
-    on = mode == "on" or (mode == "auto" and torch.device(device).type == "cuda")
-    if torch.device(device).type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = on
+    cuda = torch.device(device).type == "cuda"
+    on = cuda and mode in ("on", "auto")
+    if cuda:  # process-wide settings: only a CUDA cell's process changes them
+        torch.set_float32_matmul_precision("high" if on else "highest")  # "high": TF32 matmuls
         torch.backends.cudnn.allow_tf32 = on
-    return on and torch.device(device).type == "cuda"
+    return on

@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from harness import distributed, fast_llama, precision, store
-from harness.rollout import Rollout, RowsOf, generate, merge_rollouts
+from harness.rollout import Rollout, RowsOf, draws_ahead, generate, merge_rollouts
 from harness.trainer import Trainer, rng_state, set_rng_state
 
 
@@ -150,7 +150,8 @@ class ShardedTrainer(Trainer):
         parts = [p for p in parts if p is not None]
         roll = merge_rollouts([(p, torch.arange(len(p.input_ids))) for p in parts], kwargs["pad_id"])
         if temperature != 0:  # later calls with this generator continue where one process would
-            draws.skip(roll.responses.shape[1] - draws.draws)
+            drawn = kwargs["max_new_tokens"] if draws_ahead(torch.device(self.device)) else roll.responses.shape[1]
+            draws.skip(drawn - draws.draws)
         return Rollout(**{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in vars(roll).items()})
 
     # ---- files and checkpoints ---------------------------------------------------------------
