@@ -2,15 +2,17 @@
 
 Every rank runs the same step on the same data; only the heavy parts are divided:
 
-- **Modules.** Policy, reference, critic (backbone and head) and extra heads are sharded with
-  `fully_shard` per decoder layer and at the root (`distributed.shard`), before the optimisers are
-  built, so each rank holds 1/N of every parameter, gradient and Adam state.
+- **Modules.** Policy, reference, critic (backbone and head) and extra heads are built in host memory
+  and sharded with `fully_shard` per decoder layer and at the root (`distributed.shard`), which moves
+  each rank's shards to the device, before the optimisers are built, so each rank holds 1/N of every
+  parameter, gradient and Adam state on the device and no unsharded copy but the rollout replica.
 - **Forwards.** Each rank runs its contiguous share of a batch's rows through a sharded module;
   the outputs (log-probs, entropies, hidden states, critic states) are all-gathered with autograd.
   The algorithm's advantages and losses then run unchanged and identically on every rank, and
   FSDP reduces the gradients.
 - **Rollout.** Each rank samples whole groups (consecutive rows of the same prompt) with a plain
-  replica of the policy, refreshed from the sharded weights after each update (a full state dict),
+  replica of the policy in model.dtype, refreshed from the sharded weights after each update (one tensor
+  gathered at a time),
   so sampling needs no collective and ranks may stop at different lengths. A row's uniform draws
   are those of one process sampling the whole batch (`rollout.RowsOf`): sampling is keyed by
   (seed, step, prompt, sample), never by rank. The rollouts are then all-gathered, so grading,
@@ -33,8 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from harness import distributed, fast_llama, precision, store
 from harness.rollout import Rollout, RowsOf, draws_ahead, generate, merge_rollouts
@@ -73,6 +74,8 @@ def outside_inference_mode(fn):
 
 
 class ShardedTrainer(Trainer):
+    build_on_cpu = True  # fully_shard moves each rank's shards to the device: no unsharded copy there
+
     def __init__(self, cfg, cell: Path, cache_dir: Path | None = None, progress: bool = True):
         self.world = distributed.World.current()
         super().__init__(cfg, cell, cache_dir, progress and self.world.main)
@@ -84,7 +87,9 @@ class ShardedTrainer(Trainer):
         t = self.cfg.train
         # The rollout replica: a plain copy of the policy in the generation dtype, model.dtype (keeping the
         # fast path where it is on); refreshed from the float32 masters, cast tensor by tensor.
-        self.replica = copy.deepcopy(self.policy).to(precision.generation_dtype(self.cfg)).requires_grad_(False).eval()
+        self.replica = copy.deepcopy(self.policy).to(self.device, precision.generation_dtype(self.cfg))
+        self.replica.requires_grad_(False).eval()
+        fast_llama.enable(self.replica, t.fast_model)  # auto decides on the replica's own device
         self.replica_stale = False
         modules = [self.policy, self.reference, self.critic.backbone if self.critic is not None else None]
         for module in modules:
@@ -128,11 +133,17 @@ class ShardedTrainer(Trainer):
 
     # ---- rollout -----------------------------------------------------------------------------
 
+    @torch.no_grad()
     def refresh_replica(self) -> None:
-        """Copy the sharded policy's current weights into the replica (a collective: every rank)."""
+        """Copy the sharded policy's current weights into the replica (a collective: every rank), one
+        tensor at a time: each float32 master is gathered, cast into the replica's (model.dtype) tensor
+        and freed, so the refresh needs one full tensor on the device, not a full state dict."""
         if self.replica_stale:
-            full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True))
-            self.replica.load_state_dict(full)
+            target = self.replica.state_dict()
+            for name, value in self.policy.state_dict().items():
+                full = value.full_tensor() if hasattr(value, "full_tensor") else value
+                target[name].copy_(full)
+                del full
             self.replica_stale = False
 
     def sharded_rollout(self, prompts: list[list[int]], *, generator=None, temperature: float = 1.0,

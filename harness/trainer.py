@@ -73,6 +73,10 @@ def epoch_order(seed: int, n: int, epoch: int) -> list[int]:
 class Trainer(PolicyEvaluator):
     """One cell's training; its ID/OOD evaluation is `PolicyEvaluator`'s (harness.evaluation)."""
 
+    # Where the modules are built before `distribute`: the cell's device; the sharded trainer builds
+    # them in host memory and FSDP2 moves only each rank's shards to the device.
+    build_on_cpu = False
+
     def __init__(self, cfg: RunConfig, cell: Path, cache_dir: Path | None = None, progress: bool = True):
         self.cfg = cfg
         self.cell = Path(cell)
@@ -91,7 +95,8 @@ class Trainer(PolicyEvaluator):
 
         # The trained policy in its master dtype (float32 unless train.master_dtype=model, harness.precision);
         # model.dtype is what generates and what is frozen.
-        self.policy, self.tokenizer = load_policy(cfg.model, self.suite, cfg.seed, cache_dir, self.device, progress,
+        self.policy, self.tokenizer = load_policy(cfg.model, self.suite, cfg.seed, cache_dir,
+                                                  "cpu" if self.build_on_cpu else self.device, progress,
                                                   dtype=precision.master_dtype(cfg))
         self.policy.eval()  # no dropout: rollout and update see the same function
         if cfg.train.gradient_checkpointing:
