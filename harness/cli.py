@@ -277,6 +277,14 @@ def cmd_report(args) -> int:
     from reports import write_report
 
     runs = args.runs
+    if args.default_runs and not args.tuning:
+        raise HarnessError("--default-runs needs --tuning (the tuning store whose tuned grid --runs ran)")
+    if args.tuning:
+        from harness.tune import read_plan
+
+        read_plan(Path(args.tuning))  # not a tuning store: refused before the report is written
+    if args.default_runs and not Path(args.default_runs).is_dir():
+        raise HarnessError(f"--default-runs {args.default_runs!r}: no such run store")
     path = grid_file(args)
     if path is not None:
         runs = str(read_mapping(path).get("out", "runs"))
@@ -286,12 +294,11 @@ def cmd_report(args) -> int:
     if (out / "report.md").exists():
         print((out / "report.md").read_text(encoding="utf-8"))
     print(f"wrote {out}")
-    if args.tuning or args.default_runs:
+    if args.tuning:
+        from reports.tables import parse_formats
         from reports.tuning import write_tuning_report
 
-        if not args.tuning:
-            raise HarnessError("--default-runs needs --tuning (the tuning store whose tuned grid --runs ran)")
-        print(f"wrote {write_tuning_report(Path(args.tuning), out, Path(runs), args.default_runs)}")
+        print(f"wrote {write_tuning_report(Path(args.tuning), out, Path(runs), args.default_runs, parse_formats(args.format))}")
     if corrupt:
         level = "error: --strict" if args.strict else "warning"
         print(f"harness: {level}: {len(corrupt)} cell(s) skipped, their files are corrupt: " + "; ".join(corrupt),

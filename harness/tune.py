@@ -127,7 +127,8 @@ class Plan:
     defaults: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # algo -> trial 0's values
 
     def to_dict(self) -> dict[str, Any]:
-        spaces = {algo: {key: {"distribution": dist.describe(), "log_scale": dist.log_scale}
+        spaces = {algo: {key: {"distribution": dist.describe(), "log_scale": dist.log_scale,
+                               "range": [getattr(dist, "low", None), getattr(dist, "high", None)]}
                          for key, dist in search_space(ALGOS.get(algo)).items()} for algo in self.algos}
         return {**dataclasses.asdict(self), "spaces": spaces,
                 "rule": "mean final validation score over the trial's cells; ties to the lower trial"}

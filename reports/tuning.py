@@ -141,8 +141,16 @@ def sensitivity_figure(plan, data: dict, algo: str, choice, table: pd.DataFrame,
                             fmt=marker, color=color, capsize=3, ms=5, label=noise if r.trial == 0 else None)
                 if r.trial == choice.trial:
                     ax.plot([r.value], [100 * r.mean], "o", ms=12, mfc="none", mec="k")
+        low, high = spaces.get(key, {}).get("range", [None, None])
         if spaces.get(key, {}).get("log_scale"):
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            if low is not None:
+                ax.set_xlim(low / 1.25, high * 1.25)  # the whole searched range
+        elif low is not None:
+            ax.set_xlim(low - 0.05 * (high - low), high + 0.05 * (high - low))
         ax.set_xlabel(key)
         ax.set_title(spaces.get(key, {}).get("distribution", ""), fontsize=8)
     axes[0].set_ylabel("final validation score (%)")

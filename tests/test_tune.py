@@ -301,3 +301,36 @@ def test_kill_9_mid_tune_then_rerun_writes_the_same_choice(tmp_path, cache_dir, 
     for cell, text in ref_evals.items():
         assert (tune / cell / "eval.jsonl").read_text() == text
     assert not math.isnan(json.loads((tune / "tune.json").read_text())["defaults"]["ppo"]["train.lr"])
+
+
+# ---- the report: tuned and default reporting stores side by side ---------------------------------
+
+def write_run(out: Path, algo: str, seed: int, score: float) -> None:
+    """A finished reporting cell with final ID and OOD score `score` (step 0: half of it)."""
+    cell = store.cell_dir(out, "arith", algo, "none", seed)
+    cell.mkdir(parents=True)
+    rows = [{"step": step, "benchmark": f"arith_{r.lower()}", "role": r, "metric": "accuracy", "value": v}
+            for step, v in ((0, score / 2), (4, score)) for r in ("ID", "OOD")]
+    (cell / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    store.write_status(cell, "done", steps=4)
+
+
+def test_report_puts_tuned_and_default_stores_side_by_side(tmp_path, capsys):
+    synthetic_store(tmp_path / "tune")
+    for seed, (default, tuned) in enumerate(((0.50, 0.60), (0.40, 0.60), (0.60, 0.70))):
+        write_run(tmp_path / "default", "ppo", seed, default)
+        write_run(tmp_path / "tuned", "ppo", seed, tuned)
+    for args, message in ((["--default-runs", str(tmp_path / "default")], "--default-runs needs --tuning"),
+                          (["--tuning", str(tmp_path / "default")], "is not a tuning store (no tune.json"),
+                          (["--tuning", str(tmp_path / "tune"), "--default-runs", str(tmp_path / "nope")],
+                           "no such run store")):
+        assert main(["report", "--runs", str(tmp_path / "tuned"), *args]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "tuned" / "report").exists()
+    assert main(["report", "--runs", str(tmp_path / "tuned"), "--format", "md", "--tuning", str(tmp_path / "tune"),
+                 "--default-runs", str(tmp_path / "default")]) == 0
+    md = (tmp_path / "tuned" / "report" / "tuning.md").read_text()
+    # paired differences +10, +20, +10: mean 13.3, sd 5.77, t(0.975, 2) = 4.303 -> half-width 14.3
+    assert "| ppo none ID | 50.0 | 63.3 | +13.3 [-1.0, +27.7] | 3 |" in md
+    assert "| ppo none OOD | 50.0 | 63.3 | +13.3 [-1.0, +27.7] | 3 |" in md
+    assert "figures/sensitivity_ppo.png" not in md, "--format md: no figures"
