@@ -120,6 +120,26 @@ def test_arith_validation_is_held_out_of_train_and_disjoint_from_the_tests():
         SUITES.get("arith").Options(n_val=730).validate()
 
 
+def test_protocol_suites_hold_validation_out_of_the_training_sets():
+    shared = ROOT.parents[0] / "shared" / "data"
+    cls = SUITES.get("math")
+
+    def suite(n_val: int, seed: int = 0):
+        return cls(cls.Options(data_dir=str(shared), id=("math500",), ood=(), n_val=n_val), seed)
+
+    plain, held = suite(0), suite(40)
+    val = held.eval_benchmarks()[-1]
+    assert (val.name, val.role, len(val.problems)) == ("math_val", "VAL", 40)
+    assert [b.name for b in plain.eval_benchmarks()] == ["math500"]
+    val_ids = {p.id for p in val.problems}
+    assert not val_ids & {p.id for p in held.train_problems()}
+    assert {p.id for p in plain.train_problems()} == val_ids | {p.id for p in held.train_problems()}
+    assert not val_ids & {p.id for p in held.eval_benchmarks()[0].problems}
+    assert {p.id for p in suite(40, seed=5).eval_benchmarks()[-1].problems} == val_ids, "the same for every run seed"
+    gold = val.problems[0]
+    assert held.grade(f"\\boxed{{{gold.answer}}}", gold) == 1.0
+
+
 # ---- selection on a hand-built tuning store ---------------------------------------------------
 
 def plan(trials: int = 3, seeds=(10000, 10001)) -> Plan:
@@ -227,10 +247,12 @@ def tune_args(out: Path, cache_dir: Path, *extra: str, steps: int = 2) -> list[s
     (["--select", "gsm8k"], "--select gsm8k: not a benchmark of this suite (valid: arith_val)"),
     (["--tune-seeds", "0,7"], "--tune-seeds 0,7 shares seed(s) 0 with the reporting --seeds"),
     (["--trials", "0"], "--trials must be a positive integer, got 0"),
-    (["--suite", "math"], "suite 'math' has no validation split"),
+    (["--suite", "nosplit"], "suite 'nosplit' has no validation split, and tune never selects on its test benchmarks"),
     (["--set", "suite.n_val=0"], "suite.n_val=0 leaves no validation split to select on"),
 ])
-def test_refusals_are_one_line_and_write_nothing(extra, message, tmp_path, cache_dir, capsys):
+def test_refusals_are_one_line_and_write_nothing(extra, message, tmp_path, cache_dir, capsys, monkeypatch):
+    # a suite without a validation split: arith's test benchmarks alone
+    monkeypatch.setitem(SUITES._items, "nosplit", type("NoSplit", (SUITES.get("arith"),), {"validation_option": ""}))
     assert main(tune_args(tmp_path / "runs", cache_dir, *extra)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("harness: error: ") and message in err, err
