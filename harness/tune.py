@@ -347,6 +347,9 @@ def tune_command(args: argparse.Namespace, overrides: dict[str, str], run_parser
     tune_overrides = {f"suite.{suite_cls.validation_option}": str(DEFAULT_N_VAL), **run_flag_overrides(args, overrides)}
     out = str(args.out).rstrip("/") or "runs"
     tune_out = Path(args.tune_out or f"{out}-tune")
+    if tune_out.resolve() in (Path(out).resolve(), Path(f"{out}-tuned").resolve()):
+        raise HarnessError(f"--tune-out {str(tune_out)!r} is the grid's run store or its tuned one; give the tuning "
+                           f"store a folder of its own (default: {out}-tune)")
     plan_args = {"algos": algos, "trials": args.trials, "search_seed": args.search_seed, "tune_seeds": tune_seeds,
                  "noise": noise}
     cells = build_trial_cells(args, tune_overrides, plan_args, tune_out)
@@ -376,8 +379,10 @@ def tune_command(args: argparse.Namespace, overrides: dict[str, str], run_parser
         print(f"harness: interrupted: the same command resumes the tuning cells from their last checkpoints ({tune_out})",
               file=sys.stderr)
         return 130
-    print(f"tune: {counts['done']} cells done, {counts['skipped']} already done, {counts['failed']} failed "
-          f"-> {tune_out}")
+    failed = counts["failed"] + counts["left_failed"] + counts["unreadable"]
+    print(f"tune: {counts['done']} cells done, {counts['skipped']} already done, {failed} failed"
+          f"{' (their trials cannot win; harness status --out ' + str(tune_out) + ' lists them)' if failed else ''}"
+          f" -> {tune_out}")
     choices = select(cell_scores(tune_out, plan), plan)
     write.parent.mkdir(parents=True, exist_ok=True)
     store.atomic_write_text(write, grid_file_text(options, {**kept, **tuned_overrides(choices)}, choices, plan,

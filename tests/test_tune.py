@@ -247,16 +247,28 @@ def tune_args(out: Path, cache_dir: Path, *extra: str, steps: int = 2) -> list[s
     (["--select", "gsm8k"], "--select gsm8k: not a benchmark of this suite (valid: arith_val)"),
     (["--tune-seeds", "0,7"], "--tune-seeds 0,7 shares seed(s) 0 with the reporting --seeds"),
     (["--trials", "0"], "--trials must be a positive integer, got 0"),
+    (["--tune-out", "RUNS"], "is the grid's run store or its tuned one"),
     (["--suite", "nosplit"], "suite 'nosplit' has no validation split, and tune never selects on its test benchmarks"),
     (["--set", "suite.n_val=0"], "suite.n_val=0 leaves no validation split to select on"),
 ])
 def test_refusals_are_one_line_and_write_nothing(extra, message, tmp_path, cache_dir, capsys, monkeypatch):
+    extra = [str(tmp_path / "runs") if a == "RUNS" else a for a in extra]
     # a suite without a validation split: arith's test benchmarks alone
     monkeypatch.setitem(SUITES._items, "nosplit", type("NoSplit", (SUITES.get("arith"),), {"validation_option": ""}))
     assert main(tune_args(tmp_path / "runs", cache_dir, *extra)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("harness: error: ") and message in err, err
     assert not (tmp_path / "runs-tune").exists()
+
+
+def test_tune_reads_a_grid_file_as_run_does():
+    from harness.runfile import parse_with_file
+
+    parser = build_parser()
+    args, origin = parse_with_file(parser, subparser(parser, "tune"), ["tune", "--preset", "robustness", "--trials", "3"])
+    assert (args.noise, args.seeds, args.steps, args.out, args.trials) == (
+        "none,flip0.1,flip0.2,flip0.3", "30", 200, "runs/robustness", 3)
+    assert args.tune_seeds == "2" and origin is not None
 
 
 def test_tune_seeds_count_starts_at_the_base():
