@@ -329,6 +329,7 @@ def build_trial_cells(args: argparse.Namespace, overrides: dict[str, str], plan_
 
 def tune_command(args: argparse.Namespace, overrides: dict[str, str], run_parser: argparse.ArgumentParser) -> int:
     from harness.grid import default_algos, default_workers, parse_algos, run_grid
+    from harness.tracking import parse_backends
     from noise import parse_noise_list
     from tasks import SUITES
 
@@ -367,14 +368,19 @@ def tune_command(args: argparse.Namespace, overrides: dict[str, str], run_parser
         raise HarnessError(f"--write {str(write)!r} is a folder; give a file name for the tuned grid file")
     options = file_options(args, run_parser, f"{out}-tuned")
 
+    if max(c.cfg.train.nnodes for c in cells) > 1:
+        raise HarnessError("harness tune runs its cells on this node (train.nnodes 1); tune a multi-node grid with "
+                           "--nproc on one node, or run its trials as grids of their own")
+    log_to = parse_backends(args.log_to)
+    for cell in cells:  # tuning cells keep no model (--save-model applies to the tuned grid's run)
+        cell.grid, cell.log_to = tune_out.resolve().name, log_to
+    workers = args.workers if args.workers is not None else default_workers(cells)
     store.claim_store(tune_out)
     store.atomic_write_json(tune_out / "tune.json", plan.to_dict())
-    for cell in cells:
-        cell.grid = tune_out.resolve().name
-    workers = args.workers if args.workers is not None else default_workers(cells)
     try:
         counts = run_grid(cells, cache_dir=Path(args.cache_dir) if args.cache_dir else None, progress=not args.quiet,
-                          workers=workers, ckpt_every=args.ckpt_every, retry_failed=args.retry_failed, out=tune_out)
+                          workers=workers, backend=args.backend, ray_address=args.ray_address,
+                          ckpt_every=args.ckpt_every, retry_failed=args.retry_failed, out=tune_out)
     except KeyboardInterrupt:
         print(f"harness: interrupted: the same command resumes the tuning cells from their last checkpoints ({tune_out})",
               file=sys.stderr)
