@@ -327,9 +327,22 @@ def build_trial_cells(args: argparse.Namespace, overrides: dict[str, str], plan_
     return cells
 
 
-def tune_command(args: argparse.Namespace, overrides: dict[str, str], run_parser: argparse.ArgumentParser) -> int:
-    from harness.grid import default_algos, default_workers, parse_algos, run_grid
-    from harness.tracking import parse_backends
+@dataclass
+class Job:
+    """A tune, resolved and checked before anything is written."""
+
+    plan: Plan
+    cells: list[TrialCell]
+    tune_out: Path
+    write: Path  # the tuned grid file
+    options: dict[str, Any]  # its run options
+    overrides: dict[str, str]  # its grid-wide `set:` keys (the grid's own, less the validation split)
+
+
+def prepare(args: argparse.Namespace, overrides: dict[str, str], run_parser: argparse.ArgumentParser) -> Job:
+    """Resolve the tune: seeds, algorithms, noise, every tuning cell, the validation benchmarks to
+    select on; every refusal happens here."""
+    from harness.grid import default_algos, parse_algos
     from noise import parse_noise_list
     from tasks import SUITES
 
@@ -340,12 +353,10 @@ def tune_command(args: argparse.Namespace, overrides: dict[str, str], run_parser
     algos = parse_algos(args.algos) if args.algos is not None else default_algos()
     noise = [spec.name for spec in parse_noise_list(args.tune_noise or args.noise)]
     suite_cls = SUITES.get(args.suite)
-    if not suite_cls.validation_option:
+    option = suite_cls.validation_option
+    if not option:
         raise HarnessError(f"suite {args.suite!r} has no validation split, and tune never selects on its test "
                            f"benchmarks (suites with one: {', '.join(n for n in SUITES.names() if SUITES.get(n).validation_option)})")
-    # The tuned file keeps the grid's own --set keys, less the validation split (the study trains on all of train).
-    kept = {k: v for k, v in overrides.items() if k != f"suite.{suite_cls.validation_option}"}
-    tune_overrides = {f"suite.{suite_cls.validation_option}": str(DEFAULT_N_VAL), **run_flag_overrides(args, overrides)}
     out = str(args.out).rstrip("/") or "runs"
     tune_out = Path(args.tune_out or f"{out}-tune")
     if tune_out.resolve() in (Path(out).resolve(), Path(f"{out}-tuned").resolve()):
@@ -353,51 +364,57 @@ def tune_command(args: argparse.Namespace, overrides: dict[str, str], run_parser
                            f"store a folder of its own (default: {out}-tune)")
     plan_args = {"algos": algos, "trials": args.trials, "search_seed": args.search_seed, "tune_seeds": tune_seeds,
                  "noise": noise}
+    tune_overrides = {f"suite.{option}": str(DEFAULT_N_VAL), **run_flag_overrides(args, overrides)}
     cells = build_trial_cells(args, tune_overrides, plan_args, tune_out)
+    if max(c.cfg.train.nnodes for c in cells) > 1:
+        raise HarnessError("harness tune runs its cells on this node (train.nnodes 1); tune a multi-node grid with "
+                           "--nproc on one node, or run its trials as grids of their own")
     val, roles = validation_benchmarks(cells[0])
     if not val:
-        raise HarnessError(f"suite.{suite_cls.validation_option}=0 leaves no validation split to select on: "
-                           f"give it a positive size")
-    select_names = check_select(args.select, val, roles)
-    plan = Plan(suite=args.suite, report_seeds=report_seeds, select=select_names,
+        raise HarnessError(f"suite.{option}=0 leaves no validation split to select on: give it a positive size")
+    plan = Plan(suite=args.suite, report_seeds=report_seeds, select=check_select(args.select, val, roles),
                 draws={a: [draw_trial(a, t, args.search_seed) for t in range(args.trials)] for a in algos},
                 defaults={c.cfg.algo: {key: config_value(c.cfg, key) for key in search_space(ALGOS.get(c.cfg.algo))}
                           for c in cells if c.trial == 0}, **plan_args)
     write = Path(args.write) if args.write else tune_out / "tuned.yaml"
-    if write.exists() and write.is_dir():
+    if write.is_dir():
         raise HarnessError(f"--write {str(write)!r} is a folder; give a file name for the tuned grid file")
-    options = file_options(args, run_parser, f"{out}-tuned")
+    # The study trains on the whole train split: the tuned file does not hold the validation split out.
+    kept = {k: v for k, v in overrides.items() if k != f"suite.{option}"}
+    return Job(plan, cells, tune_out, write, file_options(args, run_parser, f"{out}-tuned"), kept)
 
-    if max(c.cfg.train.nnodes for c in cells) > 1:
-        raise HarnessError("harness tune runs its cells on this node (train.nnodes 1); tune a multi-node grid with "
-                           "--nproc on one node, or run its trials as grids of their own")
+
+def tune_command(args: argparse.Namespace, overrides: dict[str, str], run_parser: argparse.ArgumentParser) -> int:
+    from harness.grid import default_workers, run_grid
+    from harness.tracking import parse_backends
+    from reports.tuning import write_tuning_report
+
+    job = prepare(args, overrides, run_parser)
     log_to = parse_backends(args.log_to)
-    for cell in cells:  # tuning cells keep no model (--save-model applies to the tuned grid's run)
-        cell.grid, cell.log_to = tune_out.resolve().name, log_to
-    workers = args.workers if args.workers is not None else default_workers(cells)
-    store.claim_store(tune_out)
-    store.atomic_write_json(tune_out / "tune.json", plan.to_dict())
+    for cell in job.cells:  # tuning cells keep no model (--save-model applies to the tuned grid's run)
+        cell.grid, cell.log_to = job.tune_out.resolve().name, log_to
+    workers = args.workers if args.workers is not None else default_workers(job.cells)
+    store.claim_store(job.tune_out)
+    store.atomic_write_json(job.tune_out / "tune.json", job.plan.to_dict())
     try:
-        counts = run_grid(cells, cache_dir=Path(args.cache_dir) if args.cache_dir else None, progress=not args.quiet,
-                          workers=workers, backend=args.backend, ray_address=args.ray_address,
-                          ckpt_every=args.ckpt_every, retry_failed=args.retry_failed, out=tune_out)
+        counts = run_grid(job.cells, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                          progress=not args.quiet, workers=workers, backend=args.backend, ray_address=args.ray_address,
+                          ckpt_every=args.ckpt_every, retry_failed=args.retry_failed, out=job.tune_out)
     except KeyboardInterrupt:
-        print(f"harness: interrupted: the same command resumes the tuning cells from their last checkpoints ({tune_out})",
-              file=sys.stderr)
+        print(f"harness: interrupted: the same command resumes the tuning cells from their last checkpoints "
+              f"({job.tune_out})", file=sys.stderr)
         return 130
     failed = counts["failed"] + counts["left_failed"] + counts["unreadable"]
     print(f"tune: {counts['done']} cells done, {counts['skipped']} already done, {failed} failed"
-          f"{' (their trials cannot win; harness status --out ' + str(tune_out) + ' lists them)' if failed else ''}"
-          f" -> {tune_out}")
-    choices = select(cell_scores(tune_out, plan), plan)
-    write.parent.mkdir(parents=True, exist_ok=True)
-    store.atomic_write_text(write, grid_file_text(options, {**kept, **tuned_overrides(choices)}, choices, plan,
-                                                  tune_out))
+          f"{' (their trials cannot win; harness status --out ' + str(job.tune_out) + ' lists them)' if failed else ''}"
+          f" -> {job.tune_out}")
+    choices = select(cell_scores(job.tune_out, job.plan), job.plan)
+    job.write.parent.mkdir(parents=True, exist_ok=True)
+    store.atomic_write_text(job.write, grid_file_text(job.options, {**job.overrides, **tuned_overrides(choices)},
+                                                      choices, job.plan, job.tune_out))
     for c in choices.values():
         chosen = "the defaults" if c.trial == 0 else ", ".join(f"{k}={v}" for k, v in c.values.items())
         print(f"  {c.algo:10s} trial {c.trial} ({chosen}): validation {c.score:.3f} (defaults {c.default_score:.3f})")
-    from reports.tuning import write_tuning_report
-
-    report = write_tuning_report(tune_out, tune_out / "report", formats=["md", "png"])
-    print(f"wrote {write} (harness run --config {write}) and {report}")
+    report = write_tuning_report(job.tune_out, job.tune_out / "report", formats=["md", "png"])
+    print(f"wrote {job.write} (harness run --config {job.write}) and {report}")
     return 0
