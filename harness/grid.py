@@ -153,7 +153,7 @@ def resolve_options(options_cls: type, groups: dict[str, dict[str, str]], shared
     return dataclasses.asdict(options_dataclass(options_cls, overrides, own))
 
 
-def algo_sections(algo: str, own: dict[str, str]) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+def algo_sections(own: dict[str, str]) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
     """Split the `<algo>.*` keys into core keys for that algorithm's cells only (`ppo.train.lr=1e-4`
     -> {"train": {"lr": "1e-4"}}; what a tuned grid file sets) and the algorithm's own options."""
     sections: dict[str, dict[str, str]] = {}
@@ -193,7 +193,7 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
         data_check(suite_cls.Options(**suite_options))
     cells = []
     for algo in algos:
-        sections, own = algo_sections(algo, groups.get(algo, {}))
+        sections, own = algo_sections(groups.get(algo, {}))
         algo_options = resolve_options(ALGOS.get(algo).Options, {**groups, algo: own}, "algo", algo)
         for spec in noise_specs:
             for seed in seeds:

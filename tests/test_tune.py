@@ -26,7 +26,7 @@ from harness.seeding import uniform
 from harness.tune import (TUNE_SEED_BASE, Plan, cell_scores, draw_trial, grid_file_text, parse_tune_seeds, select,
                           trial_dir, tuned_overrides)
 from tasks import SUITES
-from tests.conftest import FAST, fast_args
+from tests.conftest import fast_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
