@@ -246,19 +246,26 @@ def grid_file_text(options: dict[str, Any], overrides: dict[str, Any], choices: 
     return "\n".join(lines) + "\n" + yaml.safe_dump(body, sort_keys=False, default_flow_style=False)
 
 
-def file_options(args: argparse.Namespace, run_parser: argparse.ArgumentParser, out: str) -> dict[str, Any]:
-    """The run options of the tuned grid file: every `harness run` option the tune was given
-    (from the grid file or the command line) that differs from its default, and `out`."""
+PINNED = ("suite", "algos", "noise", "seeds")  # written even at their defaults: the file names its grid
+
+
+def file_options(args: argparse.Namespace, run_parser: argparse.ArgumentParser, out: str,
+                 algos: list[str]) -> dict[str, Any]:
+    """The run options of the tuned grid file: the suite, algorithms, noise and seeds, every other
+    `harness run` option the tune was given (from the grid file or the command line) that differs
+    from its default, and `out`."""
     from harness.runfile import run_options
 
     options: dict[str, Any] = {}
     for dest, action in run_options(run_parser).items():
-        value = getattr(args, dest, None)
-        if dest in ("out", "quiet") or value is None or value == action.default:
+        value = algos if dest == "algos" else getattr(args, dest, None)
+        if dest in ("out", "quiet") or value is None or (value == action.default and dest not in PINNED):
             continue
         if dest == "seeds":
             text = str(value).strip()
             value = int(text) if text.isdigit() else parse_seeds(text)
+        if dest == "noise":
+            value = comma_list(value, "--noise")
         options[dest.replace("_", "-")] = value
     options["out"] = out
     return options
@@ -381,7 +388,7 @@ def prepare(args: argparse.Namespace, overrides: dict[str, str], run_parser: arg
         raise HarnessError(f"--write {str(write)!r} is a folder; give a file name for the tuned grid file")
     # The study trains on the whole train split: the tuned file does not hold the validation split out.
     kept = {k: v for k, v in overrides.items() if k != f"suite.{option}"}
-    return Job(plan, cells, tune_out, write, file_options(args, run_parser, f"{out}-tuned"), kept)
+    return Job(plan, cells, tune_out, write, file_options(args, run_parser, f"{out}-tuned", algos), kept)
 
 
 def tune_command(args: argparse.Namespace, overrides: dict[str, str], run_parser: argparse.ArgumentParser) -> int:

@@ -269,6 +269,11 @@ def test_tune_reads_a_grid_file_as_run_does():
     assert (args.noise, args.seeds, args.steps, args.out, args.trials) == (
         "none,flip0.1,flip0.2,flip0.3", "30", 200, "runs/robustness", 3)
     assert args.tune_seeds == "2" and origin is not None
+    from harness.tune import file_options
+
+    assert file_options(args, subparser(parser, "run"), "runs/robustness-tuned", ["ppo", "dfpo"]) == {
+        "suite": "arith", "model": "tiny", "algos": ["ppo", "dfpo"], "noise": ["none", "flip0.1", "flip0.2", "flip0.3"],
+        "seeds": 30, "steps": 200, "out": "runs/robustness-tuned"}
 
 
 def test_tune_seeds_count_starts_at_the_base():
