@@ -13,9 +13,12 @@ leaks into a result or a gradient.
 """
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import torch
 
-from algorithms.base import Algorithm, Batch, PolicyForward
+from algorithms.base import ALGOS, Algorithm, Batch, PolicyForward
 from harness.errors import HarnessError
 
 KL_KINDS = ("k1", "k2", "k3", "low_var_kl")
@@ -198,6 +201,35 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return torch.where(var_returns > 0, 1.0 - var_residual / var_returns, nan)
 
 
+@torch.no_grad()
+def masked_corr(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> float:
+    """Pearson correlation of ``x`` and ``y`` (same shape, e.g. ``[B, T]``) over the entries where
+    ``mask`` is 1; nan when either has no variance there (or fewer than 2 entries)."""
+    valid = mask.bool()
+    a, b = x[valid].double(), y[valid].double()
+    if a.numel() < 2:
+        return float("nan")
+    a, b = a - a.mean(), b - b.mean()
+    denom = (a.pow(2).sum() * b.pow(2).sum()).sqrt()
+    return float((a * b).sum() / denom) if denom > 0 else float("nan")
+
+
+def grad_shares(terms: dict[str, torch.Tensor], wrt: list[torch.Tensor]) -> dict[str, float]:
+    """Each loss term's share of the gradient norm at the tensors ``wrt`` (a critic head's outputs).
+
+    terms: name -> weighted scalar term (with grad) of one loss; wrt: tensors the terms depend on.
+    With g_k the gradient of term k with respect to all of ``wrt`` (concatenated), the share of term
+    k is ||g_k|| / sum_j ||g_j||: the shares sum to 1 (nan when every gradient is 0). One
+    ``torch.autograd.grad`` per term that keeps the graph for the loss's own backward; the gradient
+    stops at ``wrt``, so nothing is propagated through the network behind it. Keys ``<name>``."""
+    norms = {}
+    for name, term in terms.items():
+        grads = torch.autograd.grad(term, wrt, retain_graph=True, allow_unused=True)
+        norms[name] = sum(float(g.detach().double().pow(2).sum()) for g in grads if g is not None) ** 0.5
+    total = sum(norms.values())
+    return {name: (n / total if total > 0 else float("nan")) for name, n in norms.items()}
+
+
 # ---- group baselines ----
 
 
@@ -368,3 +400,27 @@ class ClipActor(Algorithm):
 
     def actor_loss(self, mb: Batch, fwd: PolicyForward, heads) -> tuple[torch.Tensor, dict[str, float]]:
         return actor_objective(mb, fwd, self.opts, self.loss_norm_const())
+
+
+# ---- named variants ----
+
+
+def register_variant(base: type[Algorithm], name: str, description: str, **defaults) -> type[Algorithm]:
+    """Register `name` as the algorithm `base` with other option defaults (an ablation of it): an
+    Options subclass whose listed fields get new defaults, keeping their docs (every field stays
+    overridable with `--set name.KEY=...`), and a `base` subclass with its own name and description."""
+    fields = {f.name: f for f in dataclasses.fields(base.Options)}
+    unknown = sorted(set(defaults) - set(fields))
+    if unknown:
+        raise KeyError(f"{base.name} has no option {unknown}")
+    hints = typing.get_type_hints(base.Options)
+    options = dataclasses.make_dataclass(
+        "".join(part.capitalize() for part in name.split("_")) + "Options",
+        [(k, hints[k], dataclasses.field(default=v, metadata=fields[k].metadata)) for k, v in defaults.items()],
+        bases=(base.Options,),
+    )
+    options.__module__ = base.__module__
+    cls = type(options.__name__[:-len("Options")], (base,), {"name": name, "description": description,
+                                                             "Options": options, "__module__": base.__module__})
+    ALGOS.add(name, cls)
+    return cls
