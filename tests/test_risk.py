@@ -238,3 +238,13 @@ def test_dfpo_critic_loss_logs_each_terms_gradient_share():
     _, metrics = flow_critic_loss(head, h, tokens, DFPOOptions(use_risk=False, use_geo=False),
                                   torch.Generator().manual_seed(0))
     assert {k.split("/")[-1] for k in metrics if "grad_share" in k} == {"cfm", "anchor", "shape"}
+
+
+def test_the_tiny_model_flow_width_reaches_the_dfpo_variants():
+    from harness.grid import with_tiny_model_overrides
+
+    assert with_tiny_model_overrides({}, ["ppo", "dfpo", "dfpo_tails_off", "dvpo_risk_off"], None) == {
+        "dfpo.flow_width": "64", "dfpo_tails_off.flow_width": "64"}
+    assert with_tiny_model_overrides({"dfpo_risk_off.flow_width": "32"}, ["dfpo_risk_off"], "tiny") == {
+        "dfpo_risk_off.flow_width": "32"}
+    assert with_tiny_model_overrides({}, ["dfpo_tails_off"], "some/model") == {}
