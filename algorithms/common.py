@@ -3,7 +3,7 @@
 Pure functions over tensors, no state, except at the end: the PPO-clip actor (`actor_objective`,
 `check_clip_options`, `ClipActor`), which reads an algorithm's options by their shared field names
 (`clip_low`, `clip_high`, `dual_clip`, `kl_mode`, `kl_coef`, `kl_loss_kind`, `agg_mode`,
-`entropy_coef`). Algorithm modules import these from here, never from each other. Token-level tensors are
+`entropy_coef`), and `register_variant` (an algorithm under another name with other defaults). Algorithm modules import these from here, never from each other. Token-level tensors are
 ``[B, T]`` (B sequences, T response positions), right-padded, with a 0/1 ``mask``
 (float or bool) that is 1 on the generated tokens up to and including EOS.
 
@@ -125,6 +125,47 @@ def gae(
 
     returns = torch.where(valid, advantages + values, torch.zeros_like(values))
     return advantages, returns
+
+
+@torch.no_grad()
+def tail_dampened_gae(token_rewards: torch.Tensor, values: torch.Tensor, lower_gap: torch.Tensor, mask: torch.Tensor,
+                      gamma: float, lam: float, weight: float) -> torch.Tensor:
+    """GAE whose TD errors below the critic's lower tail are dampened, without grad.
+
+    token_rewards, values (the critic's mean), lower_gap (mean - CVaR-_alpha of the critic's distribution
+    at each state, >= 0), mask: ``[B, T]``. With delta_t the TD error of `gae` (lam = 0) and
+    g_t = lower_gap_t,
+
+        delta'_t = delta_t - weight * min(0, delta_t + g_t),    A_t = sum_l (gamma lam)^l delta'_{t+l}:
+
+    a TD error inside the predicted lower tail (delta_t >= -g_t) is kept; the part of a negative one
+    beyond it (an outcome the critic puts below the mean of its worst alpha) is shrunk by (1 - weight):
+    weight 0 is plain GAE, weight 1 clips at -g_t. Positive TD errors are never changed. Returns the
+    advantages ``[B, T]`` (0 outside the mask)."""
+    delta = gae(token_rewards, values, mask, gamma, 0.0)[0]
+    dampened = delta - weight * torch.clamp(delta + lower_gap, max=0.0)
+    return gae(dampened, torch.zeros_like(values), mask, gamma, lam)[0]
+
+
+RISK_ADV_MODES = ("tail_td", "value")
+
+
+@torch.no_grad()
+def risk_adjusted_gae(token_rewards: torch.Tensor, mean: torch.Tensor, lower_gap: torch.Tensor, mask: torch.Tensor,
+                      gamma: float, lam: float, weight: float, mode: str) -> torch.Tensor:
+    """The risk-adjusted advantage of a distributional critic, without grad: all ``[B, T]``; ``mean`` and
+    ``lower_gap`` (mean - CVaR-_alpha >= 0) summarise the critic's distribution at each state.
+
+    - ``value``: GAE on the risk-distorted value V_w = mean - weight * lower_gap (a mix of the mean and
+      CVaR-, `algorithms.distributional.lower_tail_distortion`) in place of the mean;
+    - ``tail_td``: `tail_dampened_gae`, GAE on the mean whose TD errors below the lower tail are shrunk.
+
+    weight 0 gives GAE on the mean (the caller computes it as `gae` itself, bit for bit)."""
+    if mode == "value":
+        return gae(token_rewards, mean - weight * lower_gap, mask, gamma, lam)[0]
+    if mode == "tail_td":
+        return tail_dampened_gae(token_rewards, mean, lower_gap, mask, gamma, lam, weight)
+    raise HarnessError(f"unknown risk_adv_mode {mode!r} (valid: {', '.join(RISK_ADV_MODES)})")
 
 
 # ---- KL and loss aggregation ----

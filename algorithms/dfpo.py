@@ -8,9 +8,20 @@ field of `DFPOOptions` with the spec's default. This module holds the whole of i
 - coupled-noise distributional GAE targets (§1.4);
 - the critic loss `flow_critic_loss` (§1.5): uncertainty-weighted distributional CFM, bootstrapped
   anchor, geometric consistency, lower-tail conditional value risk, tail shape;
-- the mean-based (optionally risk-adjusted) advantage and the PPO-clip actor (§1.6);
+- the mean-based advantage, risk-adjusted by `risk_adv_weight` (below; the spec's own §1.6 variant is
+  `risk_eta`), and the PPO-clip actor (§1.6);
 - diagnostics: spread and tails of the predicted distribution, explained variance, flow
   straightness, CRPS and 10-90% coverage against realised returns.
+
+The risk that reaches the policy [I, design default; spec §1.6 and §9 #9 leave open whether DFPO's
+advantage is risk-adjusted]. The risk and tail-shape terms of the critic loss are unchanged when all
+samples of a token shift together, so they move no token's mean and an advantage on the mean cannot see
+them (tests/test_risk.py). The risk-adjusted advantage reads the flow's lower-tail spread
+g = mean - CVaR-_alpha of the M samples itself (`risk_adv_mode`): `tail_td` (default) shrinks the TD
+errors below -g by 1 - w (`algorithms.common.tail_dampened_gae`, "dampen noisy negative deviations"),
+`value` runs GAE on V_w = mean - w g. w = 0 is plain GAE on the mean, bit for bit. The default and why:
+README, "The risk that reaches the policy". Logged every step: `actor/adv_corr_plain_gae` and
+`critic/grad_share/<term>` (each weighted term's share of the gradient at the head's velocity outputs).
 
 Two decisions go beyond the spec's text:
 
@@ -38,9 +49,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from algorithms.base import ALGOS, Batch
-from algorithms.common import explained_variance, gae, grad_shares, masked_corr, masked_mean, masked_whiten, register_variant
+from algorithms.common import (RISK_ADV_MODES, explained_variance, gae, grad_shares, masked_corr, masked_mean, masked_whiten,
+                               register_variant, risk_adjusted_gae)
 from algorithms.critics import CRITICS
-from algorithms.distributional import (crps, cvar_lower, cvar_upper, interval_coverage, lower_tail_distortion, reward_std_cap,
+from algorithms.distributional import (crps, cvar_lower, cvar_upper, interval_coverage, lower_tail_gap, reward_std_cap,
                                        tail_curvature)
 from algorithms.ppo import PPO, PPOOptions
 from harness.errors import HarnessError
@@ -48,7 +60,8 @@ from harness.errors import HarnessError
 WEIGHT_MODES = ("value_flows", "inverse_cov", "none")
 ANCHOR_MODES = ("mean", "bcfm")
 COUPLINGS = ("sorted", "independent")
-RISK_ADV_WEIGHT = 0.0  # the default weight of the risk-adjusted advantage (module docstring)
+RISK_ADV_WEIGHT = 1.0  # the defaults of the risk-adjusted advantage (module docstring; why: README)
+RISK_ADV_MODE = "tail_td"
 
 # ---- pure math: targets ----
 
@@ -393,7 +406,8 @@ class DFPOOptions(PPOOptions):
     # advantage (§1.6, §9 #9): A - eta * (A - CVaR^-_alpha(A^(.))); 0 is mean-based
     risk_eta: float = field(default=0.0, metadata={"doc": "risk-aware advantage: A - eta (A - CVaR(A)) (0: mean-based)"})
     # the risk that reaches the policy (module docstring, README "The risk that reaches the policy")  [I]
-    risk_adv_weight: float = field(default=RISK_ADV_WEIGHT, metadata={"doc": "risk-adjusted advantage: GAE on V_w = mean - w (mean - CVaR-_alpha) of the flow samples instead of their mean (0: plain GAE on the mean); in [0, 1]"})
+    risk_adv_weight: float = field(default=RISK_ADV_WEIGHT, metadata={"doc": "weight w in [0, 1] of the risk-adjusted advantage (0: plain GAE on the flow mean); its form is risk_adv_mode"})
+    risk_adv_mode: str = field(default=RISK_ADV_MODE, metadata={"doc": "risk-adjusted advantage: tail_td (TD errors below the flow's lower tail, mean - CVaR-_alpha, shrunk by 1 - w) or value (GAE on mean - w (mean - CVaR-_alpha))"})
     grad_shares: bool = field(default=True, metadata={"doc": "log each critic loss term's share of the gradient at the head's outputs (critic/grad_share/<term>)"})
 
     def validate(self) -> None:
@@ -414,6 +428,8 @@ class DFPOOptions(PPOOptions):
             raise HarnessError(f"dfpo.alpha must lie in (0, 0.5], got {self.alpha}")
         if not 0 <= self.risk_adv_weight <= 1:
             raise HarnessError(f"dfpo.risk_adv_weight must lie in [0, 1] (0: plain GAE on the mean), got {self.risk_adv_weight}")
+        if self.risk_adv_mode not in RISK_ADV_MODES:
+            raise HarnessError(f"dfpo.risk_adv_mode must be one of {', '.join(RISK_ADV_MODES)}, got {self.risk_adv_mode!r}")
         if not 0 <= self.risk_eta <= 1:
             raise HarnessError(f"dfpo.risk_eta must lie in [0, 1], got {self.risk_eta}")
         weights = {k: getattr(self, k) for k in ("cfm_weight", "anchor_weight", "geo_weight", "risk_weight",
@@ -452,8 +468,9 @@ class DFPO(PPO):
         adv = plain
         if o.return_clip is not None:
             targets, returns = targets.clamp(-o.return_clip, o.return_clip), returns.clamp(-o.return_clip, o.return_clip)
-        if o.risk_adv_weight > 0:  # GAE on the risk-distorted value (the critic still learns the mean)
-            adv = gae(rewards, lower_tail_distortion(samples, o.risk_adv_weight, o.alpha), mask, o.gamma, o.lam)[0]
+        if o.risk_adv_weight > 0:  # the critic still learns the mean; only the actor sees the risk
+            adv = risk_adjusted_gae(rewards, value, lower_tail_gap(samples, o.alpha), mask, o.gamma, o.lam,
+                                    o.risk_adv_weight, o.risk_adv_mode)
         if o.risk_eta > 0:
             adv = adv - o.risk_eta * (adv - cvar_lower(adv_samples, o.alpha))
         if o.whiten_advantages:

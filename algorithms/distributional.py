@@ -35,8 +35,12 @@ def lower_tail_distortion(samples: torch.Tensor, weight: float, alpha: float) ->
 
     a mix of the mean and the mean of the lowest ceil(alpha M) samples (w = 0: the mean; w = 1: CVaR-).
     It is monotone in every sample and, for 0 <= w <= 1, never above the mean."""
-    mean = samples.mean(-1)
-    return mean - weight * (mean - cvar_lower(samples, alpha))
+    return samples.mean(-1) - weight * lower_tail_gap(samples, alpha)
+
+
+def lower_tail_gap(samples: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The lower-tail spread mean - CVaR-_alpha (>= 0): `[..., M]` -> `[...]`."""
+    return samples.mean(-1) - cvar_lower(samples, alpha)
 
 
 def tail_curvature(samples: torch.Tensor, alpha: float) -> torch.Tensor:

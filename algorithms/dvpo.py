@@ -14,7 +14,25 @@ The whole method in one place:
     mean_shift   (mean_i theta_i - R)^2 toward the scalar GAE return,
     curvature    second differences of the sorted quantiles inside both alpha-tails,
     consistency  sum_h ||theta^h - sg(mean_h theta^h)||^2 across the heads (also averaged over H x N);
-- advantage: mean over (h, i) of A^{(h,i)}, whitened; actor: PPO-clip (`algorithms.common`).
+- advantage: GAE on the critic's mean (= the mean over (h, i) of A^{(h,i)}, spec §2.3), made risk-adjusted
+  by `risk_adv_weight` w (below), whitened; actor: PPO-clip (`algorithms.common`).
+
+The risk that reaches the policy [I, design default; spec §2.3 and §1.6 leave it open]. Every tail term
+of the critic loss (CVaR, gain, curvature, head consistency) is unchanged when all quantiles of a token
+shift together, so its gradient moves no token's mean, and an advantage on the mean cannot see it
+(tests/test_risk.py). The risk-adjusted advantage reads the lower tail itself, through the lower-tail
+spread g = mean - CVaR-_alpha of each head, averaged over heads (`risk_adv_mode`):
+
+- `tail_td` (default): TD errors below the predicted lower tail, delta_t < -g_t, are shrunk by 1 - w
+  (`algorithms.common.tail_dampened_gae`): the paper's stated aim, "contract the lower tail to
+  dampen noisy negative deviations" [S, abstract], applied where the policy sees it; positive TD
+  errors are never changed;
+- `value`: GAE on the distorted value V_w = mean - w g (a mix of the mean and CVaR-) in place of the mean.
+
+w = 0 is plain GAE on the mean, bit for bit; the critic's targets and returns stay those of the mean.
+The default w and why: README, "The risk that reaches the policy". The run logs
+`actor/adv_corr_plain_gae` (the advantage's correlation with plain GAE on the mean) and
+`critic/grad_share/<term>` (each weighted term's share of the gradient at the quantile outputs) every step.
 
 Shapes: B sequences, T response tokens, H heads, N quantiles.
 """
@@ -29,10 +47,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from algorithms.base import ALGOS, Batch
-from algorithms.common import (KL_KINDS, KL_MODES, agg_loss, check_clip_options, explained_variance, gae, grad_shares,
-                               masked_corr, masked_mean, masked_whiten, register_variant)
+from algorithms.common import (KL_KINDS, KL_MODES, RISK_ADV_MODES, agg_loss, check_clip_options, explained_variance, gae,
+                               grad_shares, masked_corr, masked_mean, masked_whiten, register_variant, risk_adjusted_gae)
 from algorithms.critics import CRITICS
-from algorithms.distributional import (crps, cvar_lower, cvar_upper, interval_coverage, lower_tail_distortion, reward_std_cap,
+from algorithms.distributional import (crps, cvar_lower, cvar_upper, interval_coverage, lower_tail_gap, reward_std_cap,
                                        tail_curvature)
 from algorithms.ppo import PPO
 from harness.errors import HarnessError
@@ -228,7 +246,8 @@ def dvpo_critic_loss(quantiles: torch.Tensor, old_quantiles: torch.Tensor, targe
 # ---- the algorithm ----
 
 QUANTILE_REDUCTIONS = ("mean", "sum")
-RISK_ADV_WEIGHT = 0.0  # the default weight of the risk-adjusted advantage (module docstring)
+RISK_ADV_WEIGHT = 1.0  # the defaults of the risk-adjusted advantage (module docstring; why: README)
+RISK_ADV_MODE = "tail_td"
 MEAN_SHIFT_TARGETS = ("return", "old")
 
 
@@ -269,7 +288,8 @@ class DVPOOptions:
     curvature_weight: float = field(default=0.05, metadata={"doc": "weight of the curvature (tail shape) term"})  # [I] echoes DFPO's shape weight (spec §1.8)
     consistency_weight: float = field(default=0.1, metadata={"doc": "weight of the heads' consistency term"})  # [I]
     # the risk that reaches the policy (module docstring, README "The risk that reaches the policy")  [I]
-    risk_adv_weight: float = field(default=RISK_ADV_WEIGHT, metadata={"doc": "risk-adjusted advantage: GAE on V_w = mean - w (mean - CVaR-_alpha) per head, mean over heads, instead of the mean (0: plain GAE on the mean); in [0, 1]"})
+    risk_adv_weight: float = field(default=RISK_ADV_WEIGHT, metadata={"doc": "weight w in [0, 1] of the risk-adjusted advantage (0: plain GAE on the critic's mean); its form is risk_adv_mode"})
+    risk_adv_mode: str = field(default=RISK_ADV_MODE, metadata={"doc": "risk-adjusted advantage: tail_td (TD errors below the critic's lower tail, mean - CVaR-_alpha, shrunk by 1 - w) or value (GAE on mean - w (mean - CVaR-_alpha))"})
     grad_shares: bool = field(default=True, metadata={"doc": "log each critic loss term's share of the gradient at the head's output (critic/grad_share/<term>)"})
 
     def validate(self) -> None:
@@ -289,6 +309,8 @@ class DVPOOptions:
             raise HarnessError(f"alpha must lie in (0, 0.5], got {self.alpha}")
         if not 0 <= self.risk_adv_weight <= 1:
             raise HarnessError(f"risk_adv_weight must lie in [0, 1] (0: plain GAE on the mean), got {self.risk_adv_weight}")
+        if self.risk_adv_mode not in RISK_ADV_MODES:
+            raise HarnessError(f"risk_adv_mode must be one of {', '.join(RISK_ADV_MODES)}, got {self.risk_adv_mode!r}")
         if self.gain_cap is not None and self.gain_cap < 0:
             raise HarnessError(f"gain_cap must be >= 0 or none, got {self.gain_cap}")
         weights = {k: getattr(self, k) for k in ("qr_weight", "cvar_weight", "gain_weight", "mean_shift_weight",
@@ -327,9 +349,10 @@ class DVPO(PPO):
         _, targets = distributional_gae(rewards, old, mask, self.opts.gamma, self.opts.lam)
         plain, returns = gae(rewards, old.mean((-1, -2)), mask, self.opts.gamma, self.opts.lam)  # GAE on the mean
         adv = plain
-        if self.opts.risk_adv_weight > 0:  # GAE on the risk-distorted value (the critic still learns the mean)
-            risky = lower_tail_distortion(old, self.opts.risk_adv_weight, self.opts.alpha).mean(-1)  # [B, T]
-            adv = gae(rewards, risky, mask, self.opts.gamma, self.opts.lam)[0]
+        if self.opts.risk_adv_weight > 0:  # the critic still learns the mean; only the actor sees the risk
+            gap = lower_tail_gap(old, self.opts.alpha).mean(-1)  # [B, T], per head then mean over heads
+            adv = risk_adjusted_gae(rewards, old.mean((-1, -2)), gap, mask, self.opts.gamma, self.opts.lam,
+                                    self.opts.risk_adv_weight, self.opts.risk_adv_mode)
         if self.opts.whiten_advantages:
             adv = masked_whiten(adv, mask)
         batch["advantages"], batch["returns"], batch["target_quantiles"] = adv, returns, targets

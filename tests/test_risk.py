@@ -43,14 +43,15 @@ def test_lower_tail_distortion_hand_computed():
 
 
 def risk_batch(algo: str, seed: int = 0) -> Batch:
-    """B=4 sequences of T=3 (right-padded) whose old critic outputs differ in spread from token to token:
+    """B=4 sequences of T=3 (right-padded) whose old critic outputs (means in [.2, .8]) differ in spread
+    from token to token, so that some 0/1 outcomes fall beyond the lower tail:
     `[B, T, H=2, N=8]` for a quantile critic, `[B, T, M=8]` for a flow critic."""
     g = torch.Generator().manual_seed(seed)
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
     shape = (4, 3, 2, 8) if ALGOS.get(algo).critic == "quantile" else (4, 3, 8)
-    spread = torch.rand(4, 3, generator=g) * 2
-    values = torch.randn(*shape, generator=g).sort(-1).values
-    values = values * spread.view(4, 3, *([1] * (len(shape) - 2)))
+    spread = (torch.rand(4, 3, generator=g) * 0.4).view(4, 3, *([1] * (len(shape) - 2)))
+    means = (0.2 + 0.6 * torch.rand(4, 3, generator=g)).view(4, 3, *([1] * (len(shape) - 2)))
+    values = means + torch.randn(*shape, generator=g).sort(-1).values * spread
     return Batch(response_mask=mask, scores=torch.tensor([1.0, 0.0, 1.0, 0.0]), old_values=values,
                  old_logp=torch.randn(4, 3, generator=g) * 0.1, ref_logp=torch.randn(4, 3, generator=g) * 0.1)
 
@@ -79,35 +80,61 @@ def test_risk_weight_zero_is_plain_gae_on_the_mean_bit_for_bit(algo, whiten):
     assert metrics["actor/adv_corr_plain_gae"] == pytest.approx(1.0, abs=1e-12)
 
 
+# One sequence of two tokens with the outcome on the last; two samples (quantiles) per token, alpha .5 so
+# that CVaR- is the lower sample. Token 0: {0, 2} (mean 1, CVaR- 0, gap 1); token 1: {1, 3} (mean 2, CVaR- 1,
+# gap 1). gamma 1, lam .95, w = .5. Plain GAE on the mean V = [1, 2]:
+#   reward 1: delta = [1, -1], A = [1 - .95, -1] = [.05, -1], R = A + V = [1.05, 1];
+#   reward 0: delta = [1, -2], A = [1 - 1.9, -2] = [-.9, -2],  R = [.1, 0].
+# value: V_w = V - .5 gap = [.5, 1.5]:
+#   reward 1: delta = [1, -.5], A = [1 - .475, -.5] = [.525, -.5];  reward 0: delta = [1, -1.5], A = [-.425, -1.5].
+# tail_td: delta' = delta - .5 min(0, delta + gap):
+#   reward 1: delta_1 + gap = 0, nothing beyond the tail: A = plain [.05, -1];
+#   reward 0: delta_1 + gap = -1 -> delta'_1 = -2 + .5 = -1.5, delta'_0 = 1: A = [1 - 1.425, -1.5] = [-.425, -1.5].
+HAND = {("value", 1.0): [0.525, -0.5], ("value", 0.0): [-0.425, -1.5],
+        ("tail_td", 1.0): [0.05, -1.0], ("tail_td", 0.0): [-0.425, -1.5]}
+
+
+@pytest.mark.parametrize("mode, reward", list(HAND))
 @pytest.mark.parametrize("algo", ["dvpo", "dfpo"])
-def test_risk_adjusted_advantage_hand_computed(algo):
-    # One sequence of two tokens, reward 1 on the last; two samples (quantiles) per token, alpha .5 so
-    # that CVaR- is the lower sample. Token 0: {0, 2} (mean 1, CVaR- 0); token 1: {1, 3} (mean 2, CVaR- 1).
-    # w = .5: V = [.5, 1.5]; delta_1 = 1 - 1.5 = -.5, delta_0 = 1.5 - .5 = 1; A_1 = -.5, A_0 = 1 + .95 (-.5) = .525.
-    # Plain (the returns): V = [1, 2]; A = [1 - .95, -1] = [.05, -1]; R = A + V = [1.05, 1].
+def test_risk_adjusted_advantage_hand_computed(algo, mode, reward):
     z = torch.tensor([[[0.0, 2.0], [1.0, 3.0]]])  # [B=1, T=2, 2]
     values = z.unsqueeze(-2) if algo == "dvpo" else z  # DVPO: one head
-    batch = Batch(response_mask=torch.ones(1, 2), scores=torch.tensor([1.0]), old_values=values,
+    batch = Batch(response_mask=torch.ones(1, 2), scores=torch.tensor([reward]), old_values=values,
                   old_logp=torch.zeros(1, 2), ref_logp=torch.zeros(1, 2))
-    metrics = make(algo, risk_adv_weight=0.5, alpha=0.5, kl_coef=0.0, whiten_advantages=False).advantages(batch)
-    assert batch["advantages"][0].tolist() == pytest.approx([0.525, -0.5])
-    assert batch["returns"][0].tolist() == pytest.approx([1.05, 1.0])
-    # corr([.525, -.5], [.05, -1]) = 1 with two points; a third token below breaks the line
-    assert metrics["actor/adv_corr_plain_gae"] == pytest.approx(1.0)
+    make(algo, risk_adv_weight=0.5, risk_adv_mode=mode, alpha=0.5, kl_coef=0.0, whiten_advantages=False).advantages(batch)
+    assert batch["advantages"][0].tolist() == pytest.approx(HAND[mode, reward])
+    assert batch["returns"][0].tolist() == pytest.approx([1.05, 1.0] if reward else [0.1, 0.0])  # the critic's: plain
 
 
+def test_tail_dampening_keeps_positive_td_errors_and_clips_at_weight_one():
+    from algorithms.common import tail_dampened_gae
+
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    values = torch.tensor([[0.2, 0.5, 0.4], [0.6, 0.7, 0.9]])
+    gap = torch.full((2, 3), 0.3)
+    mask = torch.ones(2, 3)
+    delta = gae(rewards, values, mask, 1.0, 0.0)[0]  # row 0: .3, -.1, .6 (none below -.3); row 1: .1, .2, -.9
+    assert torch.equal(tail_dampened_gae(rewards, values, gap, mask, 1.0, 0.0, 1.0)[0], delta[0])
+    clipped = tail_dampened_gae(rewards, values, gap, mask, 1.0, 0.0, 1.0)[1]
+    assert clipped.tolist() == pytest.approx([0.1, 0.2, -0.3])
+    assert tail_dampened_gae(rewards, values, gap, mask, 1.0, 0.0, 0.25)[1, 2].item() == pytest.approx(-0.9 + 0.25 * 0.6)
+    # lam .5 sums the dampened errors: A_0 = .1 + .5 (.2 + .5 (-.3))
+    assert tail_dampened_gae(rewards, values, gap, mask, 1.0, 0.5, 1.0)[1, 0].item() == pytest.approx(0.125)
+
+
+@pytest.mark.parametrize("mode", ["tail_td", "value"])
 @pytest.mark.parametrize("algo", DISTRIBUTIONAL)
-def test_risk_weight_changes_the_policy_loss_gradient(algo):
+def test_risk_weight_changes_the_policy_loss_gradient(algo, mode):
     grads = {}
     for w in (0.0, 0.5, 1.0):
-        model = make(algo, risk_adv_weight=w)
+        model = make(algo, risk_adv_weight=w, risk_adv_mode=mode)
         batch = risk_batch(algo)
         metrics = model.advantages(batch)
         logp = (batch["old_logp"] + 0.05).requires_grad_(True)
         loss, _ = model.actor_loss(batch, PolicyForward(logp, torch.zeros_like(logp), None), torch.nn.ModuleDict())
         (grads[w],) = torch.autograd.grad(loss, logp)
-        if w > 0:
-            assert metrics["actor/adv_corr_plain_gae"] < 0.99, (w, metrics["actor/adv_corr_plain_gae"])
+        if w > 0:  # the advantage moves off plain GAE (how far on the testbed: README)
+            assert metrics["actor/adv_corr_plain_gae"] < 1 - 1e-4, (w, metrics["actor/adv_corr_plain_gae"])
     assert grads[0.0].abs().sum() > 0
     assert not torch.allclose(grads[0.0], grads[0.5], atol=1e-4)
     assert not torch.allclose(grads[0.5], grads[1.0], atol=1e-4)
@@ -124,10 +151,12 @@ def test_the_ablation_variants_switch_off_what_they_say():
 
 
 @pytest.mark.parametrize("algo", ["dvpo", "dfpo"])
-def test_risk_adv_weight_is_validated(algo):
+def test_risk_options_are_validated(algo):
     for bad in ("-0.1", "1.5"):
         with pytest.raises(HarnessError, match="risk_adv_weight must lie in"):
             options_dataclass(ALGOS.get(algo).Options, {"risk_adv_weight": bad}, algo)
+    with pytest.raises(HarnessError, match="risk_adv_mode must be one of tail_td, value, got 'cvar'"):
+        options_dataclass(ALGOS.get(algo).Options, {"risk_adv_mode": "cvar"}, algo)
 
 
 # ---- the tail terms reach the policy only through the risk-adjusted advantage ----
@@ -158,7 +187,9 @@ DFPO_TAILS = {
 def test_tail_terms_move_the_advantage_only_when_the_risk_weight_is_on(name):
     # The tail terms are unchanged when all samples of a token shift together, so a critic step along
     # one of them leaves each token's mean where it is (to float rounding): with w = 0 the advantage
-    # cannot see them. The risk-distorted value reads the lower tail itself, so with w > 0 it moves.
+    # cannot see them. Both risk modes read the lower-tail spread g = mean - CVaR- (the value mode
+    # through V_w = mean - w g, tail_td through its threshold -g), and a step along a tail term moves
+    # V_w (here at w = .5) at first order: the term reaches the policy through the risk weight.
     g = torch.Generator().manual_seed(1)
     shape = (5, 3, 2, 40) if name in DVPO_TAILS else (15, 40)
     values = (torch.randn(*shape, generator=g) * torch.rand(*shape[:-1], 1, generator=g) * 3).sort(-1).values
