@@ -379,7 +379,7 @@ def render_markdown(reports: list[SuiteReport], baseline: str, figures: dict, fi
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
         "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", DASH: "--", "†": r"$^\dagger$",
-        "‡": r"$^\ddagger$", "Δ": r"$\Delta$", "*": r"$^*$", "<": r"$<$", ">": r"$>$"}
+        "‡": r"$^\ddagger$", "Δ": r"$\Delta$", "*": r"$^*$", "<": r"$<$", ">": r"$>$", "±": r"$\pm$"}
 
 
 def tex_escape(text: str) -> str:

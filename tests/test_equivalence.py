@@ -150,8 +150,9 @@ def equivalence_store(root):
 
 
 def test_answers_say_better_equivalent_worse_or_inconclusive(tmp_path):
-    out = write_report(equivalence_store(tmp_path / "runs"), tmp_path / "rep", formats="md,csv")
+    out = write_report(equivalence_store(tmp_path / "runs"), tmp_path / "rep", formats="md,csv,tex")
     md = (out / "report.md").read_text(encoding="utf-8")
+    assert r"Against a margin of $\pm$2.3 points: better by at least the margin" in (out / "report.tex").read_text()
     sig = pd.read_csv(out / "csv" / "significance.csv")
     sig = sig[sig["score"] == "ID AVG"].set_index("algo")
     t = stats.tost_paired(CASES["equiv"], MARGIN)
