@@ -279,3 +279,26 @@ def test_the_tiny_model_flow_width_reaches_the_dfpo_variants():
     assert with_tiny_model_overrides({"dfpo_risk_off.flow_width": "32"}, ["dfpo_risk_off"], "tiny") == {
         "dfpo_risk_off.flow_width": "32"}
     assert with_tiny_model_overrides({}, ["dfpo_tails_off"], "some/model") == {}
+
+
+@pytest.mark.slow
+def test_every_distributional_algorithm_logs_the_risk_diagnostics_each_step(tmp_path, cache_dir):
+    import json
+
+    from harness.cli import main
+    from tests.conftest import fast_args
+
+    out = tmp_path / "runs"
+    args = ["run", "--algos", ",".join(DISTRIBUTIONAL), "--noise", "flip0.2", "--seeds", "1", "--steps", "2",
+            "--out", str(out), "--cache-dir", str(cache_dir), "--quiet", "--workers", "1", *fast_args()]
+    assert main(args) == 0
+    for algo in DISTRIBUTIONAL:
+        rows = [json.loads(x) for x in (out / f"arith/{algo}/flip0.2/seed0/metrics.jsonl").read_text().splitlines()]
+        opts = make(algo).opts
+        for row in rows:
+            corr = row["actor/adv_corr_plain_gae"]
+            assert (corr == pytest.approx(1.0) if opts.risk_adv_weight == 0 else -1 <= corr <= 1), (algo, corr)
+            shares = {k: v for k, v in row.items() if k.startswith("critic/grad_share/")}
+            assert len(shares) >= 2 and sum(shares.values()) == pytest.approx(1.0), (algo, shares)
+        tails = {"critic/grad_share/cvar", "critic/grad_share/risk"} & set(rows[0])
+        assert bool(tails) == ("tails_off" not in algo), (algo, tails)
