@@ -15,6 +15,12 @@ Cells of one seed share the warm start, the data order and the noise draws, so a
 compared paired by seed: per-seed differences over the seeds both have, with a t-interval and the
 paired t-test. The *gain* of a seed is its final score minus its step-0 evaluation (the initial
 model, before any training).
+
+Each comparison with the baseline also gets an equivalence test against a margin (``DEFAULT_MARGIN``,
+or the report's ``--margin``): TOST on the same differences the answers use (paired by seed from 2
+common seeds, else Welch), its 1 - 2 ALPHA interval, a verdict (better / worse by at least the
+margin, equivalent within it, inconclusive) and, when inconclusive, the seeds that would decide it
+(``equivalence``; the ``eq_*`` columns of significance.csv and robustness_auc.csv).
 """
 from __future__ import annotations
 
