@@ -113,10 +113,23 @@ def shared_space(algo_cls: type) -> dict[str, Distribution]:
     return space
 
 
+def pinned_by_variant(algo_cls: type, key: str) -> bool:
+    """Whether a named variant (an ablation: `algorithms.common.register_variant`) fixes the option
+    of `key` at a default of its own, unlike the class that declared the key's search: the search
+    then leaves it alone (`dvpo_risk_off` keeps its risk weight at 0)."""
+    section, _, name = key.partition(".")
+    owner = next((k for k in algo_cls.__mro__ if key in k.__dict__.get("SEARCH_SPACE", {})), None)
+    if section != "algo" or owner is None or owner is algo_cls:
+        return False
+    return getattr(_default_options(algo_cls), name) != getattr(_default_options(owner), name)
+
+
 def search_space(algo_cls: type) -> dict[str, Distribution]:
     """The algorithm's whole space: the shared knobs, then its own `SEARCH_SPACE` (which may
-    replace a shared one). Every `algo.NAME` key must be an option of the algorithm."""
-    space = {**shared_space(algo_cls), **getattr(algo_cls, "SEARCH_SPACE", {})}
+    replace a shared one), less what a variant pins. Every `algo.NAME` key must be an option of the
+    algorithm."""
+    own = {k: v for k, v in getattr(algo_cls, "SEARCH_SPACE", {}).items() if not pinned_by_variant(algo_cls, k)}
+    space = {**shared_space(algo_cls), **own}
     names = {f.name for f in dataclasses.fields(algo_cls.Options)}
     for key in space:
         section, _, name = key.partition(".")

@@ -79,6 +79,10 @@ def test_own_knobs_are_declared_by_the_modules():
     assert search_space(ALGOS.get("flowrl"))["algo.beta"] == LogUniform(2.0, 40.0)
     assert search_space(ALGOS.get("grpo"))["train.group_size"] == Choice((2, 4, 8))
     assert "algo.kl_coef" not in search_space(ALGOS.get("dapo")), "DAPO has no KL term"
+    for algo in ("dvpo", "dfpo"):
+        assert search_space(ALGOS.get(algo))["algo.risk_adv_weight"] == Uniform(0.0, 1.0)
+        assert "algo.risk_adv_weight" in search_space(ALGOS.get(f"{algo}_tails_off"))
+        assert "algo.risk_adv_weight" not in search_space(ALGOS.get(f"{algo}_risk_off")), "the ablation pins it at 0"
 
 
 # ---- per-algorithm core keys (what a tuned grid file sets) ---------------------------------------
