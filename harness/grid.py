@@ -33,12 +33,13 @@ from tqdm.auto import tqdm
 
 from algorithms import ALGOS
 from harness import store
-from harness.config import (RunConfig, apply_section_overrides, options_dataclass, resolved_old_logp, set_dataclass_field,
-                            split_overrides)
+from harness.config import (RunConfig, apply_section_overrides, convert, options_dataclass, resolved_old_logp,
+                            set_dataclass_field, split_overrides)
 from harness.errors import HarnessError
 from harness.export import save_model
 from harness.launch import NodeLaunch
 from harness.models import MODEL_ALIASES, check_local_model
+from harness.signals import InterruptOnce, interrupt_signals
 from harness.tracking import Tracker
 from noise import parse_noise_list
 from tasks import SUITES
@@ -173,7 +174,8 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
     model_name = model or overrides.get("model.name", "tiny")
     if model_name in MODEL_ALIASES:
         MODEL_ALIASES[model_name]()  # a missing offline model stops the grid before it writes anything
-    check_local_model(model_name)  # so does a local folder that is not there
+    trust = convert(overrides.get("model.trust_remote_code", "false"), bool, "model.trust_remote_code")
+    check_local_model(model_name, trust, weights=check_data)  # so does a local folder that is not there, or a damaged one
     data_check = getattr(suite_cls, "check_data", None) if check_data else None
     if data_check is not None:  # data that cannot be had stops the grid before it writes anything
         data_check(suite_cls.Options(**suite_options))
@@ -450,38 +452,6 @@ def count_outcomes(outcomes: list[tuple[Cell, dict]], counts: dict[str, int]) ->
     if fatal:
         raise HarnessError(fatal)
     return counts
-
-
-class InterruptOnce:
-    """A SIGINT / SIGTERM handler that raises KeyboardInterrupt at the first signal and ignores the
-    later ones, so that a second signal (Ctrl-C to the group and the grid forwarding it) cannot break
-    the clean-up. (Not SIG_IGN from inside the handler: Python then fails on a signal already pending.)"""
-
-    def __init__(self):
-        self.fired = False
-
-    def __call__(self, signum, frame) -> None:
-        if not self.fired:
-            self.fired = True
-            raise KeyboardInterrupt
-
-    def install(self) -> dict:
-        """Handle SIGINT and SIGTERM; returns the previous handlers."""
-        return {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-@contextlib.contextmanager
-def interrupt_signals():
-    """SIGINT and SIGTERM end the run as Ctrl-C does (KeyboardInterrupt), in the main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = InterruptOnce().install()
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def mark_interrupted(cells: list[Cell]) -> None:
