@@ -1,7 +1,8 @@
 """`harness run | status | report | eval | bench | plan | list`.
 
-Bad input ends with one line `harness: error: ...` and exit status 2, before anything is written.
-SIGINT or SIGTERM ends a run with one line `harness: interrupted: ...` and exit status 130.
+Bad input ends with one line `harness: error: ...` (at most 2000 characters) and exit status 2, before
+anything is written. SIGINT or SIGTERM ends any command with one line `harness: interrupted...` and
+exit status 130; a closed pipe (`harness list config | head`) ends it quietly with status 141.
 """
 from __future__ import annotations
 
@@ -69,9 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-model", choices=SAVE_MODEL_CHOICES, default=None,
                      help="a finished cell writes model/ (save_pretrained); final+critic adds model/critic/ and "
                           "model/heads/ (default: final for real models, none for the tiny one)")
-    run.add_argument("--trust-remote-code", action="store_true",
-                     help="let a model folder or hub repo run its own Python code (auto_map in its config; sets "
-                          "model.trust_remote_code; default: such a model is refused)")
+    add_trust_option(run)
     add_grid_file_options(run)
 
     status = sub.add_parser("status", help="list a run store's cells: done / running / failed / pending")
@@ -106,9 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--lm-eval-max-length", type=int, default=None,
                     help="the context length lm-eval allows (default: the model's)")
     ev.add_argument("--cache-dir", default=None, help="warm-start cache (default: $HARNESS_CACHE or ~/.cache/harness)")
-    ev.add_argument("--trust-remote-code", action="store_true",
-                    help="let a model folder or hub repo run its own Python code (auto_map in its config; sets "
-                         "model.trust_remote_code; default: such a model is refused)")
+    add_trust_option(ev)
 
     bench = sub.add_parser("bench", help="seconds per step: this harness vs TRL GRPOTrainer, and every algorithm")
     bench.add_argument("--steps", type=int, default=10, help="measured steps per configuration (default: 10)")
@@ -125,9 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rollout", choices=["hf", "vllm"], default=None,
                        help="vllm: also rows with vLLM rollouts (the harness's backend, TRL's vLLM option); needs vLLM")
     bench.add_argument("--cache-dir", default=None, help="warm-start cache (default: $HARNESS_CACHE or ~/.cache/harness)")
-    bench.add_argument("--trust-remote-code", action="store_true",
-                       help="let a model folder or hub repo run its own Python code (auto_map in its config; sets "
-                            "model.trust_remote_code; default: such a model is refused)")
+    add_trust_option(bench)
 
     plan = sub.add_parser("plan", help="estimated memory per device of each algorithm's cell, before launching it")
     plan.add_argument("--model", default="tiny",
@@ -149,9 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also train each cell this many steps in this process (CPU, one rank) and print the "
                            "measured bytes and peak memory beside the estimate")
     plan.add_argument("--cache-dir", default=None, help="warm-start cache for --measure (default: $HARNESS_CACHE)")
-    plan.add_argument("--trust-remote-code", action="store_true",
-                      help="let a model folder or hub repo run its own Python code (auto_map in its config; sets "
-                           "model.trust_remote_code; default: such a model is refused)")
+    add_trust_option(plan)
 
     lst = sub.add_parser("list", help="list registered algorithms, suites or noise injectors")
     lst.add_argument("what", choices=["algos", "suites", "noise", "presets", "config"])
@@ -166,6 +159,12 @@ def add_grid_file_options(parser: argparse.ArgumentParser, what: str = "command-
                         help=f"a grid file: run options and set: keys ({what})")
     parser.add_argument("--preset", default=None, metavar="NAME",
                         help="a grid file shipped with the harness (harness list presets)")
+
+
+def add_trust_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let a model folder or hub repo run its own Python code (auto_map in its config; sets "
+                             "model.trust_remote_code; default: such a model is refused)")
 
 
 def with_trust(args, overrides: dict[str, str]) -> dict[str, str]:

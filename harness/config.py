@@ -326,11 +326,19 @@ def validate_core(cfg: RunConfig) -> None:
         "eval.k": cfg.eval.k,
         "eval.batch_size": cfg.eval.batch_size,
         "model.warmstart_batch": cfg.model.warmstart_batch,
+        "model.hidden_size": cfg.model.hidden_size,
+        "model.intermediate_size": cfg.model.intermediate_size,
+        "model.num_layers": cfg.model.num_layers,
+        "model.num_heads": cfg.model.num_heads,
+        "model.max_positions": cfg.model.max_positions,
     }
     for key, value in positive.items():
         if value < 1:
             raise HarnessError(f"{key} must be a positive integer, got {value}")
     check_upper_bounds(cfg)
+    if cfg.model.hidden_size % cfg.model.num_heads:
+        raise HarnessError(f"model.hidden_size ({cfg.model.hidden_size}) must be a multiple of model.num_heads "
+                           f"({cfg.model.num_heads})")
     if t.temperature <= 0:
         raise HarnessError(f"train.temperature must be > 0, got {t.temperature}")
     for key, value in {"train.top_p": t.top_p, "eval.top_p": cfg.eval.top_p}.items():

@@ -12,7 +12,6 @@ A cell's outcome lives in its status.json, written by the process that ran it:
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import json
@@ -401,6 +400,7 @@ def run_grid(cells: list[Cell], cache_dir: Path | None = None, progress: bool = 
             done.append(cell)
         elif state == "failed" and not retry_failed:
             counts["left_failed"] += 1
+            say(failed_earlier_line(cell))
         else:
             todo.append(cell)
 
@@ -418,6 +418,7 @@ def run_grid(cells: list[Cell], cache_dir: Path | None = None, progress: bool = 
             if backend == "ray":
                 outcomes = run_ray(todo, cache_dir, ckpt_every, ray_address)
             elif workers > 1 and len(todo) > 1:
+                announce_warm_starts(todo, cache_dir)
                 outcomes = run_processes(todo, cache_dir, ckpt_every, workers, progress)
             else:
                 outcomes = run_serial(todo, cache_dir, ckpt_every, progress)
@@ -427,6 +428,39 @@ def run_grid(cells: list[Cell], cache_dir: Path | None = None, progress: bool = 
     finally:
         lock.release()
     return count_outcomes(outcomes, counts)
+
+
+def failed_earlier_line(cell: Cell) -> str:
+    """What a run says of a cell it leaves failed: why it failed, whether its configuration changed
+    since, and the flag that re-runs it."""
+    status = read_status_or_none(cell)
+    reason = store.one_line(str(status.get("reason", "")), 200)
+    changed = "; its configuration has changed since" if config_change(cell) == "its configuration changed" else ""
+    return (f"cell {cell.label}: failed earlier (at step {status.get('step', '?')}: {reason}){changed}; left as it "
+            "is: --retry-failed re-runs it")
+
+
+def announce_warm_starts(todo: list[Cell], cache_dir: Path | None) -> None:
+    """Before cells start in worker processes (whose progress shows 0% until a cell ends): say which
+    tiny-model warm starts are not cached yet, which the first cells train (once) before their steps."""
+    from types import SimpleNamespace
+
+    from harness.models import default_cache_dir, warmstart_key
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    missing = {}
+    for cell in todo:
+        cfg = cell.cfg
+        if cfg.model.name != "tiny" or cfg.model.warmstart_steps == 0:
+            continue
+        suite = SimpleNamespace(name=cfg.suite, options=SUITES.get(cfg.suite).Options(**cfg.suite_options))
+        path = cache / "warmstart" / warmstart_key(cfg.model, suite, cfg.seed)
+        if not (path / "done").exists():
+            missing[path] = cfg.model.warmstart_steps
+    if missing:
+        steps = ", ".join(sorted({str(s) for s in missing.values()}))
+        say(f"training the tiny model's warm start first ({len(missing)} of them, {steps} supervised steps each, "
+            f"once; cached in {cache / 'warmstart'}): the cells' progress starts after it")
 
 
 def follow_grid(todo: list[Cell], cache_dir, ckpt_every: int, progress: bool, counts: dict[str, int]) -> dict[str, int]:

@@ -65,6 +65,7 @@ from torch import nn
 from harness.errors import HarnessError
 
 GiB = 1024 ** 3
+MAX_DEVICE_BYTES = 1024 ** 5  # --device-memory's upper bound
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Architectures known offline, as their config.json (checked against the hub's files).
@@ -336,8 +337,9 @@ def parse_memory(text: str) -> int:
         value = float(number)
     except ValueError:
         value = float("nan")
-    if unit not in units or not math.isfinite(value) or value <= 0:
-        raise HarnessError(f"--device-memory {text!r}: expected a positive size such as 80GB, 141GiB or 40960MB")
+    if unit not in units or not math.isfinite(value) or value <= 0 or value * units.get(unit, 1) > MAX_DEVICE_BYTES:
+        raise HarnessError(f"--device-memory {text[:40]!r}: expected a positive size up to 1024TB, such as 80GB, 141GiB "
+                           "or 40960MB")
     return int(value * units[unit])
 
 
