@@ -73,8 +73,8 @@ def check_name(name: str, flag: str) -> str:
            "holds a control character" if any(ord(c) < 32 or ord(c) == 127 for c in name) else
            "starts with '.' (a hidden folder, which status and report do not read)" if name.startswith(".") else None)
     if bad:
-        raise HarnessError(f"{flag} {name[:MAX_NAME]!r} {bad}: a name is one folder name of the run store "
-                           "(letters, digits, '-', '_', '.', '+', '@' ...)")
+        raise HarnessError(f"{flag} must be a non-empty name without '/' or control characters, not '.' or '..', "
+                           f"at most {MAX_NAME} characters (one folder name of the run store); {name[:MAX_NAME]!r} {bad}")
     return name
 
 
