@@ -289,8 +289,10 @@ def cmd_report(args) -> int:
     print(f"wrote {out}")
     if corrupt:
         level = "error: --strict" if args.strict else "warning"
-        print(f"harness: {level}: {len(corrupt)} cell(s) skipped, their files are corrupt: " + "; ".join(corrupt),
-              file=sys.stderr)
+        from harness.store import one_line
+
+        print(one_line(f"harness: {level}: {len(corrupt)} cell(s) skipped, their files are corrupt: " + "; ".join(corrupt)),
+              file=sys.stderr)  # every one is listed in the report too
     return 1 if corrupt and args.strict else 0
 
 
