@@ -7,6 +7,7 @@ exit status 130; a closed pipe (`harness list config | head`) ends it quietly wi
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="report folder, replaced whole (default: <runs>/report/)")
     report.add_argument("--baseline", default=None, help="algorithm the significance tables compare against (default: ppo)")
     report.add_argument("--format", default=None, help="comma list of md,tex,csv,png,pdf (default: all)")
+    report.add_argument("--margin", default=None, metavar="POINTS",
+                        help="equivalence margin of the answers in percentage points (default: 2.3, the smallest "
+                             "gain over PPO the DVPO/DFPO papers claim on an average score)")
     report.add_argument("--strict", action="store_true",
                         help="exit non-zero when a cell's files are corrupt (default: such cells are listed and skipped)")
     add_grid_file_options(report, "the run store is the file's out folder")
@@ -283,7 +287,7 @@ def cmd_report(args) -> int:
         runs = str(read_mapping(path).get("out", "runs"))
     corrupt: list[str] = []
     out = write_report(Path(runs), Path(args.out) if args.out else None, args.baseline, args.format,
-                       skipped=corrupt)
+                       skipped=corrupt, margin=parse_margin(args.margin))
     if (out / "report.md").exists():
         print((out / "report.md").read_text(encoding="utf-8"))
     print(f"wrote {out}")
@@ -294,6 +298,19 @@ def cmd_report(args) -> int:
         print(one_line(f"harness: {level}: {len(corrupt)} cell(s) skipped, their files are corrupt: " + "; ".join(corrupt)),
               file=sys.stderr)  # every one is listed in the report too
     return 1 if corrupt and args.strict else 0
+
+
+def parse_margin(text: str | None) -> float | None:
+    """`--margin POINTS` as a fraction (None: the default); a one-line error unless 0 < POINTS < 100."""
+    if text is None:
+        return None
+    try:
+        points = float(text)
+    except ValueError:
+        points = math.nan
+    if not 0 < points < 100:
+        raise HarnessError(f"--margin takes percentage points between 0 and 100 (exclusive), e.g. 2.3; got {text!r}")
+    return points / 100
 
 
 def cmd_bench(args) -> int:

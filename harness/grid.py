@@ -59,9 +59,11 @@ def with_tiny_model_overrides(overrides: dict[str, str], algos: list[str], model
         return overrides
     out = dict(overrides)
     for key, value in TINY_MODEL_OVERRIDES.items():
-        algo, _, name = key.partition(".")
-        if algo in algos and key not in out and f"algo.{name}" not in out:
-            out[key] = value
+        base, _, name = key.partition(".")
+        for algo in algos:  # the algorithm and its named variants (subclasses, e.g. dfpo_tails_off)
+            if (base in ALGOS and issubclass(ALGOS.get(algo), ALGOS.get(base)) and f"{algo}.{name}" not in out
+                    and f"algo.{name}" not in out):
+                out[f"{algo}.{name}"] = value
     return out
 
 
