@@ -100,12 +100,25 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def current_umask() -> int:
+    """The process's umask, read from /proc where it can be (setting it to read it back, the fallback,
+    would briefly change it for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o077)  # the private mask meanwhile: a file another thread creates now is not exposed
+    os.umask(umask)
+    return umask
+
+
 def umask_mode(mode: int) -> int:
     """`mode` as the user's umask leaves it (0o666 -> 0o644 under umask 022): what `open` gives a new
     file; `mkstemp` and `mkdtemp` make theirs private (0600, 0700), which a written file must not stay."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
+    return mode & ~current_umask()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
