@@ -278,7 +278,8 @@ def test_a_folders_own_code_never_runs_and_nothing_asks_on_a_terminal(model, tmp
     marker = tmp_path / "code-ran"
     folder = custom_code_folder(model, marker)
     python = [sys.executable, "-m", "harness.cli"]
-    for args in (["eval", "--model", str(folder), "--out", str(tmp_path / "out")], ["plan", "--model", str(folder)]):
+    for args in (["eval", "--model", str(folder), "--out", str(tmp_path / "out")], ["plan", "--model", str(folder)],
+                 ["run", "--model", str(folder), "--algos", "grpo", "--steps", "1", "--out", str(tmp_path / "out")]):
         code, text = under_a_terminal(python + args)
         assert code == 2, text
         lines = [line for line in text.splitlines() if line.strip()]
