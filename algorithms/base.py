@@ -85,6 +85,8 @@ class Algorithm:
     Options: ClassVar[type]
     critic: ClassVar[str] = "none"
     needs_hidden: ClassVar[bool] = False
+    # The algorithm's own knobs for `harness tune`, beside the shared ones (algorithms.search)
+    SEARCH_SPACE: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, options: Any):
         self.opts = options

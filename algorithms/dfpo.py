@@ -55,6 +55,7 @@ from algorithms.critics import CRITICS
 from algorithms.distributional import (crps, cvar_lower, cvar_upper, interval_coverage, lower_tail_gap, reward_std_cap,
                                        tail_curvature)
 from algorithms.ppo import PPO, PPOOptions
+from algorithms.search import Uniform
 from harness.errors import HarnessError
 
 WEIGHT_MODES = ("value_flows", "inverse_cov", "none")
@@ -451,6 +452,9 @@ class DFPO(PPO):
                    "CFM + anchor + geometric + CVaR risk + tail-shape critic loss, PPO-clip actor")
     paper = "Zhu et al. 2026 (DFPO, arXiv 2602.05890); critic after Value Flows (arXiv 2510.07650)"
     Options = DFPOOptions
+    # harness tune: the weight of the risk-adjusted advantage, the knob through which the flow critic's
+    # distribution reaches the policy (0: plain GAE on its mean)  [I]
+    SEARCH_SPACE = {"algo.risk_adv_weight": Uniform(0.0, 1.0)}
     critic = "flow"
 
     def critic_options(self) -> dict:

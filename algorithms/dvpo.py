@@ -53,6 +53,7 @@ from algorithms.critics import CRITICS
 from algorithms.distributional import (crps, cvar_lower, cvar_upper, interval_coverage, lower_tail_gap, reward_std_cap,
                                        tail_curvature)
 from algorithms.ppo import PPO
+from algorithms.search import Uniform
 from harness.errors import HarnessError
 
 # ---- the critic head ----
@@ -336,6 +337,9 @@ class DVPO(PPO):
     description = "quantile-ensemble critic, distributional GAE, QR + CVaR/gain tail, mean-shift, curvature, head consistency; PPO-clip"
     paper = "Zhu et al. 2025 (DVPO, arXiv 2512.03847)"
     Options = DVPOOptions
+    # harness tune: the weight of the risk-adjusted advantage, the knob through which the critic's
+    # distribution reaches the policy (0: plain GAE on its mean)  [I]
+    SEARCH_SPACE = {"algo.risk_adv_weight": Uniform(0.0, 1.0)}
     critic = "quantile"
 
     def critic_options(self) -> dict:
