@@ -18,7 +18,9 @@ second keeps it, or the first keeps it at 0 and the second rewards it,
 
     fp = fp1 (1 - fn2) + (1 - fp1) fp2,    fn = fn1 (1 - fp2) + (1 - fn1) fn2.
 
-Rates with fp + fn >= 1 carry no signal (or an inverted one) and are refused when parsed.
+Rates with fp + fn >= 1 carry no signal (or an inverted one) and are refused when parsed. The
+composition rule assumes each channel errs independently of what the channels before it did; the
+feature verifiers (``form_fn``, ``near_fp``) do not, so they are taken first only.
 """
 from __future__ import annotations
 
@@ -64,6 +66,10 @@ class Corrected(Injector):
         if unknown:
             raise HarnessError(f"noise 'corrected' needs known rates, which {', '.join(unknown)} has not "
                                f"(valid before it: flip, fp, fn, form_fn, near_fp)")
+        late = [inj.name for inj in before[1:] if getattr(inj, "rates_need_clean_input", False)]
+        if late:
+            raise HarnessError(f"noise 'corrected': {', '.join(late)} picks its errors by the answer, so its rates "
+                               f"hold on the clean reward only: put it first in the composition")
         self.fp, self.fn = composed_rates([inj.channel_rates() for inj in before])
         if self.fp + self.fn >= 1:
             raise HarnessError(f"noise 'corrected' cannot correct rates fp {self.fp:g} + fn {self.fn:g} >= 1: "

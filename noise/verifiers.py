@@ -31,7 +31,10 @@ eligible samples exactly the rate), then draws one seeded uniform per (step, pro
 FLOOR = 0.1 keeps every eligible sample able to err (an all-usual batch errs uniformly). Like
 ``rmP``'s, the error probabilities are relative to the batch; the draws are not. ``form_fnP`` and
 ``near_fpP`` err at exactly P over their class in expectation, so the positive control
-(``corrected``) can use their rates; ``weak_rmP``'s class-conditional rates depend on the batch.
+(``corrected``) can use their rates when they come first in a composition (they pick their errors
+by the answer, so after another channel their rates are not the composition's: a right answer that
+``form_fn`` unrewarded is the nearest of near misses); ``weak_rmP``'s class-conditional rates
+depend on the batch.
 """
 from __future__ import annotations
 
@@ -118,6 +121,10 @@ class FeatureVerifier(Injector):
     param_symbol = "P"
     param_range = (0.0, 1.0)
     needs = ("responses", "golds", "extract")
+    # Its rates are per class of the reward it receives, and it picks its errors by the answer: after
+    # another channel (a right answer unrewarded looks like the nearest of misses) they are not the
+    # composition's, so the positive control takes it first only.
+    rates_need_clean_input = True
 
     def error_probs(self, right: torch.Tensor, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """right [N] bool, features -> error probabilities [N]."""

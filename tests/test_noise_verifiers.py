@@ -192,7 +192,8 @@ def test_composed_rates_by_hand():
     # unrewarded by the flip (0.1) or kept by it and unrewarded by fn (0.9 * 0.2)
     assert composed_rates([(0.1, 0.1), (0.0, 0.2)]) == pytest.approx((0.08, 0.28))
     assert composed_rates([(0.3, 0.0), (0.0, 0.14)]) == pytest.approx((0.3 * 0.86, 0.14))
-    assert parse_noise("fp0.3+form_fn0.14+corrected").injectors[-1].fp == pytest.approx(0.258)
+    spec = parse_noise("form_fn0.14+fp0.3+corrected")  # a right answer ends unrewarded: missed and kept by fp
+    assert (spec.injectors[-1].fp, spec.injectors[-1].fn) == pytest.approx((0.3, 0.14 * 0.7))
 
 
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.4])
@@ -205,7 +206,7 @@ def test_corrected_expectation_is_the_clean_reward_exactly(p):
 
 
 @pytest.mark.parametrize("setting", ["flip0.2+corrected", "flip0.1+fn0.2+corrected", "fp0.3+corrected",
-                                     "form_fn0.14+near_fp0.1+corrected"])
+                                     "form_fn0.14+flip0.1+corrected", "near_fp0.1+corrected"])
 def test_corrected_reward_averages_the_clean_one_by_simulation(setting):
     n = 40000
     right = binom.rvs(1, 0.4, size=n, random_state=5).astype(bool)
@@ -228,6 +229,8 @@ def test_corrected_reward_averages_the_clean_one_by_simulation(setting):
     ("gauss0.1+corrected", "needs known rates, which gauss has not (valid before it: flip, fp, fn, form_fn, near_fp)"),
     ("weak_rm0.72+corrected", "which weak_rm has not"),
     ("flip0.5+corrected", "cannot correct rates fp 0.5 + fn 0.5 >= 1"),
+    ("form_fn0.14+near_fp0.1+corrected", "near_fp picks its errors by the answer, so its rates hold on the clean "
+                                         "reward only: put it first"),
     ("corrected0.1", "noise 'corrected' takes no parameter"),
 ])
 def test_corrected_is_refused_where_it_cannot_correct(setting, message):
@@ -237,3 +240,26 @@ def test_corrected_is_refused_where_it_cannot_correct(setting, message):
 
 def test_corrected_names_a_folder():
     assert parse_noise("flip0.20+corrected").name == "flip0.2+corrected"
+
+
+@pytest.mark.slow
+def test_cli_trains_under_the_verifiers_and_the_control(tmp_path, cache_dir):
+    """The trainer hands the verifiers the responses, the golds and the suite's extraction."""
+    import json
+    from pathlib import Path
+
+    from harness.cli import main
+    from tests.conftest import fast_args
+
+    out = tmp_path / "runs"
+    args = ["run", "--algos", "ppo", "--noise", "weak_rm0.72,form_fn0.14+flip0.1+corrected,near_fp0.1", "--seeds", "1",
+            "--steps", "2", "--out", str(out), "--cache-dir", str(cache_dir), "--quiet", *fast_args()]
+    assert main(args) == 0
+    expected = {"weak_rm0.72": ["noise/weak_rm_acc", "noise/weak_rm_fp_rate", "noise/weak_rm_fn_rate"],
+                "near_fp0.1": ["noise/near_fp_rate"], "form_fn0.14+flip0.1+corrected": ["noise/form_fn_rate"]}
+    for noise, keys in expected.items():
+        cell = Path(out, "arith", "ppo", noise, "seed0")
+        lines = [json.loads(line) for line in (cell / "metrics.jsonl").read_text().splitlines()]
+        assert len(lines) == 2 and all(0.0 <= line[k] <= 1.0 for line in lines for k in keys)
+    for line in lines:  # fp = 0.1 (the flip), fn = 0.14 (1 - 0.1) + 0.86 * 0.1 = 0.212
+        assert line["noise/corrected_fp"] == pytest.approx(0.1) and line["noise/corrected_fn"] == pytest.approx(0.212)
