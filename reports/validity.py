@@ -37,6 +37,7 @@ import pandas as pd
 
 from harness.errors import HarnessError
 from noise import parse_noise
+from reports.load import sort_noise
 
 CONTROL_MIN = 0.70
 EV_MIN = 0.30
@@ -80,13 +81,13 @@ def has_known_rates(noise: str) -> bool:
 
 
 def control_gates(finals, suite, baseline: str) -> list[dict]:
-    """One positive-control row per noise setting of the suite (clean and control settings aside)."""
+    """One positive-control row per noise setting N studied in the suite (N or N+corrected in its
+    store; the clean setting aside)."""
     rows = []
     clean = _mean(finals.per_seed(baseline, CLEAN, SCORE, "gain")) if CLEAN in suite.noises else math.nan
     needs = f">= {CONTROL_MIN:.0%} of the clean gain"
-    for noise in suite.noises:
-        if noise == CLEAN or noise.endswith(CONTROL):
-            continue
+    studied = {n[: -len(CONTROL)] if n.endswith(CONTROL) else n for n in suite.noises} - {CLEAN}
+    for noise in sort_noise(studied):
         control = noise + CONTROL
         gain = _mean(finals.per_seed(baseline, control, SCORE, "gain")) if control in suite.noises else math.nan
         if not has_known_rates(noise):

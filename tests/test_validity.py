@@ -159,3 +159,13 @@ def test_the_validity_preset_runs_the_cells_every_gate_reads(tmp_path):
             (validity.CRITIC_ALGO, "flip0.2" + validity.CONTROL)} <= have
     assert len(parse_seeds(args.seeds)) >= 10  # PPO vs its frozen critic: paired, 10 seeds
     assert parse(["run", "--preset", "validity", "--suite", "math"])[0].suite == "math"  # another suite by flag
+
+
+def test_a_control_without_its_plain_setting_still_has_its_row(tmp_path):
+    root = build(tmp_path / "runs", GOOD)
+    import shutil
+    shutil.rmtree(root / "s" / "ppo" / "flip0.2")
+    _, g = gates_of(root)
+    assert g.loc[("positive control", "flip0.2"), "status"] == "pass"
+    assert g.loc[("positive control", "flip0.2"), "value"] == pytest.approx(0.33 / 0.43)
+    assert "uncorrected" not in g.loc[("positive control", "flip0.2"), "detail"]
