@@ -13,6 +13,15 @@ variance (under ``flip0.2`` it is 4/3 or -1/3). An algorithm that learns from th
 expectation should recover most of the clean gain with it, so a run under ``flip0.2+corrected``
 checks that the testbed and the algorithm can tell the signal from the noise at all.
 
+**What it can and cannot undo.** With rates known for the whole batch the correction is one affine
+map of the noisy reward, the same for every sample: it removes the bias the noise puts in the
+reward's mean, not the variance it adds. An update invariant to the reward's scale and offset
+ignores it: GRPO's group-normalised advantages are exactly those of the uncorrected reward (a test
+shows it), and PPO with whitened advantages sees it only through the KL penalty's relative weight
+and the value clip's absolute range. Its gain over the plain noise is therefore small for those
+algorithms, and the report's positive-control gate reads, for them, whether the testbed's signal
+survives the noise at all.
+
 Chained channels compose: a wrong answer ends rewarded if the first channel rewards it and the
 second keeps it, or the first keeps it at 0 and the second rewards it,
 

@@ -263,3 +263,20 @@ def test_cli_trains_under_the_verifiers_and_the_control(tmp_path, cache_dir):
         assert len(lines) == 2 and all(0.0 <= line[k] <= 1.0 for line in lines for k in keys)
     for line in lines:  # fp = 0.1 (the flip), fn = 0.14 (1 - 0.1) + 0.86 * 0.1 = 0.212
         assert line["noise/corrected_fp"] == pytest.approx(0.1) and line["noise/corrected_fn"] == pytest.approx(0.212)
+
+
+def test_the_correction_is_affine_so_group_normalised_advantages_ignore_it():
+    """(r - fp) / (1 - fp - fn) is one affine map for the whole batch: GRPO's group-normalised
+    advantages under flip0.2+corrected are those under flip0.2 (the variance the flips add stays)."""
+    from algorithms.common import group_advantages
+
+    n = 64
+    right = binom.rvs(1, 0.5, size=n, random_state=9)
+    rewards = torch.tensor(right, dtype=torch.float32)
+    responses = [str(int(r)) for r in right]
+    ctx = ctx_for(responses, ["1"] * n)
+    noisy, _ = parse_noise("flip0.2").apply(rewards, ctx)
+    corrected, _ = parse_noise("flip0.2+corrected").apply(rewards, ctx)
+    assert torch.allclose(corrected, (noisy - 0.2) / 0.6)  # the same flips, then the affine map
+    groups = torch.arange(n) // 4
+    assert torch.allclose(group_advantages(corrected, groups), group_advantages(noisy, groups), atol=1e-5)
