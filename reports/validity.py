@@ -200,7 +200,7 @@ def retest_gate(runs_dir: Path | None, suite) -> dict:
 
 def ood_gate(finals, suite) -> dict:
     """The initial model's OOD score and the largest mean OOD gain of any algorithm, clean runs."""
-    needs = f"start >= {_pts(OOD_START_MIN, False)} %, some |gain| >= {_pts(OOD_MOVE_MIN, False)} points"
+    needs = f"start >= {_pts(OOD_START_MIN, False)} %, some OOD gain or loss >= {_pts(OOD_MOVE_MIN, False)} points"
     if not suite.benchmarks["OOD"] or CLEAN not in suite.noises:
         return _row(suite.name, "OOD above floor", CLEAN, UNMEASURED, math.nan, needs, "no OOD benchmark or clean cells")
     starts, gains = [], {}
@@ -257,11 +257,11 @@ def gated(df: pd.DataFrame | None, sentences: list[str]) -> list[str]:
     failed = failures(df)
     if failed.empty:
         return sentences
-    reasons = "; ".join(f"{g.gate} ({g.setting}): {g.detail}" for g in failed.itertuples())
+    reasons = " ".join(f"Failed: {g.gate} ({g.setting}): {g.detail}." for g in failed.itertuples())
     noun = "gate" if len(failed) == 1 else "gates"
     answers = f"{len(sentences)} answer" + ("" if len(sentences) == 1 else "s")
     return [f"Withheld ({answers}): the testbed failed {len(failed)} validity {noun}, so its "
-            f"comparisons cannot tell the algorithms apart. {reasons}."]
+            f"comparisons cannot tell the algorithms apart. {reasons}"]
 
 
 NOTE = (

@@ -88,7 +88,7 @@ def test_each_gate_fails_alone_and_withholds_the_answers_saying_by_how_much(tmp_
     assert by in failed.iloc[0]["detail"]
     sentences = validity.gated(df, ["first answer", "second answer"])
     assert len(sentences) == 1 and sentences[0].startswith("Withheld (2 answers): the testbed failed 1 validity gate")
-    assert f"{gate} ({setting}): " in sentences[0] and by in sentences[0]
+    assert f"Failed: {gate} ({setting}): " in sentences[0] and by in sentences[0]
 
 
 def test_the_positive_control_ratio_by_hand(tmp_path):
@@ -140,6 +140,8 @@ def test_the_report_has_a_validity_section_and_csv(tmp_path):
     out = write_report(root, formats="md,tex,csv")
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "### Validity" in md and "| test-retest sd | all | FAIL | <= 1.0 points |" in md
+    rows = [line for line in md.splitlines() if line.startswith("| OOD above floor |")]
+    assert len(rows) == 1 and rows[0].count("|") == 6  # five cells: no '|' inside one
     assert "- Withheld (" in md
     assert "Validity" in (out / "report.tex").read_text(encoding="utf-8")
     csv = pd.read_csv(out / "csv" / "validity.csv")
