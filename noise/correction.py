@@ -18,9 +18,10 @@ map of the noisy reward, the same for every sample: it removes the bias the nois
 reward's mean, not the variance it adds. An update invariant to the reward's scale and offset
 ignores it: GRPO's group-normalised advantages are exactly those of the uncorrected reward (a test
 shows it), and PPO with whitened advantages sees it only through the KL penalty's relative weight
-and the value clip's absolute range. Its gain over the plain noise is therefore small for those
-algorithms, and the report's positive-control gate reads, for them, whether the testbed's signal
-survives the noise at all.
+and the value clip's absolute range (on arith, PPO under flip0.2+corrected gained 3.2 points more
+than under flip0.2, 5 seeds: the scale, 1 / (1 - fp - fn), against the KL penalty). The report's
+positive-control gate therefore reads, for such algorithms, whether the testbed's signal survives
+the noise once its bias and scale are undone.
 
 Chained channels compose: a wrong answer ends rewarded if the first channel rewards it and the
 second keeps it, or the first keeps it at 0 and the second rewards it,
