@@ -38,7 +38,9 @@ Batch keys the trainer provides (B sequences, P prompt columns, T response colum
 `input_ids [B, P+T]`, `attention_mask [B, P+T]`, `responses [B, T]`, `response_mask [B, T]`,
 `old_logp [B, T]`, `ref_logp [B, T]` (if needed), `scores [B]` (training reward, after noise),
 `clean_scores [B]`, `group_ids [B]`, `old_values [B, T, ...]` (the critic head's output before the
-update, computed without gradients).
+update, computed without gradients), `rollout_weight [B, T]` (the sampler/trainer mismatch correction's
+importance weights, `algorithms.common.rollout_correction`, only under `train.rollout_correction` and
+only for an algorithm that declares `supports_rollout_correction`).
 """
 from __future__ import annotations
 
@@ -85,6 +87,8 @@ class Algorithm:
     Options: ClassVar[type]
     critic: ClassVar[str] = "none"
     needs_hidden: ClassVar[bool] = False
+    # Whether `actor_loss` weighs its per-token loss by `mb["rollout_weight"]` (train.rollout_correction)
+    supports_rollout_correction: ClassVar[bool] = False
     # The algorithm's own knobs for `harness tune`, beside the shared ones (algorithms.search)
     SEARCH_SPACE: ClassVar[dict[str, Any]] = {}
 

@@ -25,6 +25,7 @@ KL_KINDS = ("k1", "k2", "k3", "low_var_kl")
 KL_MODES = ("reward", "loss", "none")
 GROUP_SCALES = ("std", "none")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+ROLLOUT_CORRECTIONS = ("off", "token-tis", "seq-tis", "token-mask", "seq-mask")
 
 
 # ---- masked reductions ----
@@ -242,6 +243,83 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return torch.where(var_returns > 0, 1.0 - var_residual / var_returns, nan)
 
 
+# ---- sampler/trainer mismatch ----
+
+
+@torch.no_grad()
+def rollout_mismatch(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """How far the trainer's log-probs are from the sampler's on the sampled tokens.
+
+    logp (trainer), rollout_logp (sampler), mask: ``[B, T]``. With r = exp(logp - rollout_logp) per
+    valid token (log-ratio clamped to [-20, 20]), tokens drawn from the sampler q, trainer p:
+
+    - ``rollout/mismatch_kl``: masked mean of rollout_logp - logp (k1 estimate of KL(q || p));
+    - ``rollout/mismatch_k3``: masked mean of r - 1 - log r (k3: non-negative, lower variance);
+    - ``rollout/ratio_mean``, ``rollout/ratio_max``, ``rollout/ratio_min``: of r over valid tokens.
+    """
+    valid = mask.bool()
+    log_ratio = torch.where(valid, (logp - rollout_logp).clamp(-20.0, 20.0), torch.zeros_like(logp))
+    ratio = torch.exp(log_ratio)
+    inf = torch.full_like(ratio, float("inf"))
+    any_valid = bool(valid.any())
+    return {
+        "rollout/mismatch_kl": float(masked_mean(-log_ratio, mask)),
+        "rollout/mismatch_k3": float(masked_mean(ratio - 1.0 - log_ratio, mask)),
+        "rollout/ratio_mean": float(masked_mean(ratio, mask)),
+        "rollout/ratio_max": float(torch.where(valid, ratio, -inf).max()) if any_valid else 1.0,
+        "rollout/ratio_min": float(torch.where(valid, ratio, inf).min()) if any_valid else 1.0,
+    }
+
+
+@torch.no_grad()
+def rollout_correction(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, mode: str,
+                       cap: float = 2.0, low: float = 0.5, high: float = 5.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Importance weights that correct a policy loss for the sampler/trainer mismatch (detached).
+
+    logp: the trainer's behaviour log-probs; rollout_logp: the sampler's; mask: ``[B, T]``. With the
+    token ratio r_t = exp(logp_t - rollout_logp_t) (log-ratio clamped to [-20, 20]) and, per sequence,
+    R = prod_t r_t and its geometric mean g = exp(mean_t log r_t) over the valid tokens:
+
+    - ``off``: w = 1;
+    - ``token-tis`` (truncated IS, per token): w_t = min(r_t, cap);
+    - ``seq-tis`` (truncated IS, per sequence): w_t = min(R, cap) on every token of the sequence;
+    - ``token-mask`` (masked IS, IcePop): w_t = r_t where low <= r_t <= high, else 0;
+    - ``seq-mask`` (sequence-masked TIS): w_t = min(r_t, cap) where low <= g <= high, else 0 for the
+      whole sequence.
+
+    The per-token policy loss is multiplied by w (a masked token weighs 0 but stays in the
+    aggregation's denominator). Returns (w ``[B, T]``, 0 outside the mask; metrics
+    ``rollout/weight_mean``, ``rollout/masked_frac`` (valid tokens whose weight is 0 by a mask),
+    ``rollout/truncated_frac`` (valid tokens whose weight was cut to ``cap``)).
+    """
+    if mode not in ROLLOUT_CORRECTIONS:
+        raise HarnessError(f"unknown rollout correction {mode!r} (valid: {', '.join(ROLLOUT_CORRECTIONS)})")
+    valid = mask.bool()
+    log_ratio = torch.where(valid, (logp - rollout_logp).clamp(-20.0, 20.0), torch.zeros_like(logp))
+    ratio = torch.exp(log_ratio)
+    zeros = torch.zeros_like(ratio)
+    truncated = masked = torch.zeros_like(valid)
+    if mode == "off":
+        weight = torch.ones_like(ratio)
+    elif mode == "token-tis":
+        weight, truncated = ratio.clamp(max=cap), ratio > cap
+    elif mode == "seq-tis":
+        seq = torch.exp(masked_sum(log_ratio, mask, dim=-1).clamp(-20.0, 20.0)).unsqueeze(-1).expand_as(ratio)
+        weight, truncated = seq.clamp(max=cap), seq > cap
+    elif mode == "token-mask":
+        masked = (ratio < low) | (ratio > high)
+        weight = torch.where(masked, zeros, ratio)
+    else:  # seq-mask
+        geo = torch.exp(masked_mean(log_ratio, mask, dim=-1)).unsqueeze(-1).expand_as(ratio)
+        masked = (geo < low) | (geo > high)
+        weight, truncated = torch.where(masked, zeros, ratio.clamp(max=cap)), ~masked & (ratio > cap)
+    weight = torch.where(valid, weight, zeros)
+    metrics = {"rollout/weight_mean": float(masked_mean(weight, mask)),
+               "rollout/masked_frac": float(masked_mean(masked.float(), mask)),
+               "rollout/truncated_frac": float(masked_mean(truncated.float(), mask))}
+    return weight, metrics
+
+
 @torch.no_grad()
 def masked_corr(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> float:
     """Pearson correlation of ``x`` and ``y`` (same shape, e.g. ``[B, T]``) over the entries where
@@ -318,6 +396,7 @@ def clip_policy_loss(
     agg_mode: str = "token-mean",
     dual_clip: float | None = None,
     norm_const: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate loss (spec §5.3), with decoupled clip range (DAPO clip-higher).
 
@@ -329,7 +408,8 @@ def clip_policy_loss(
         loss = max(pg1, pg2)
 
     With ``dual_clip`` = c (> 1), tokens with A < 0 are further capped: min(loss, -A * c).
-    The per-token loss is reduced with ``agg_loss(..., agg_mode, norm_const)``.
+    ``weights`` ``[B, T]`` (detached; the rollout correction's, `rollout_correction`) multiply the
+    per-token loss. The per-token loss is reduced with ``agg_loss(..., agg_mode, norm_const)``.
 
     Returns (scalar loss with grad, metrics of python floats):
     ``actor/pg_loss``; ``actor/clipfrac`` (fraction of valid tokens with pg2 > pg1);
@@ -347,6 +427,8 @@ def clip_policy_loss(
     if dual_clip is not None:
         capped = torch.minimum(per_token, -advantages * dual_clip)
         per_token = torch.where(advantages < 0, capped, per_token)
+    if weights is not None:
+        per_token = per_token * weights
     loss = agg_loss(per_token, mask, agg_mode, norm_const)
 
     with torch.no_grad():
@@ -399,10 +481,12 @@ def actor_objective(mb: Batch, fwd: PolicyForward, opts, norm_const: float | Non
                     ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clip on `mb["advantages"]`, plus a KL-to-reference loss term when `opts.kl_mode == "loss"`
     and an entropy bonus when `opts.entropy_coef > 0`, every term reduced with `agg_loss(..,
-    opts.agg_mode, norm_const)` (`norm_const` None: seq-mean-token-sum-norm divides by T)."""
+    opts.agg_mode, norm_const)` (`norm_const` None: seq-mean-token-sum-norm divides by T). The PPO term
+    is weighted by `mb["rollout_weight"]` when the trainer gives it (`train.rollout_correction`)."""
     mask = mb["response_mask"]
     loss, metrics = clip_policy_loss(fwd.logp, mb["old_logp"], mb["advantages"], mask, opts.clip_low,
-                                     opts.clip_high, opts.agg_mode, opts.dual_clip, norm_const)
+                                     opts.clip_high, opts.agg_mode, opts.dual_clip, norm_const,
+                                     mb.get("rollout_weight"))
     if opts.kl_mode == "loss" and opts.kl_coef > 0:
         kl = agg_loss(kl_penalty(fwd.logp, mb["ref_logp"], opts.kl_loss_kind), mask, opts.agg_mode, norm_const)
         loss = loss + opts.kl_coef * kl
@@ -428,6 +512,8 @@ class ClipActor(Algorithm):
     """An algorithm whose actor loss is `actor_objective` on its options (PPO, GRPO and its variants,
     RLOO, REINFORCE++, and PPO's subclasses): the reference is needed for a KL term, the entropy
     needs a gradient for an entropy bonus. Subclasses supply `advantages` (and a critic's loss)."""
+
+    supports_rollout_correction = True
 
     def needs_reference(self) -> bool:
         return self.opts.kl_mode != "none" and self.opts.kl_coef > 0

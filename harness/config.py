@@ -37,7 +37,7 @@ class ModelConfig:
     warmstart_steps: int = field(default=1500, metadata={"doc": "tiny model: supervised warm-start steps on the suite's train split (0: none)"})
     warmstart_lr: float = field(default=3e-3, metadata={"doc": "tiny model: warm-start learning rate (linear decay to 0)"})
     warmstart_batch: int = field(default=64, metadata={"doc": "tiny model: warm-start batch size"})
-    dtype: str = field(default="float32", metadata={"doc": "parameter dtype: float32, bfloat16 or float16"})
+    dtype: str = field(default="float32", metadata={"doc": "dtype of what generates or is frozen (reference, rollout replica, vLLM engine, KV cache): float32, bfloat16 or float16; trained modules keep float32 masters (train.master_dtype)"})
     trust_remote_code: bool = field(default=False, metadata={"doc": "run the Python code a model folder or hub repo ships (auto_map in its config); off: such a model is refused (--trust-remote-code)"})
 
 
@@ -79,7 +79,19 @@ class TrainConfig:
     # Nodes of a plain multi-node torchrun (harness.launch.NodeLaunch): nproc ranks on each, one
     # rendezvous per cell; every node runs the same `harness run` with its --node-rank  [I]
     nnodes: int = field(default=1, metadata={"doc": "nodes per cell under plain torchrun (nproc ranks on each); 1: this node only"})
-    fsdp_mixed_precision: str = field(default="off", metadata={"doc": "off, or bf16: parameters and activations in bfloat16, gradients reduced in float32"})
+    # Compute precision of the trained modules (harness.precision): bf16 gathered parameters and
+    # activations with float32 gradient reduction under FSDP2, torch.autocast in one process; the
+    # float32 master weights and AdamW states are unchanged. fsdp_mixed_precision is its old name  [I]
+    mixed_precision: str = field(default="off", metadata={"doc": "compute precision of the trained modules: off (float32), or bf16 (FSDP2 MixedPrecisionPolicy when sharded, torch.autocast in one process; float32 masters kept)"})
+    fsdp_mixed_precision: str = field(default="off", metadata={"doc": "old name of train.mixed_precision (either one set to bf16 turns it on)"})
+    master_dtype: str = field(default="float32", metadata={"doc": "trained modules' parameters and AdamW states: float32 (whatever model.dtype), or model: model.dtype, no master copy (small updates round away)"})
+    tf32: str = field(default="auto", metadata={"doc": "TF32 for float32 matmuls on CUDA: auto (on with CUDA), on, off; no effect on the CPU"})
+    # Sampler/trainer mismatch correction (algorithms.common.rollout_correction): importance weights
+    # pi_trainer / pi_sampler between the trainer's behaviour log-probs and the rollout's  [I]
+    rollout_correction: str = field(default="off", metadata={"doc": "sampler/trainer mismatch correction of the actor loss: off, token-tis, seq-tis (truncated IS at rollout_is_cap), token-mask (IS, tokens with ratio outside [rollout_mask_low, rollout_mask_high] masked), seq-mask (token TIS, sequences with geometric-mean ratio outside the range masked)"})
+    rollout_is_cap: float = field(default=2.0, metadata={"doc": "truncation C of the rollout-correction importance weight min(ratio, C)"})
+    rollout_mask_low: float = field(default=0.5, metadata={"doc": "masked IS: lowest ratio kept"})
+    rollout_mask_high: float = field(default=5.0, metadata={"doc": "masked IS: highest ratio kept"})
     reference_offload: bool = field(default=False, metadata={"doc": "keep the sharded reference policy's parameters on the CPU"})
     dist_timeout: int = field(default=1800, metadata={"doc": "seconds a rank waits on a collective before it fails the cell"})
 
@@ -295,10 +307,14 @@ def apply_section_overrides(cfg: RunConfig, groups: dict[str, dict[str, str]]) -
 
 def resolved_old_logp(cfg: RunConfig) -> str:
     """`train.old_logp` with auto resolved: the sampler's log-probs where they are the trainer's
-    function in the trainer's numerics (the hf backend in float32), else recomputed."""
-    if cfg.train.old_logp != "auto":
-        return cfg.train.old_logp
-    return "rollout" if cfg.train.rollout == "hf" and cfg.model.dtype == "float32" else "recompute"
+    function in the trainer's numerics (the hf backend in float32, float32 compute), else recomputed
+    (also under a rollout correction, which weighs the trainer's log-probs against the sampler's)."""
+    t = cfg.train
+    if t.old_logp != "auto":
+        return t.old_logp
+    same_numerics = (t.rollout == "hf" and cfg.model.dtype == "float32" and "bf16" not in
+                     (t.mixed_precision, t.fsdp_mixed_precision))
+    return "rollout" if same_numerics and t.rollout_correction == "off" else "recompute"
 
 
 def validate_core(cfg: RunConfig) -> None:
@@ -363,6 +379,14 @@ def validate_core(cfg: RunConfig) -> None:
         raise HarnessError(f"train.fast_model must be auto, on or off, got {t.fast_model!r}")
     if t.old_logp not in ("auto", "rollout", "recompute"):
         raise HarnessError(f"train.old_logp must be auto, rollout or recompute, got {t.old_logp!r}")
+    for key in ("mixed_precision", "fsdp_mixed_precision"):
+        if getattr(t, key) not in ("off", "bf16"):
+            raise HarnessError(f"train.{key} must be off or bf16, got {getattr(t, key)!r}")
+    if t.master_dtype not in ("float32", "model"):
+        raise HarnessError(f"train.master_dtype must be float32 or model, got {t.master_dtype!r}")
+    if t.tf32 not in ("auto", "on", "off"):
+        raise HarnessError(f"train.tf32 must be auto, on or off, got {t.tf32!r}")
+    check_rollout_correction(t)
     if t.old_logp == "rollout" and t.rollout == "vllm":
         raise HarnessError("train.old_logp=rollout needs train.rollout=hf (vLLM's log-probs are recomputed by the trainer)")
     if t.rollout == "vllm":
@@ -375,3 +399,23 @@ def validate_core(cfg: RunConfig) -> None:
         check_config(cfg)
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise HarnessError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+
+
+def check_rollout_correction(t: TrainConfig) -> None:
+    """`train.rollout_correction` and its thresholds, and that it has two log-probs to compare."""
+    from algorithms.common import ROLLOUT_CORRECTIONS
+
+    if t.rollout_correction not in ROLLOUT_CORRECTIONS:
+        raise HarnessError(f"train.rollout_correction must be one of {', '.join(ROLLOUT_CORRECTIONS)}, "
+                           f"got {t.rollout_correction!r}")
+    if not t.rollout_is_cap >= 1:
+        raise HarnessError(f"train.rollout_is_cap must be >= 1, got {t.rollout_is_cap}")
+    if not 0 <= t.rollout_mask_low <= 1 <= t.rollout_mask_high:
+        raise HarnessError(f"train.rollout_mask_low and rollout_mask_high must satisfy 0 <= low <= 1 <= high, got "
+                           f"{t.rollout_mask_low}, {t.rollout_mask_high}")
+    if t.rollout_correction != "off" and t.old_logp == "rollout":
+        raise HarnessError("train.rollout_correction needs train.old_logp=recompute or auto (with the sampler's own "
+                           "log-probs as behaviour log-probs there is no mismatch to correct)")
+    if t.rollout_correction != "off" and t.rollout == "vllm":
+        raise HarnessError("train.rollout_correction needs the sampler's log-probs, which train.rollout=vllm does not "
+                           "return yet; use train.rollout=hf or train.rollout_correction=off")

@@ -58,13 +58,14 @@ class World:
 def init(device: str, timeout_s: int) -> World:
     """Join the process group the launcher described in the environment (a no-op when it is already
     up, as under Ray Train): gloo on the CPU, NCCL on GPUs, each rank on its local GPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":  # before the group: NCCL binds each rank to its own GPU (device_id) up front
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         backend = "nccl" if device == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    world = World.current()
-    if device == "cuda":
-        torch.cuda.set_device(world.local_rank)
-    return world
+        extra = {"device_id": torch.device("cuda", local_rank)} if device == "cuda" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **extra)
+    return World.current()
 
 
 def gather_rows(x: torch.Tensor, n: int, world: World) -> torch.Tensor:
@@ -100,7 +101,7 @@ def shard(module: nn.Module, layers: list[nn.Module], mixed_precision: str = "of
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     kwargs = {"mesh": device_mesh()}
-    if mixed_precision == "bf16":
+    if mixed_precision == "bf16":  # the shards stay float32 masters; compute and gathers in bf16
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
@@ -121,6 +122,16 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+def check_gpus(device: str, nproc: int) -> None:
+    """A cell on CUDA runs one rank per GPU: refuse more ranks per node than visible GPUs."""
+    if device == "cpu" or not torch.cuda.is_available():
+        return
+    visible = torch.cuda.device_count()
+    if nproc > visible:
+        raise HarnessError(f"train.nproc={nproc} ranks per node on CUDA need {nproc} GPUs, but {visible} "
+                           f"{'is' if visible == 1 else 'are'} visible (CUDA_VISIBLE_DEVICES); use train.nproc <= {visible}")
+
+
 def check_config(cfg) -> None:
     """Refuse, with the reason, the settings a cell of more than one rank does not support."""
     t = cfg.train
@@ -136,6 +147,7 @@ def check_config(cfg) -> None:
                            "auto); use auto or off")
     if t.fsdp_mixed_precision not in ("off", "bf16"):
         raise HarnessError(f"train.fsdp_mixed_precision must be off or bf16, got {t.fsdp_mixed_precision!r}")
+    check_gpus(t.device, t.nproc)
     rows = t.prompts_per_step * t.group_size // t.num_minibatches
     if rows < t.world_size:
         raise HarnessError(f"{t.world_size} ranks (train.nproc x train.nnodes) need at least one row each in every minibatch, but a "

@@ -220,6 +220,9 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
                 if cfg.train.group_size < need:
                     raise HarnessError(f"{algo} compares the samples of a group: train.group_size must be >= {need} "
                                        f"(a group of {cfg.train.group_size} trains nothing), got {cfg.train.group_size}")
+                if cfg.train.rollout_correction != "off" and not ALGOS.get(algo).supports_rollout_correction:
+                    raise HarnessError(f"train.rollout_correction={cfg.train.rollout_correction}: {algo}'s actor loss takes "
+                                       f"no per-token importance weights (the PPO-clip algorithms do); set it to off")
                 cfg.algo_options = ALGOS.get(algo).cell_options(cfg.algo_options, cfg.train)
                 cfg.train.old_logp = resolved_old_logp(cfg)
                 cells.append(Cell(cfg, store.cell_dir(out, suite, algo, spec.name, seed)))

@@ -17,13 +17,13 @@ from tqdm.auto import tqdm
 
 from harness.config import ModelConfig
 from harness.errors import HarnessError
+from harness.precision import DTYPES
 from harness.seeding import derive_seed, seed_everything
 
 if TYPE_CHECKING:
     from tasks.base import Suite
 
 TINY_TOKENIZER_VERSION = 1
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def default_cache_dir() -> Path:
@@ -84,8 +84,11 @@ def warmstart_key(cfg: ModelConfig, suite: "Suite", seed: int) -> str:
     return f"{suite.name}-{digest}"
 
 
-def load_policy(cfg: ModelConfig, suite: "Suite", seed: int, cache_dir: Path | None, device: str, progress: bool = True):
-    """Return `(model, tokenizer)`; the tiny model comes warm-started (from the cache when present)."""
+def load_policy(cfg: ModelConfig, suite: "Suite", seed: int, cache_dir: Path | None, device: str, progress: bool = True,
+                dtype: str | None = None):
+    """Return `(model, tokenizer)`; the tiny model comes warm-started (from the cache when present).
+    The parameters are in `dtype` (default `cfg.dtype`; the trainer passes its master dtype)."""
+    dtype = dtype or cfg.dtype
     if cfg.name == "tiny":
         cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         path = cache_dir / "warmstart" / warmstart_key(cfg, suite, seed)
@@ -97,11 +100,11 @@ def load_policy(cfg: ModelConfig, suite: "Suite", seed: int, cache_dir: Path | N
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if not (path / "done").exists():
                     build_tiny_warmstart(cfg, suite, seed, path, progress=progress)
-        return load_pretrained(str(path), cfg.dtype, device)
+        return load_pretrained(str(path), dtype, device)
     if cfg.name in MODEL_ALIASES:
         folder, gguf_file = MODEL_ALIASES[cfg.name]()
-        return load_pretrained(str(folder), cfg.dtype, device, gguf_file=gguf_file)
-    return load_pretrained(cfg.name, cfg.dtype, device, trust_remote_code=cfg.trust_remote_code)
+        return load_pretrained(str(folder), dtype, device, gguf_file=gguf_file)
+    return load_pretrained(cfg.name, dtype, device, trust_remote_code=cfg.trust_remote_code)
 
 
 def smollm2_gguf() -> tuple[Path, str]:

@@ -7,10 +7,10 @@ real module's, and the algorithm's critic head and extra heads are the algorithm
 What the trainer does with them (harness.trainer, harness.sharded, harness.distributed), and so
 what is counted here:
 
-- **Parameters** are held in `model.dtype` (`load_pretrained(dtype=...)`); critic heads and extra
-  heads in float32 (built in the default dtype and moved, never cast). FSDP2's mixed precision
-  (`train.fsdp_mixed_precision=bf16`) casts only the gathered copies used in forward and backward:
-  the sharded parameters keep `model.dtype`, there is no separate float32 master copy.
+- **Parameters** of the trained modules (policy, critic backbone and head, extra heads) are float32
+  masters (`harness.precision`; `model.dtype` with `train.master_dtype=model`); the frozen reference
+  and the rollout replica are in `model.dtype`. Mixed precision (`train.mixed_precision=bf16`) casts
+  only the gathered copies (FSDP2) or the operands (autocast) used in forward and backward.
 - **Gradients** have the sharded parameter's dtype (FSDP2 reduces in float32 and casts back).
 - **Optimiser**: fused AdamW, `exp_avg` and `exp_avg_sq` like the parameter, plus a float32 `step`
   scalar per parameter tensor.
@@ -18,14 +18,14 @@ what is counted here:
   of ceil(dim0 / N) rows (the largest rank's share is counted), for the policy, the reference, the
   critic (backbone and head) and the extra heads. With `train.reference_offload` the reference's
   shards sit on the CPU. With N > 1 every rank also keeps an unsharded **rollout replica** of the
-  policy, refreshed after each update from a full state dict, which is gathered on the device
-  first: a second full copy for a moment (**replica refresh**). FSDP gathers one decoder layer at a
+  policy in `model.dtype`, refreshed after each update one tensor at a time: the largest float32
+  master tensor gathered for a moment (**replica refresh**). FSDP gathers one decoder layer at a
   time, prefetching the next, and the root (embeddings, final norm, output layer) for the whole
   forward: **FSDP buffers** = root + 2 largest layers in the compute dtype, + one layer's unsharded
   gradient in the reduce dtype.
 - **Activations** of the update's forward with gradients on one minibatch: r rows per rank
   (r = ceil(prompts_per_step * group_size / num_minibatches / N)), S = prompt_len + max_new_tokens
-  tokens each, compute dtype of b bytes (2 under bf16 mixed precision, else `model.dtype`'s).
+  tokens each, compute dtype of b bytes (2 under bf16 mixed precision, else the masters').
   Per token and decoder layer (Llama/Qwen block, SDPA attention that keeps no S x S scores, SwiGLU):
 
       act_layer = b * (4 h + 3 q + 3 kv + 4 I) + 8 h
@@ -47,8 +47,16 @@ what is counted here:
   rows of prompt_len + eval.max_new_tokens); with `train.rollout=vllm` (one rank only) vLLM takes
   `GPU_MEMORY_UTILIZATION` of the device instead and the trainer the rest.
 
-Peak = the persistent part (shards, gradients, optimiser, reference, replica) + the larger of the
-update phase (FSDP buffers + activations) and the rollout phase (replica refresh, KV cache).
+- **Start-up** (N > 1): every rank builds its modules whole in host memory (the policy and critic
+  backbone in the masters' dtype, the reference in `model.dtype`: a note gives the bytes), then
+  `fully_shard` moves each FSDP unit to the device and shards it, so the device holds the shards
+  built so far, the replica (`model.dtype`) and one unit unsharded, at most the root (embeddings,
+  final norm, output layer) of the policy or critic. With N = 1 the modules are built on the device:
+  the persistent part.
+
+Peak = the larger of the start-up and: the persistent part (shards, gradients, optimiser, reference,
+replica) + the larger of the update phase (FSDP buffers + activations) and the rollout phase
+(replica refresh, KV cache).
 Activation and KV figures are estimates; parameter, gradient and optimiser bytes are exact.
 """
 from __future__ import annotations
@@ -158,14 +166,15 @@ class Plan:
     persistent: dict[str, int] = field(default_factory=dict)
     update: dict[str, int] = field(default_factory=dict)
     rollout: dict[str, int] = field(default_factory=dict)
+    startup: dict[str, int] = field(default_factory=dict)
     activations: dict[bool, int] = field(default_factory=dict)  # checkpointing on/off -> activation bytes
     vllm_bytes: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
     def peak(self) -> int:
-        return sum(self.persistent.values()) + max(sum(self.update.values()), sum(self.rollout.values())) \
-            + self.vllm_bytes
+        running = sum(self.persistent.values()) + max(sum(self.update.values()), sum(self.rollout.values()))
+        return max(running, sum(self.startup.values())) + self.vllm_bytes
 
     @property
     def fits(self) -> bool:
@@ -178,13 +187,14 @@ class Plan:
         rows += [(f"update: {k}" + (f" ({ckpt})" if k == "activations" else ""), v) for k, v in self.update.items()]
         rows.append((f"  (activations with {other}, not counted)", self.activations[not self.checkpointing]))
         rows += [(f"rollout: {k}", v) for k, v in self.rollout.items()]
+        rows += [(f"start-up: {k}", v) for k, v in self.startup.items()]
         if self.vllm_bytes:
             rows.append(("vLLM share", self.vllm_bytes))
         return rows + [("peak", self.peak), ("device", self.device_bytes)]
 
     def to_dict(self) -> dict[str, Any]:
         return {"algo": self.algo, "nproc": self.nproc, "device_bytes": self.device_bytes,
-                "persistent": self.persistent, "update": self.update, "rollout": self.rollout,
+                "persistent": self.persistent, "update": self.update, "rollout": self.rollout, "startup": self.startup,
                 "activations": {"checkpointing": self.activations[True], "no_checkpointing": self.activations[False]},
                 "vllm_bytes": self.vllm_bytes, "gradient_checkpointing": self.checkpointing,
                 "peak_bytes": self.peak, "fits": self.fits, "notes": self.notes}
@@ -195,16 +205,21 @@ def module_bytes(cfg, algo) -> dict[str, Any]:
     of a cell (policy, reference, critic backbone and head, extra heads), on the meta device."""
     from algorithms.critics import CRITICS
 
+    from harness.precision import master_dtype
+
     t, n = cfg.train, cfg.train.world_size
     config = model_config(cfg)
-    policy = meta_model(config, cfg.model.dtype, cfg.model.trust_remote_code)
+    policy = meta_model(config, master_dtype(cfg), cfg.model.trust_remote_code)
+    frozen = unique_params(meta_model(config, cfg.model.dtype, cfg.model.trust_remote_code))  # the reference and the replica
     hidden = config.hidden_size
     with torch.device("meta"):
         heads = list(nn.ModuleDict(algo.extra_heads(hidden)).parameters())
         critic_head = CRITICS.get(algo.critic)(hidden, **algo.critic_options()) if algo.critic != "none" else None
     policy_params = unique_params(policy)
     out: dict[str, Any] = {"config": config, "policy_model": policy, "policy": shard_bytes(policy_params, n),
-                           "policy_numel": sum(p.numel() for p in policy_params)}
+                           "policy_numel": sum(p.numel() for p in policy_params),
+                           "replica": shard_bytes(frozen, 1), "policy_full": shard_bytes(policy_params, 1),
+                           "largest_tensor": max(shard_bytes([p], 1) for p in policy_params)}
     actor = policy_params + heads
     shared = critic_head is not None and t.critic_backbone == "shared"
     if shared:
@@ -212,12 +227,14 @@ def module_bytes(cfg, algo) -> dict[str, Any]:
     out["heads"] = shard_bytes(heads, n) + (shard_bytes(list(critic_head.parameters()), n) if shared else 0)
     out["actor_grads"] = shard_bytes(actor, n)
     out["actor_adam"] = adam_bytes(actor, n)
-    out["reference"] = shard_bytes(policy_params, n) if algo.needs_reference() else 0
-    out["critic"] = out["critic_grads"] = out["critic_adam"] = 0
+    out["reference"] = shard_bytes(frozen, n) if algo.needs_reference() else 0
+    out["reference_full"] = shard_bytes(frozen, 1) if algo.needs_reference() else 0
+    out["critic"] = out["critic_grads"] = out["critic_adam"] = out["critic_full"] = 0
     if critic_head is not None and not shared:
         critic = unique_params(backbone_of(policy)) + list(critic_head.parameters())
         out["critic"] = out["critic_grads"] = shard_bytes(critic, n)
         out["critic_adam"] = adam_bytes(critic, n)
+        out["critic_full"] = shard_bytes(critic, 1)
     out["critic_head"] = critic_head
     return out
 
@@ -247,6 +264,7 @@ def kv_cache_bytes(config, rows: int, seq: int, b: int) -> int:
 def plan_cell(cfg, prompt_len: int, device_bytes: int) -> Plan:
     """The memory plan of one cell's configuration `cfg` (a RunConfig), per device."""
     from algorithms import ALGOS
+    from harness.precision import compute_precision, master_dtype
     from harness.vllm_rollout import GPU_MEMORY_UTILIZATION
 
     t, n = cfg.train, cfg.train.world_size
@@ -264,11 +282,14 @@ def plan_cell(cfg, prompt_len: int, device_bytes: int) -> Plan:
         plan.persistent["critic"] = m["critic"]
         plan.persistent["critic gradients"] = m["critic_grads"]
         plan.persistent["critic optimiser"] = m["critic_adam"]
-    full_policy = shard_bytes(unique_params(policy), 1)
     if n > 1:
-        plan.persistent["rollout replica"] = full_policy
+        plan.persistent["rollout replica"] = m["replica"]
+    if n > 1:
+        host = m["policy_full"] + m["reference_full"] + m["critic_full"]
+        plan.notes.append(f"start-up: {host / GiB:.2f} GiB of unsharded modules per rank in host memory")
 
-    b = 2 if t.fsdp_mixed_precision == "bf16" and n > 1 else DTYPE_BYTES[cfg.model.dtype]
+    mixed = compute_precision(t) == "bf16"
+    b = 2 if mixed else DTYPE_BYTES[master_dtype(cfg)]
     rows = minibatch_rows_per_rank(t)
     seq, width = prompt_len + t.max_new_tokens, t.max_new_tokens + 1
     layers, hidden = config.num_hidden_layers, config.hidden_size
@@ -287,15 +308,19 @@ def plan_cell(cfg, prompt_len: int, device_bytes: int) -> Plan:
         decoder_layers = list(backbone_of(policy).layers)
         layer_params = max(sum(p.numel() for p in layer.parameters()) for layer in decoder_layers)
         root = m["policy_numel"] - sum(p.numel() for layer in decoder_layers for p in layer.parameters())
-        reduce_b = 4 if t.fsdp_mixed_precision == "bf16" else DTYPE_BYTES[cfg.model.dtype]
+        reduce_b = 4 if mixed else DTYPE_BYTES[master_dtype(cfg)]
         plan.update["FSDP buffers"] = (root + 2 * layer_params) * b + layer_params * reduce_b
+        master_b = DTYPE_BYTES[master_dtype(cfg)]
+        plan.startup = {"modules sharded, and the replica": sum(v for k, v in plan.persistent.items()
+                                                                if "gradients" not in k and "optimiser" not in k),
+                        "one unit before sharding": root * master_b}
     kv_b = DTYPE_BYTES[cfg.model.dtype]
     train_kv = kv_cache_bytes(config, math.ceil(t.prompts_per_step * t.group_size / n), seq, kv_b)
     eval_kv = kv_cache_bytes(config, math.ceil(cfg.eval.batch_size / n),
                              prompt_len + (cfg.eval.max_new_tokens or t.max_new_tokens), kv_b)
     plan.rollout = {"KV cache": max(train_kv, eval_kv)}
     if n > 1:
-        plan.rollout["replica refresh"] = full_policy
+        plan.rollout["replica refresh"] = m["largest_tensor"]
     if t.rollout == "vllm":
         plan.vllm_bytes = int(GPU_MEMORY_UTILIZATION * device_bytes)
         plan.rollout = {}  # vLLM's share holds its own weights and KV cache
@@ -308,8 +333,10 @@ def format_plans(plans: list[Plan], model: str, prompt_len: int, cfg) -> str:
     t = cfg.train
     rows_per_rank = minibatch_rows_per_rank(t)
     ranks = f"{t.world_size} rank(s) per cell" + (f" ({t.nnodes} nodes x {t.nproc})" if t.nnodes > 1 else "")
-    lines = [f"harness plan: {model}, {ranks}, model.dtype={cfg.model.dtype}, "
-             f"fsdp_mixed_precision={t.fsdp_mixed_precision}, {rows_per_rank} row(s) per rank in a minibatch of "
+    from harness.precision import compute_precision, master_dtype
+
+    lines = [f"harness plan: {model}, {ranks}, model.dtype={cfg.model.dtype}, masters {master_dtype(cfg)}, "
+             f"mixed_precision={compute_precision(t)}, {rows_per_rank} row(s) per rank in a minibatch of "
              f"{prompt_len}+{t.max_new_tokens} tokens, gradient_checkpointing={str(t.gradient_checkpointing).lower()}",
              "GiB per device"]
     labels: list[str] = []

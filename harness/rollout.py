@@ -38,9 +38,11 @@ def left_pad(token_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, t
 
 
 def sample_with_logp(logits: torch.Tensor, temperature: float, top_p: float,
-                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     generator: torch.Generator | None, u: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`logits [B, V]` -> (token ids `[B]`, their log-probs `[B]` under the temperature-scaled softmax,
-    before any top-p cut, i.e. the distribution `forward_response` scores; None when greedy).
+    before any top-p cut, i.e. the distribution `forward_response` scores; None when greedy). `u`
+    `[B, 1]`: the uniform draws, already on the logits' device (default: drawn from `generator`).
 
     Sampling inverts the CDF at one uniform draw per row (`searchsorted`), an exact draw from the
     (top-p truncated) distribution at a small fraction of `torch.multinomial`'s cost on the CPU.
@@ -54,7 +56,7 @@ def sample_with_logp(logits: torch.Tensor, temperature: float, top_p: float,
         keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the top token
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs * keep)
     cdf = probs.cumsum(-1)
-    u = uniforms(generator, len(cdf)).to(cdf.device) * cdf[:, -1:]
+    u = (uniforms(generator, len(cdf)).to(cdf.device) if u is None else u) * cdf[:, -1:]
     # right=True: a token whose probability is 0 never owns an interval; clamp guards rounding at 1
     token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
     return token, log_probs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
@@ -73,6 +75,12 @@ class RowsOf:
         self.draws += 1
         return torch.rand(self.batch, 1, generator=self.generator)[self.rows]
 
+    def rand_block(self, n: int, tokens: int) -> torch.Tensor:
+        """`[tokens, n, 1]`: the draws of `tokens` tokens at once (`uniform_block`)."""
+        assert n == len(range(self.batch)[self.rows]), (n, self.batch, self.rows)
+        self.draws += tokens
+        return torch.rand(tokens, self.batch, 1, generator=self.generator)[:, self.rows]
+
     def skip(self, draws: int) -> None:
         """Advance the generator by `draws` more draws of the whole batch (the tokens other ranks sampled)."""
         for _ in range(draws):
@@ -85,6 +93,25 @@ def uniforms(generator, n: int) -> torch.Tensor:
     if isinstance(generator, RowsOf):
         return generator.rand(n)
     return torch.rand(n, 1, generator=generator)
+
+
+def uniform_block(generator, n: int, tokens: int) -> torch.Tensor:
+    """`[tokens, n, 1]` U[0, 1) draws for `tokens` tokens of n rows at once: row t is the draw
+    `uniforms` would give token t (the CPU generator fills a tensor in order), so a rollout samples the
+    same tokens either way; only the generator ends `tokens` draws on, whatever the response length."""
+    if isinstance(generator, RowsOf):
+        return generator.rand_block(n, tokens)
+    return torch.rand(tokens, n, 1, generator=generator)
+
+
+def draws_ahead(device: torch.device) -> bool:
+    """Whether sampling draws its noise for all tokens up front and checks for the end only every
+    `END_CHECK_EVERY` tokens: on an accelerator, where a per-token host-to-device copy and
+    `bool(finished.all())` would each wait for the device. The CPU keeps the per-token draws."""
+    return device.type != "cpu"
+
+
+END_CHECK_EVERY = 8
 
 
 def scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -162,14 +189,16 @@ def sample_rollout(
     logits = decode(prompt_ids, prompt_mask, positions)
     next_pos = positions[:, -1:] + 1
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    ahead = draws_ahead(device) and temperature != 0
+    noise = uniform_block(generator, batch, max_new_tokens).to(device, non_blocking=True) if ahead else None
     tokens, logps = [], []
     for t in range(max_new_tokens):
-        token, logp = sample_with_logp(logits, temperature, top_p, generator)
+        token, logp = sample_with_logp(logits, temperature, top_p, generator, None if noise is None else noise[t])
         token = token.masked_fill(finished, pad_id)
         tokens.append(token)
         logps.append(logp)
         finished |= token == eos_id
-        if bool(finished.all()) or t == max_new_tokens - 1:
+        if t == max_new_tokens - 1 or ((not ahead or (t + 1) % END_CHECK_EVERY == 0) and bool(finished.all())):
             break
         logits = decode(token.unsqueeze(1), attention_mask[:, :width + t + 1], next_pos, finished)
         next_pos = next_pos + 1

@@ -2,15 +2,17 @@
 
 Every rank runs the same step on the same data; only the heavy parts are divided:
 
-- **Modules.** Policy, reference, critic (backbone and head) and extra heads are sharded with
-  `fully_shard` per decoder layer and at the root (`distributed.shard`), before the optimisers are
-  built, so each rank holds 1/N of every parameter, gradient and Adam state.
+- **Modules.** Policy, reference, critic (backbone and head) and extra heads are built in host memory
+  and sharded with `fully_shard` per decoder layer and at the root (`distributed.shard`), which moves
+  each rank's shards to the device, before the optimisers are built, so each rank holds 1/N of every
+  parameter, gradient and Adam state on the device and no unsharded copy but the rollout replica.
 - **Forwards.** Each rank runs its contiguous share of a batch's rows through a sharded module;
   the outputs (log-probs, entropies, hidden states, critic states) are all-gathered with autograd.
   The algorithm's advantages and losses then run unchanged and identically on every rank, and
   FSDP reduces the gradients.
 - **Rollout.** Each rank samples whole groups (consecutive rows of the same prompt) with a plain
-  replica of the policy, refreshed from the sharded weights after each update (a full state dict),
+  replica of the policy in model.dtype, refreshed from the sharded weights after each update (one tensor
+  gathered at a time),
   so sampling needs no collective and ranks may stop at different lengths. A row's uniform draws
   are those of one process sampling the whole batch (`rollout.RowsOf`): sampling is keyed by
   (seed, step, prompt, sample), never by rank. The rollouts are then all-gathered, so grading,
@@ -33,11 +35,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from harness import distributed, fast_llama, store
-from harness.rollout import Rollout, RowsOf, generate, merge_rollouts
+from harness import distributed, fast_llama, precision, store
+from harness.rollout import Rollout, RowsOf, draws_ahead, generate, merge_rollouts
 from harness.trainer import Trainer, rng_state, set_rng_state
 
 
@@ -73,6 +74,8 @@ def outside_inference_mode(fn):
 
 
 class ShardedTrainer(Trainer):
+    build_on_cpu = True  # fully_shard moves each rank's shards to the device: no unsharded copy there
+
     def __init__(self, cfg, cell: Path, cache_dir: Path | None = None, progress: bool = True):
         self.world = distributed.World.current()
         super().__init__(cfg, cell, cache_dir, progress and self.world.main)
@@ -82,21 +85,26 @@ class ShardedTrainer(Trainer):
 
     def distribute(self) -> None:
         t = self.cfg.train
-        # The rollout replica: a plain copy of the policy (keeping the fast path where it is on).
-        self.replica = copy.deepcopy(self.policy).requires_grad_(False).eval()
+        # The rollout replica: a plain copy of the policy in the generation dtype, model.dtype (keeping the
+        # fast path where it is on); refreshed from the float32 masters, cast tensor by tensor.
+        self.replica = copy.deepcopy(self.policy).to(self.device, precision.generation_dtype(self.cfg))
+        self.replica.requires_grad_(False).eval()
+        fast_llama.enable(self.replica, t.fast_model)  # auto decides on the replica's own device
         self.replica_stale = False
         modules = [self.policy, self.reference, self.critic.backbone if self.critic is not None else None]
         for module in modules:
             if module is not None:
                 fast_llama.enable(module, "off")
         decoder = fast_llama.decoder_of
-        distributed.shard(self.policy, list(decoder(self.policy).layers), t.fsdp_mixed_precision)
+        # Backbones compute in the mixed precision (FSDP2 casts the gathered float32 shards); the heads
+        # stay float32 in compute too: they cast their (bf16) inputs to float32 (harness.precision).
+        mp = precision.compute_precision(t)
+        distributed.shard(self.policy, list(decoder(self.policy).layers), mp)
         if self.reference is not None:
-            distributed.shard(self.reference, list(decoder(self.reference).layers), t.fsdp_mixed_precision,
-                              offload=t.reference_offload)
+            distributed.shard(self.reference, list(decoder(self.reference).layers), mp, offload=t.reference_offload)
         if self.critic is not None:
-            distributed.shard(self.critic.backbone, list(self.critic.backbone.layers), t.fsdp_mixed_precision)
-            distributed.shard(self.critic.head, [], t.fsdp_mixed_precision)
+            distributed.shard(self.critic.backbone, list(self.critic.backbone.layers), mp)
+            distributed.shard(self.critic.head, [], "off")
             states = self.critic.states  # each rank its rows; the states of all rows on every rank
 
             def sharded_states(input_ids, attention_mask, prompt_len):
@@ -107,12 +115,14 @@ class ShardedTrainer(Trainer):
             self.critic.states = sharded_states
             self.critic.forward = outside_inference_mode(self.critic.forward)
         for head in self.heads.values():
-            distributed.shard(head, [], t.fsdp_mixed_precision)
+            distributed.shard(head, [], "off")
 
     def response_forward(self, model, input_ids, attention_mask, prompt_len: int, **kwargs):
         rows, n = self.world.rows(len(input_ids)), len(input_ids)
-        logp, entropy, hidden = super().response_forward(model, input_ids[rows], attention_mask[rows], prompt_len,
-                                                         **kwargs)
+        # The trainer runs the reference under inference mode; FSDP's gather buffers made there break the
+        # next gather (with one rank: "Inference tensors do not track version counter"), so no_grad instead.
+        forward = outside_inference_mode(super().response_forward)
+        logp, entropy, hidden = forward(model, input_ids[rows], attention_mask[rows], prompt_len, **kwargs)
         gather = lambda x: distributed.gather_rows(x, n, self.world)  # noqa: E731
         return gather(logp), gather(entropy), gather(hidden) if hidden is not None else None
 
@@ -123,11 +133,17 @@ class ShardedTrainer(Trainer):
 
     # ---- rollout -----------------------------------------------------------------------------
 
+    @torch.no_grad()
     def refresh_replica(self) -> None:
-        """Copy the sharded policy's current weights into the replica (a collective: every rank)."""
+        """Copy the sharded policy's current weights into the replica (a collective: every rank), one
+        tensor at a time: each float32 master is gathered, cast into the replica's (model.dtype) tensor
+        and freed, so the refresh needs one full tensor on the device, not a full state dict."""
         if self.replica_stale:
-            full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True))
-            self.replica.load_state_dict(full)
+            target = self.replica.state_dict()
+            for name, value in self.policy.state_dict().items():
+                full = value.full_tensor() if hasattr(value, "full_tensor") else value
+                target[name].copy_(full)
+                del full
             self.replica_stale = False
 
     def sharded_rollout(self, prompts: list[list[int]], *, generator=None, temperature: float = 1.0,
@@ -145,7 +161,8 @@ class ShardedTrainer(Trainer):
         parts = [p for p in parts if p is not None]
         roll = merge_rollouts([(p, torch.arange(len(p.input_ids))) for p in parts], kwargs["pad_id"])
         if temperature != 0:  # later calls with this generator continue where one process would
-            draws.skip(roll.responses.shape[1] - draws.draws)
+            drawn = kwargs["max_new_tokens"] if draws_ahead(torch.device(self.device)) else roll.responses.shape[1]
+            draws.skip(drawn - draws.draws)
         return Rollout(**{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in vars(roll).items()})
 
     # ---- files and checkpoints ---------------------------------------------------------------
@@ -203,7 +220,7 @@ class ShardedTrainer(Trainer):
         if found is None:
             return 0
         step, path = found
-        record = torch.load(path / store.STATE_FILE, weights_only=True)
+        record = torch.load(path / store.STATE_FILE, map_location="cpu", weights_only=True)
         if record["world_size"] != self.world.size:
             raise RuntimeError(f"checkpoint {path} was written by {record['world_size']} ranks, this cell has "
                                f"{self.world.size}")
@@ -214,7 +231,7 @@ class ShardedTrainer(Trainer):
         for name, obj in (("algo", self.algo), ("noise", self.noise)):
             if name in record:
                 obj.load_state_dict(record[name])
-        set_rng_state(torch.load(path / f"rng_rank{self.world.rank}.pt", weights_only=True))
+        set_rng_state(torch.load(path / f"rng_rank{self.world.rank}.pt", map_location="cpu", weights_only=True))
         distributed.barrier(self.world)  # every rank has read the checkpoint before rank 0 cuts the files
         if self.world.main:
             for name, size in record["files"].items():

@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 
 from algorithms import ALGOS
 from algorithms.base import Batch, PolicyForward
-from algorithms.common import explained_variance, masked_mean
+from algorithms.common import explained_variance, masked_mean, rollout_correction, rollout_mismatch
 from algorithms.critics import build_critic
-from harness import fast_llama, store
+from harness import fast_llama, precision, store
 from harness.config import RunConfig, resolved_old_logp
 from harness.models import load_policy
 from harness.errors import HarnessError
@@ -73,6 +73,10 @@ def epoch_order(seed: int, n: int, epoch: int) -> list[int]:
 class Trainer(PolicyEvaluator):
     """One cell's training; its ID/OOD evaluation is `PolicyEvaluator`'s (harness.evaluation)."""
 
+    # Where the modules are built before `distribute`: the cell's device; the sharded trainer builds
+    # them in host memory and FSDP2 moves only each rank's shards to the device.
+    build_on_cpu = False
+
     def __init__(self, cfg: RunConfig, cell: Path, cache_dir: Path | None = None, progress: bool = True):
         self.cfg = cfg
         self.cell = Path(cell)
@@ -81,6 +85,7 @@ class Trainer(PolicyEvaluator):
         self.device = cfg.train.device
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        precision.tf32(cfg.train.tf32, self.device)
 
         suite_cls = SUITES.get(cfg.suite)
         self.suite = suite_cls(suite_cls.Options(**cfg.suite_options), cfg.seed)
@@ -88,13 +93,22 @@ class Trainer(PolicyEvaluator):
         self.algo = algo_cls(algo_cls.Options(**cfg.algo_options))
         self.noise = parse_noise(cfg.noise)
 
-        self.policy, self.tokenizer = load_policy(cfg.model, self.suite, cfg.seed, cache_dir, self.device, progress)
+        # The trained policy in its master dtype (float32 unless train.master_dtype=model, harness.precision);
+        # model.dtype is what generates and what is frozen.
+        self.policy, self.tokenizer = load_policy(cfg.model, self.suite, cfg.seed, cache_dir,
+                                                  "cpu" if self.build_on_cpu else self.device, progress,
+                                                  dtype=precision.master_dtype(cfg))
         self.policy.eval()  # no dropout: rollout and update see the same function
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(self.policy)  # before the critic copies the backbone: it inherits it
         # Before the reference and critic copies, which inherit the setting.
         self.fast_model = fast_llama.enable(self.policy, cfg.train.fast_model)
-        self.rollout = functools.partial(generate, self.policy)  # prompts -> Rollout
+        # One process: the policy samples itself, under autocast in model.dtype when its masters differ.
+        self.sample_dtype = precision.generation_dtype(cfg)
+        if self.sample_dtype == next(self.policy.parameters()).dtype:
+            self.sample_dtype = None
+        self.rollout = precision.autocast_fn(functools.partial(generate, self.policy), self.device,
+                                             self.sample_dtype)  # prompts -> Rollout
         self.old_logp_from_rollout = resolved_old_logp(cfg) == "rollout"
         self.vllm = None
         if cfg.train.rollout == "vllm":  # generation by vLLM; weights pushed after every update
@@ -104,7 +118,8 @@ class Trainer(PolicyEvaluator):
             self.rollout = self.vllm.generate
         self.reference = None
         if self.algo.needs_reference():
-            self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
+            # Frozen: in model.dtype (a no-op copy's cast when the masters are in it already)
+            self.reference = copy.deepcopy(self.policy).to(precision.generation_dtype(cfg)).requires_grad_(False).eval()
         seed_everything(cfg.seed, "heads-init")
         t = cfg.train
         self.critic = None
@@ -115,7 +130,9 @@ class Trainer(PolicyEvaluator):
         # and the critic loss joins the actor loss (`update`).
         self.shared_critic = self.critic is not None and t.critic_backbone == "shared"
         self.heads = nn.ModuleDict(self.algo.extra_heads(self.policy.config.hidden_size)).to(self.device)
+        self.autocast_dtype = None  # the trained modules' autocast dtype (one process; `distribute` sets it)
         self.distribute()  # before the optimisers: sharding replaces the parameters
+        precision.check_master({"policy": self.policy, "critic": self.critic, "extra heads": self.heads}, cfg)
 
         groups = [{"params": list(self.policy.parameters())}]
         if len(self.heads):
@@ -228,17 +245,27 @@ class Trainer(PolicyEvaluator):
             group_ids=group_ids.to(self.device), prompt_len=roll.prompt_len,
         )
         minibatches = self.minibatches(batch.size, step)
-        first_fwd = None
+        # The policy is unchanged until the first optimiser step, so the first minibatch's forward (with
+        # gradients, needed by the update anyway) also gives those rows' old log-probs; only the other
+        # rows need a no-grad forward. Same function, same weights: the same values as a full forward.
+        with timer("update"):
+            first_fwd = self.policy_forward(batch.select(minibatches[0]))
+        mismatch: dict[str, float] = {}
         if self.old_logp_from_rollout:  # the sampler's log-probs: the same weights and function
             batch["old_logp"] = roll.logp
+            if roll.logp is not None:  # the mismatch on the rows the trainer has scored already
+                first = minibatches[0]
+                mismatch = rollout_mismatch(first_fwd.logp.detach(), roll.logp[first], mask[first])
         else:
-            # The policy is unchanged until the first optimiser step, so the first minibatch's forward (with
-            # gradients, needed by the update anyway) also gives those rows' old log-probs; only the other
-            # rows need a no-grad forward. Same function, same weights: the same values as a full forward.
-            with timer("update"):
-                first_fwd = self.policy_forward(batch.select(minibatches[0]))
             with torch.no_grad(), timer("old_logp"):
                 batch["old_logp"] = self.old_logp(batch, minibatches[0], first_fwd.logp.detach())
+            if roll.logp is not None:
+                mismatch = rollout_mismatch(batch["old_logp"], roll.logp, mask)
+                if t.rollout_correction != "off":
+                    batch["rollout_weight"], correction = rollout_correction(
+                        batch["old_logp"], roll.logp, mask, t.rollout_correction, t.rollout_is_cap,
+                        t.rollout_mask_low, t.rollout_mask_high)
+                    mismatch.update(correction)
         # Frozen passes run under inference mode (no autograd bookkeeping); their results are copied out.
         if self.reference is not None:
             with timer("reference"), torch.inference_mode():
@@ -264,6 +291,7 @@ class Trainer(PolicyEvaluator):
             "step": step,
             **reward_metrics,
             **sampling_metrics,
+            **mismatch,
             "response/length_mean": n_tokens / mask.shape[0],
             **adv_metrics,
             **update_metrics,
@@ -289,9 +317,10 @@ class Trainer(PolicyEvaluator):
         votes: dict[str, list[tuple[str | None, float]]] = {}
         for start in range(0, len(repeated), t.prompts_per_step * t.group_size):
             chunk = repeated[start:start + t.prompts_per_step * t.group_size]
-            roll = generate(self.policy, [self.encode(p) for p in chunk], max_new_tokens=t.max_new_tokens,
-                            eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
-                            temperature=t.temperature, top_p=t.top_p, generator=gen)
+            with precision.autocast(self.device, self.sample_dtype):
+                roll = generate(self.policy, [self.encode(p) for p in chunk], max_new_tokens=t.max_new_tokens,
+                                eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
+                                temperature=t.temperature, top_p=t.top_p, generator=gen)
             for text, p in zip(self.decode(roll.responses, roll.response_mask), chunk):
                 votes.setdefault(p.id, []).append(self.suite.vote(text, p))
         return votes
@@ -307,11 +336,18 @@ class Trainer(PolicyEvaluator):
 
     def distribute(self) -> None:
         """Hook between building the modules and their optimisers; the sharded trainer
-        (`harness.sharded`) shards the modules here. One process: nothing to do."""
+        (`harness.sharded`) shards the modules here. One process: under `train.mixed_precision=bf16`
+        the policy's and the critic backbone's forwards run under autocast (their backwards follow);
+        the heads cast their inputs to float32 and compute in it."""
+        self.autocast_dtype = precision.compute_dtype(self.cfg.train)
+        if self.critic is not None and self.autocast_dtype is not None:
+            self.critic.states = precision.autocast_fn(self.critic.states, self.device, self.autocast_dtype)
 
     def response_forward(self, model, input_ids, attention_mask, prompt_len: int, **kwargs):
-        """`forward_response` at the rollout temperature (the sharded trainer splits its rows across ranks)."""
-        return forward_response(model, input_ids, attention_mask, prompt_len, self.cfg.train.temperature, **kwargs)
+        """`forward_response` at the rollout temperature (the sharded trainer splits its rows across ranks),
+        under the one-process autocast of mixed precision."""
+        with precision.autocast(self.device, self.autocast_dtype):
+            return forward_response(model, input_ids, attention_mask, prompt_len, self.cfg.train.temperature, **kwargs)
 
     def policy_forward(self, mb: Batch) -> PolicyForward:
         logp, entropy, hidden = self.response_forward(self.policy, mb["input_ids"], mb["attention_mask"], mb.prompt_len,
@@ -473,7 +509,9 @@ class Trainer(PolicyEvaluator):
         manifest = store.verify_checkpoint(self.cell, folder)
         path = Path(folder) / store.STATE_FILE
         try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
+            # To the CPU: load_state_dict moves each tensor to its module's device, and the RNG states
+            # must stay CPU ByteTensors whatever device the cell runs on.
+            state = torch.load(path, map_location="cpu", weights_only=True)
             self.load_state_dict(state)
             summary = dict(state["summary"])
         except Exception as exc:  # noqa: BLE001 - whatever the file holds, it is not loaded
@@ -506,13 +544,15 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(rng: dict[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
+    """Restore `rng_state()`'s states, wherever the checkpoint's tensors were loaded (RNG states are
+    CPU ByteTensors; the CUDA ones are restored only where CUDA is)."""
+    torch.set_rng_state(rng["torch"].cpu())
     n = rng["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state((n["kind"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     py = rng["python"]
     random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss_next"]))
     if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        torch.cuda.set_rng_state_all([state.cpu() for state in rng["cuda"]][:torch.cuda.device_count()])
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, float]:

@@ -46,12 +46,30 @@ def test_grpo_bytes_by_hand_for_a_small_config():
     assert m["critic"] == 0
 
 
-def test_bfloat16_halves_policy_bytes_but_heads_stay_float32():
+def test_bfloat16_halves_the_frozen_copies_but_trained_masters_stay_float32():
     (f32,) = configs("flowrl", sets=SMALL)
     (b16,) = configs("flowrl", sets={**SMALL, "model.dtype": "bfloat16"})
     a, b = module_bytes(f32, algorithm(f32)), module_bytes(b16, algorithm(b16))
-    assert b["policy"] * 2 == a["policy"]
+    assert b["policy"] == a["policy"] and b["actor_adam"] == a["actor_adam"]  # float32 masters (harness.precision)
+    assert b["reference"] * 2 == a["reference"] > 0 and b["replica"] * 2 == a["replica"]
     assert a["heads"] == b["heads"] > 0
+    (low,) = configs("flowrl", sets={**SMALL, "model.dtype": "bfloat16", "train.master_dtype": "model"})
+    assert module_bytes(low, algorithm(low))["policy"] * 2 == a["policy"]  # asked for: no master copy
+
+
+def test_sharded_start_up_and_replica_refresh():
+    """With N > 1 the modules are built in host memory and FSDP2 moves each unit's shards to the device:
+    the device's start-up holds the shards, the replica (model.dtype) and one unsharded unit; the replica
+    refresh gathers one float32 tensor at a time (the largest: Qwen3-8B's embedding or output layer)."""
+    (cfg,) = configs("ppo", 8, "Qwen/Qwen3-8B", sets={"model.dtype": "bfloat16", "train.mixed_precision": "bf16"})
+    plan = plan_cell(cfg, 768, 80 * GiB)
+    assert plan.rollout["replica refresh"] == 151936 * 4096 * 4
+    assert plan.persistent["rollout replica"] == 2 * 8_190_735_360  # every Qwen3-8B parameter in bf16
+    root = 2 * 151936 * 4096 + 4096  # embeddings, output layer, final norm (untied)
+    assert plan.startup["one unit before sharding"] == 4 * root
+    assert plan.startup["modules sharded, and the replica"] == sum(
+        plan.persistent[k] for k in ("parameters", "reference", "critic", "rollout replica"))
+    assert any(note.startswith("start-up: ") and "host memory" in note for note in plan.notes)
 
 
 @pytest.mark.parametrize("algo", MISSION_ALGOS)
