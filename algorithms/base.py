@@ -89,6 +89,8 @@ class Algorithm:
     needs_hidden: ClassVar[bool] = False
     # Whether `actor_loss` weighs its per-token loss by `mb["rollout_weight"]` (train.rollout_correction)
     supports_rollout_correction: ClassVar[bool] = False
+    # The algorithm's own knobs for `harness tune`, beside the shared ones (algorithms.search)
+    SEARCH_SPACE: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, options: Any):
         self.opts = options

@@ -3,7 +3,7 @@
 Pure functions over tensors, no state, except at the end: the PPO-clip actor (`actor_objective`,
 `check_clip_options`, `ClipActor`), which reads an algorithm's options by their shared field names
 (`clip_low`, `clip_high`, `dual_clip`, `kl_mode`, `kl_coef`, `kl_loss_kind`, `agg_mode`,
-`entropy_coef`). Algorithm modules import these from here, never from each other. Token-level tensors are
+`entropy_coef`), and `register_variant` (an algorithm under another name with other defaults). Algorithm modules import these from here, never from each other. Token-level tensors are
 ``[B, T]`` (B sequences, T response positions), right-padded, with a 0/1 ``mask``
 (float or bool) that is 1 on the generated tokens up to and including EOS.
 
@@ -13,9 +13,12 @@ leaks into a result or a gradient.
 """
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import torch
 
-from algorithms.base import Algorithm, Batch, PolicyForward
+from algorithms.base import ALGOS, Algorithm, Batch, PolicyForward
 from harness.errors import HarnessError
 
 KL_KINDS = ("k1", "k2", "k3", "low_var_kl")
@@ -123,6 +126,47 @@ def gae(
 
     returns = torch.where(valid, advantages + values, torch.zeros_like(values))
     return advantages, returns
+
+
+@torch.no_grad()
+def tail_dampened_gae(token_rewards: torch.Tensor, values: torch.Tensor, lower_gap: torch.Tensor, mask: torch.Tensor,
+                      gamma: float, lam: float, weight: float) -> torch.Tensor:
+    """GAE whose TD errors below the critic's lower tail are dampened, without grad.
+
+    token_rewards, values (the critic's mean), lower_gap (mean - CVaR-_alpha of the critic's distribution
+    at each state, >= 0), mask: ``[B, T]``. With delta_t the TD error of `gae` (lam = 0) and
+    g_t = lower_gap_t,
+
+        delta'_t = delta_t - weight * min(0, delta_t + g_t),    A_t = sum_l (gamma lam)^l delta'_{t+l}:
+
+    a TD error inside the predicted lower tail (delta_t >= -g_t) is kept; the part of a negative one
+    beyond it (an outcome the critic puts below the mean of its worst alpha) is shrunk by (1 - weight):
+    weight 0 is plain GAE, weight 1 clips at -g_t. Positive TD errors are never changed. Returns the
+    advantages ``[B, T]`` (0 outside the mask)."""
+    delta = gae(token_rewards, values, mask, gamma, 0.0)[0]
+    dampened = delta - weight * torch.clamp(delta + lower_gap, max=0.0)
+    return gae(dampened, torch.zeros_like(values), mask, gamma, lam)[0]
+
+
+RISK_ADV_MODES = ("tail_td", "value")
+
+
+@torch.no_grad()
+def risk_adjusted_gae(token_rewards: torch.Tensor, mean: torch.Tensor, lower_gap: torch.Tensor, mask: torch.Tensor,
+                      gamma: float, lam: float, weight: float, mode: str) -> torch.Tensor:
+    """The risk-adjusted advantage of a distributional critic, without grad: all ``[B, T]``; ``mean`` and
+    ``lower_gap`` (mean - CVaR-_alpha >= 0) summarise the critic's distribution at each state.
+
+    - ``value``: GAE on the risk-distorted value V_w = mean - weight * lower_gap (a mix of the mean and
+      CVaR-, `algorithms.distributional.lower_tail_distortion`) in place of the mean;
+    - ``tail_td``: `tail_dampened_gae`, GAE on the mean whose TD errors below the lower tail are shrunk.
+
+    weight 0 gives GAE on the mean (the caller computes it as `gae` itself, bit for bit)."""
+    if mode == "value":
+        return gae(token_rewards, mean - weight * lower_gap, mask, gamma, lam)[0]
+    if mode == "tail_td":
+        return tail_dampened_gae(token_rewards, mean, lower_gap, mask, gamma, lam, weight)
+    raise HarnessError(f"unknown risk_adv_mode {mode!r} (valid: {', '.join(RISK_ADV_MODES)})")
 
 
 # ---- KL and loss aggregation ----
@@ -274,6 +318,35 @@ def rollout_correction(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: tor
                "rollout/masked_frac": float(masked_mean(masked.float(), mask)),
                "rollout/truncated_frac": float(masked_mean(truncated.float(), mask))}
     return weight, metrics
+
+
+@torch.no_grad()
+def masked_corr(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> float:
+    """Pearson correlation of ``x`` and ``y`` (same shape, e.g. ``[B, T]``) over the entries where
+    ``mask`` is 1; nan when either has no variance there (or fewer than 2 entries)."""
+    valid = mask.bool()
+    a, b = x[valid].double(), y[valid].double()
+    if a.numel() < 2:
+        return float("nan")
+    a, b = a - a.mean(), b - b.mean()
+    denom = (a.pow(2).sum() * b.pow(2).sum()).sqrt()
+    return float((a * b).sum() / denom) if denom > 0 else float("nan")
+
+
+def grad_shares(terms: dict[str, torch.Tensor], wrt: list[torch.Tensor]) -> dict[str, float]:
+    """Each loss term's share of the gradient norm at the tensors ``wrt`` (a critic head's outputs).
+
+    terms: name -> weighted scalar term (with grad) of one loss; wrt: tensors the terms depend on.
+    With g_k the gradient of term k with respect to all of ``wrt`` (concatenated), the share of term
+    k is ||g_k|| / sum_j ||g_j||: the shares sum to 1 (nan when every gradient is 0). One
+    ``torch.autograd.grad`` per term that keeps the graph for the loss's own backward; the gradient
+    stops at ``wrt``, so nothing is propagated through the network behind it. Keys ``<name>``."""
+    norms = {}
+    for name, term in terms.items():
+        grads = torch.autograd.grad(term, wrt, retain_graph=True, allow_unused=True)
+        norms[name] = sum(float(g.detach().double().pow(2).sum()) for g in grads if g is not None) ** 0.5
+    total = sum(norms.values())
+    return {name: (n / total if total > 0 else float("nan")) for name, n in norms.items()}
 
 
 # ---- group baselines ----
@@ -454,3 +527,27 @@ class ClipActor(Algorithm):
 
     def actor_loss(self, mb: Batch, fwd: PolicyForward, heads) -> tuple[torch.Tensor, dict[str, float]]:
         return actor_objective(mb, fwd, self.opts, self.loss_norm_const())
+
+
+# ---- named variants ----
+
+
+def register_variant(base: type[Algorithm], name: str, description: str, **defaults) -> type[Algorithm]:
+    """Register `name` as the algorithm `base` with other option defaults (an ablation of it): an
+    Options subclass whose listed fields get new defaults, keeping their docs (every field stays
+    overridable with `--set name.KEY=...`), and a `base` subclass with its own name and description."""
+    fields = {f.name: f for f in dataclasses.fields(base.Options)}
+    unknown = sorted(set(defaults) - set(fields))
+    if unknown:
+        raise KeyError(f"{base.name} has no option {unknown}")
+    hints = typing.get_type_hints(base.Options)
+    options = dataclasses.make_dataclass(
+        "".join(part.capitalize() for part in name.split("_")) + "Options",
+        [(k, hints[k], dataclasses.field(default=v, metadata=fields[k].metadata)) for k, v in defaults.items()],
+        bases=(base.Options,),
+    )
+    options.__module__ = base.__module__
+    cls = type(options.__name__[:-len("Options")], (base,), {"name": name, "description": description,
+                                                             "Options": options, "__module__": base.__module__})
+    ALGOS.add(name, cls)
+    return cls

@@ -8,9 +8,20 @@ field of `DFPOOptions` with the spec's default. This module holds the whole of i
 - coupled-noise distributional GAE targets (§1.4);
 - the critic loss `flow_critic_loss` (§1.5): uncertainty-weighted distributional CFM, bootstrapped
   anchor, geometric consistency, lower-tail conditional value risk, tail shape;
-- the mean-based (optionally risk-adjusted) advantage and the PPO-clip actor (§1.6);
+- the mean-based advantage, risk-adjusted by `risk_adv_weight` (below; the spec's own §1.6 variant is
+  `risk_eta`), and the PPO-clip actor (§1.6);
 - diagnostics: spread and tails of the predicted distribution, explained variance, flow
   straightness, CRPS and 10-90% coverage against realised returns.
+
+The risk that reaches the policy [I, design default; spec §1.6 and §9 #9 leave open whether DFPO's
+advantage is risk-adjusted]. The risk and tail-shape terms of the critic loss are unchanged when all
+samples of a token shift together, so they move no token's mean and an advantage on the mean cannot see
+them (tests/test_risk.py). The risk-adjusted advantage reads the flow's lower-tail spread
+g = mean - CVaR-_alpha of the M samples itself (`risk_adv_mode`): `tail_td` (default) shrinks the TD
+errors below -g by 1 - w (`algorithms.common.tail_dampened_gae`, "dampen noisy negative deviations"),
+`value` runs GAE on V_w = mean - w g. w = 0 is plain GAE on the mean, bit for bit. The default and why:
+README, "The risk that reaches the policy". Logged every step: `actor/adv_corr_plain_gae` and
+`critic/grad_share/<term>` (each weighted term's share of the gradient at the head's velocity outputs).
 
 Two decisions go beyond the spec's text:
 
@@ -38,15 +49,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from algorithms.base import ALGOS, Batch
-from algorithms.common import explained_variance, gae, masked_mean, masked_whiten
+from algorithms.common import (RISK_ADV_MODES, explained_variance, gae, grad_shares, masked_corr, masked_mean, masked_whiten,
+                               register_variant, risk_adjusted_gae)
 from algorithms.critics import CRITICS
-from algorithms.distributional import crps, cvar_lower, cvar_upper, interval_coverage, reward_std_cap, tail_curvature
+from algorithms.distributional import (crps, cvar_lower, cvar_upper, interval_coverage, lower_tail_gap, reward_std_cap,
+                                       tail_curvature)
 from algorithms.ppo import PPO, PPOOptions
+from algorithms.search import Uniform
 from harness.errors import HarnessError
 
 WEIGHT_MODES = ("value_flows", "inverse_cov", "none")
 ANCHOR_MODES = ("mean", "bcfm")
 COUPLINGS = ("sorted", "independent")
+RISK_ADV_WEIGHT = 1.0  # the defaults of the risk-adjusted advantage (module docstring; why: README)
+RISK_ADV_MODE = "tail_td"
 
 # ---- pure math: targets ----
 
@@ -267,7 +283,9 @@ def flow_critic_loss(head: FlowHead, h: torch.Tensor, tokens: dict[str, torch.Te
     at the same levels. The flow-matching base noise and times (CFM, BCFM) and the consistency
     term's times are random, drawn from `generator`. Each term has a switch (`use_*`) and a weight;
     a switched-off term is not computed. Returns (loss, metrics: `critic/<term>` unweighted, the
-    total, the one-step vs K-step straightness gap).
+    total, the one-step vs K-step straightness gap; with `opts.grad_shares`, `critic/grad_share/<term>`:
+    each weighted term's share of the gradient norm at the head's outputs, the velocities of the batched
+    query and of the consistency query, `algorithms.common.grad_shares`).
     """
     old, targets = tokens["old_samples"], tokens["targets"]
     n, m = targets.shape
@@ -338,6 +356,12 @@ def flow_critic_loss(head: FlowHead, h: torch.Tensor, tokens: dict[str, torch.Te
 
     metrics.update({f"critic/{name}": float(value.detach()) for name, value in terms.items()})
     metrics["critic/loss"] = float(total.detach())
+    if opts.grad_shares and v_all.requires_grad:
+        weights = {"cfm": opts.cfm_weight, "anchor": opts.anchor_weight, "geo": opts.geo_weight,
+                   "risk": opts.risk_weight, "shape": opts.shape_weight}
+        weighted = {k: w * terms[k] for k, w in weights.items() if k in terms}
+        outputs = [v_all] + ([v_path] if opts.use_geo else [])
+        metrics.update({f"critic/grad_share/{k}": v for k, v in grad_shares(weighted, outputs).items()})
     return total, metrics
 
 
@@ -382,6 +406,10 @@ class DFPOOptions(PPOOptions):
     delta_high: Optional[float] = field(default=None, metadata={"doc": "upper-tail cap (none: one std of the step's training rewards)"})  # None: one std of the step's training rewards (spec §9 #7)
     # advantage (§1.6, §9 #9): A - eta * (A - CVaR^-_alpha(A^(.))); 0 is mean-based
     risk_eta: float = field(default=0.0, metadata={"doc": "risk-aware advantage: A - eta (A - CVaR(A)) (0: mean-based)"})
+    # the risk that reaches the policy (module docstring, README "The risk that reaches the policy")  [I]
+    risk_adv_weight: float = field(default=RISK_ADV_WEIGHT, metadata={"doc": "weight w in [0, 1] of the risk-adjusted advantage (0: plain GAE on the flow mean); its form is risk_adv_mode"})
+    risk_adv_mode: str = field(default=RISK_ADV_MODE, metadata={"doc": "risk-adjusted advantage: tail_td (TD errors below the flow's lower tail, mean - CVaR-_alpha, shrunk by 1 - w) or value (GAE on mean - w (mean - CVaR-_alpha))"})
+    grad_shares: bool = field(default=True, metadata={"doc": "log each critic loss term's share of the gradient at the head's outputs (critic/grad_share/<term>)"})
 
     def validate(self) -> None:
         super().validate()
@@ -399,6 +427,10 @@ class DFPOOptions(PPOOptions):
                 raise HarnessError(f"dfpo.{key} must be one of {', '.join(valid)}, got {getattr(self, key)!r}")
         if not 0 < self.alpha <= 0.5:
             raise HarnessError(f"dfpo.alpha must lie in (0, 0.5], got {self.alpha}")
+        if not 0 <= self.risk_adv_weight <= 1:
+            raise HarnessError(f"dfpo.risk_adv_weight must lie in [0, 1] (0: plain GAE on the mean), got {self.risk_adv_weight}")
+        if self.risk_adv_mode not in RISK_ADV_MODES:
+            raise HarnessError(f"dfpo.risk_adv_mode must be one of {', '.join(RISK_ADV_MODES)}, got {self.risk_adv_mode!r}")
         if not 0 <= self.risk_eta <= 1:
             raise HarnessError(f"dfpo.risk_eta must lie in [0, 1], got {self.risk_eta}")
         weights = {k: getattr(self, k) for k in ("cfm_weight", "anchor_weight", "geo_weight", "risk_weight",
@@ -420,6 +452,9 @@ class DFPO(PPO):
                    "CFM + anchor + geometric + CVaR risk + tail-shape critic loss, PPO-clip actor")
     paper = "Zhu et al. 2026 (DFPO, arXiv 2602.05890); critic after Value Flows (arXiv 2510.07650)"
     Options = DFPOOptions
+    # harness tune: the weight of the risk-adjusted advantage, the knob through which the flow critic's
+    # distribution reaches the policy (0: plain GAE on its mean)  [I]
+    SEARCH_SPACE = {"algo.risk_adv_weight": Uniform(0.0, 1.0)}
     critic = "flow"
 
     def critic_options(self) -> dict:
@@ -433,10 +468,13 @@ class DFPO(PPO):
         samples = batch["old_values"].float()  # [B, T, M] one-step samples of the old critic
         adv_samples, targets = coupled_gae(rewards, samples, mask, o.gamma, o.lam)
         value = samples.mean(-1)
-        adv = adv_samples.mean(-1)
-        returns = value + adv  # R-hat, GAE return on the flow mean
+        plain, returns = gae(rewards, value, mask, o.gamma, o.lam)  # GAE on the flow mean; R-hat
+        adv = plain
         if o.return_clip is not None:
             targets, returns = targets.clamp(-o.return_clip, o.return_clip), returns.clamp(-o.return_clip, o.return_clip)
+        if o.risk_adv_weight > 0:  # the critic still learns the mean; only the actor sees the risk
+            adv = risk_adjusted_gae(rewards, value, lower_tail_gap(samples, o.alpha), mask, o.gamma, o.lam,
+                                    o.risk_adv_weight, o.risk_adv_mode)
         if o.risk_eta > 0:
             adv = adv - o.risk_eta * (adv - cvar_lower(adv_samples, o.alpha))
         if o.whiten_advantages:
@@ -454,6 +492,7 @@ class DFPO(PPO):
         z, g = samples[valid], realised[valid]  # [N, M], [N]
         return {
             "critic/returns_mean": float(masked_mean(returns, mask)),
+            "actor/adv_corr_plain_gae": masked_corr(batch["advantages"], plain, mask),
             "critic/tail_cap": cap,
             # What a Monte-Carlo mean of M random one-step samples would scatter by (std_j z / sqrt(M)),
             # the noise the fixed levels keep out of V-bar and the advantages.
@@ -475,3 +514,15 @@ class DFPO(PPO):
         if "td_returns" in mb:
             tokens["td_targets"] = mb["td_returns"][valid]
         return flow_critic_loss(critic.head, h, tokens, self.opts, generator)
+
+
+# ---- ablations (the `ablations` preset): DFPO with its tail terms off, and with the risk-adjusted advantage off ----
+
+DFPOTailsOff = register_variant(
+    DFPO, "dfpo_tails_off", "DFPO ablation: the lower-tail risk and tail-shape critic terms off",
+    use_risk=False, use_shape=False,
+)
+DFPORiskOff = register_variant(
+    DFPO, "dfpo_risk_off", "DFPO ablation: the risk-adjusted advantage off (plain GAE on the flow mean)",
+    risk_adv_weight=0.0, risk_eta=0.0,
+)

@@ -27,6 +27,22 @@ def cvar_upper(samples: torch.Tensor, alpha: float) -> torch.Tensor:
     return samples.sort(dim=-1).values[..., -k:].mean(-1)
 
 
+def lower_tail_distortion(samples: torch.Tensor, weight: float, alpha: float) -> torch.Tensor:
+    """The risk-distorted value of a distribution, the mean minus `weight` times its lower-tail spread:
+    `[..., M]` -> `[...]`,
+
+        V_w = mean - w (mean - CVaR-_alpha) = (1 - w) mean + w CVaR-_alpha,
+
+    a mix of the mean and the mean of the lowest ceil(alpha M) samples (w = 0: the mean; w = 1: CVaR-).
+    It is monotone in every sample and, for 0 <= w <= 1, never above the mean."""
+    return samples.mean(-1) - weight * lower_tail_gap(samples, alpha)
+
+
+def lower_tail_gap(samples: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The lower-tail spread mean - CVaR-_alpha (>= 0): `[..., M]` -> `[...]`."""
+    return samples.mean(-1) - cvar_lower(samples, alpha)
+
+
 def tail_curvature(samples: torch.Tensor, alpha: float) -> torch.Tensor:
     """Sum of squared second differences of the sorted samples inside both alpha-tails
     (`z_(i+1) - 2 z_(i) + z_(i-1)` for interior i of each tail): `[..., M]` -> `[...]`."""

@@ -14,7 +14,25 @@ The whole method in one place:
     mean_shift   (mean_i theta_i - R)^2 toward the scalar GAE return,
     curvature    second differences of the sorted quantiles inside both alpha-tails,
     consistency  sum_h ||theta^h - sg(mean_h theta^h)||^2 across the heads (also averaged over H x N);
-- advantage: mean over (h, i) of A^{(h,i)}, whitened; actor: PPO-clip (`algorithms.common`).
+- advantage: GAE on the critic's mean (= the mean over (h, i) of A^{(h,i)}, spec §2.3), made risk-adjusted
+  by `risk_adv_weight` w (below), whitened; actor: PPO-clip (`algorithms.common`).
+
+The risk that reaches the policy [I, design default; spec §2.3 and §1.6 leave it open]. Every tail term
+of the critic loss (CVaR, gain, curvature, head consistency) is unchanged when all quantiles of a token
+shift together, so its gradient moves no token's mean, and an advantage on the mean cannot see it
+(tests/test_risk.py). The risk-adjusted advantage reads the lower tail itself, through the lower-tail
+spread g = mean - CVaR-_alpha of each head, averaged over heads (`risk_adv_mode`):
+
+- `tail_td` (default): TD errors below the predicted lower tail, delta_t < -g_t, are shrunk by 1 - w
+  (`algorithms.common.tail_dampened_gae`): the paper's stated aim, "contract the lower tail to
+  dampen noisy negative deviations" [S, abstract], applied where the policy sees it; positive TD
+  errors are never changed;
+- `value`: GAE on the distorted value V_w = mean - w g (a mix of the mean and CVaR-) in place of the mean.
+
+w = 0 is plain GAE on the mean, bit for bit; the critic's targets and returns stay those of the mean.
+The default w and why: README, "The risk that reaches the policy". The run logs
+`actor/adv_corr_plain_gae` (the advantage's correlation with plain GAE on the mean) and
+`critic/grad_share/<term>` (each weighted term's share of the gradient at the quantile outputs) every step.
 
 Shapes: B sequences, T response tokens, H heads, N quantiles.
 """
@@ -29,10 +47,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from algorithms.base import ALGOS, Batch
-from algorithms.common import KL_KINDS, KL_MODES, agg_loss, check_clip_options, explained_variance, gae, masked_mean, masked_whiten
+from algorithms.common import (KL_KINDS, KL_MODES, RISK_ADV_MODES, agg_loss, check_clip_options, explained_variance, gae,
+                               grad_shares, masked_corr, masked_mean, masked_whiten, register_variant, risk_adjusted_gae)
 from algorithms.critics import CRITICS
-from algorithms.distributional import crps, cvar_lower, cvar_upper, interval_coverage, reward_std_cap, tail_curvature
+from algorithms.distributional import (crps, cvar_lower, cvar_upper, interval_coverage, lower_tail_gap, reward_std_cap,
+                                       tail_curvature)
 from algorithms.ppo import PPO
+from algorithms.search import Uniform
 from harness.errors import HarnessError
 
 # ---- the critic head ----
@@ -191,7 +212,9 @@ def dvpo_critic_loss(quantiles: torch.Tensor, old_quantiles: torch.Tensor, targe
     terms that sum over the H x N quantile grid, divided by H N under `quantile_reduction="mean"` (the
     default; "sum" keeps the spec's sums); tail terms as in `lower_tail_risk`, `upper_tail_gain`
     (means over heads of tail statistics, already on the scale of one quantile); `tail_curvature` per
-    head, mean over heads. A term with weight 0 is neither computed nor logged.
+    head, mean over heads. A term with weight 0 is neither computed nor logged. With `opts.grad_shares`
+    (and `quantiles` with grad), `critic/grad_share/<term>` is each weighted term's share of the gradient
+    norm at the head's output `quantiles` (`algorithms.common.grad_shares`).
     """
     taus = midpoint_taus(quantiles.shape[-1], quantiles.device)
     h, n = quantiles.shape[-2:]
@@ -207,19 +230,25 @@ def dvpo_critic_loss(quantiles: torch.Tensor, old_quantiles: torch.Tensor, targe
     }
     total = quantiles.new_zeros(())
     metrics: dict[str, float] = {}
+    weighted: dict[str, torch.Tensor] = {}
     for name, (weight, term) in per_token.items():
         if weight == 0:
             continue
         value = agg_loss(term(), mask, opts.agg_mode)
-        total = total + weight * value
+        weighted[name] = weight * value
+        total = total + weighted[name]
         metrics[f"critic/{name}"] = value.item()
     metrics["critic/loss"] = total.item()
+    if opts.grad_shares and quantiles.requires_grad:
+        metrics.update({f"critic/grad_share/{k}": v for k, v in grad_shares(weighted, [quantiles]).items()})
     return total, metrics
 
 
 # ---- the algorithm ----
 
 QUANTILE_REDUCTIONS = ("mean", "sum")
+RISK_ADV_WEIGHT = 1.0  # the defaults of the risk-adjusted advantage (module docstring; why: README)
+RISK_ADV_MODE = "tail_td"
 MEAN_SHIFT_TARGETS = ("return", "old")
 
 
@@ -259,6 +288,10 @@ class DVPOOptions:
     mean_shift_target: str = field(default="return", metadata={"doc": "mean-shift target: return (GAE return) or old (previous mean)"})  # "return": scalar GAE return; "old": previous iteration's mean  [I]
     curvature_weight: float = field(default=0.05, metadata={"doc": "weight of the curvature (tail shape) term"})  # [I] echoes DFPO's shape weight (spec §1.8)
     consistency_weight: float = field(default=0.1, metadata={"doc": "weight of the heads' consistency term"})  # [I]
+    # the risk that reaches the policy (module docstring, README "The risk that reaches the policy")  [I]
+    risk_adv_weight: float = field(default=RISK_ADV_WEIGHT, metadata={"doc": "weight w in [0, 1] of the risk-adjusted advantage (0: plain GAE on the critic's mean); its form is risk_adv_mode"})
+    risk_adv_mode: str = field(default=RISK_ADV_MODE, metadata={"doc": "risk-adjusted advantage: tail_td (TD errors below the critic's lower tail, mean - CVaR-_alpha, shrunk by 1 - w) or value (GAE on mean - w (mean - CVaR-_alpha))"})
+    grad_shares: bool = field(default=True, metadata={"doc": "log each critic loss term's share of the gradient at the head's output (critic/grad_share/<term>)"})
 
     def validate(self) -> None:
         check_clip_options(self)
@@ -275,6 +308,10 @@ class DVPOOptions:
             raise HarnessError(f"kappa and init_spread must be > 0, got {self.kappa}, {self.init_spread}")
         if not 0 < self.alpha <= 0.5:
             raise HarnessError(f"alpha must lie in (0, 0.5], got {self.alpha}")
+        if not 0 <= self.risk_adv_weight <= 1:
+            raise HarnessError(f"risk_adv_weight must lie in [0, 1] (0: plain GAE on the mean), got {self.risk_adv_weight}")
+        if self.risk_adv_mode not in RISK_ADV_MODES:
+            raise HarnessError(f"risk_adv_mode must be one of {', '.join(RISK_ADV_MODES)}, got {self.risk_adv_mode!r}")
         if self.gain_cap is not None and self.gain_cap < 0:
             raise HarnessError(f"gain_cap must be >= 0 or none, got {self.gain_cap}")
         weights = {k: getattr(self, k) for k in ("qr_weight", "cvar_weight", "gain_weight", "mean_shift_weight",
@@ -300,6 +337,9 @@ class DVPO(PPO):
     description = "quantile-ensemble critic, distributional GAE, QR + CVaR/gain tail, mean-shift, curvature, head consistency; PPO-clip"
     paper = "Zhu et al. 2025 (DVPO, arXiv 2512.03847)"
     Options = DVPOOptions
+    # harness tune: the weight of the risk-adjusted advantage, the knob through which the critic's
+    # distribution reaches the policy (0: plain GAE on its mean)  [I]
+    SEARCH_SPACE = {"algo.risk_adv_weight": Uniform(0.0, 1.0)}
     critic = "quantile"
 
     def critic_options(self) -> dict:
@@ -310,10 +350,13 @@ class DVPO(PPO):
         mask = batch["response_mask"]
         old = batch["old_values"]  # [B, T, H, N]
         rewards = self.token_rewards(batch)
-        adv_q, targets = distributional_gae(rewards, old, mask, self.opts.gamma, self.opts.lam)
-        adv = adv_q.mean((-1, -2))  # = GAE on the mean value, by linearity
-        mean_old = old.mean((-1, -2))
-        returns = torch.where(mask.bool(), mean_old + adv, torch.zeros_like(adv))
+        _, targets = distributional_gae(rewards, old, mask, self.opts.gamma, self.opts.lam)
+        plain, returns = gae(rewards, old.mean((-1, -2)), mask, self.opts.gamma, self.opts.lam)  # GAE on the mean
+        adv = plain
+        if self.opts.risk_adv_weight > 0:  # the critic still learns the mean; only the actor sees the risk
+            gap = lower_tail_gap(old, self.opts.alpha).mean(-1)  # [B, T], per head then mean over heads
+            adv = risk_adjusted_gae(rewards, old.mean((-1, -2)), gap, mask, self.opts.gamma, self.opts.lam,
+                                    self.opts.risk_adv_weight, self.opts.risk_adv_mode)
         if self.opts.whiten_advantages:
             adv = masked_whiten(adv, mask)
         batch["advantages"], batch["returns"], batch["target_quantiles"] = adv, returns, targets
@@ -321,6 +364,7 @@ class DVPO(PPO):
         batch["gain_cap"] = torch.full_like(batch["scores"], cap, dtype=torch.float32)
         realised, _ = gae(rewards, torch.zeros_like(rewards), mask, self.opts.gamma, 1.0)
         return {"critic/returns_mean": float(masked_mean(returns, mask)), "critic/gain_cap": cap,
+                "actor/adv_corr_plain_gae": masked_corr(adv, plain, mask),
                 **distribution_diagnostics(old, returns, realised, mask, self.opts.alpha)}
 
     def critic_loss(self, mb: Batch, critic, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
@@ -358,3 +402,15 @@ def distribution_diagnostics(quantiles: torch.Tensor, returns: torch.Tensor, rea
         "critic/coverage_10_90": float(interval_coverage(samples, target).mean()),
         "critic/head_disagreement": float(quantiles[valid].mean(-1).std(-1, unbiased=False).mean()),
     }
+
+
+# ---- ablations (the `ablations` preset): DVPO with its tail terms off, and with the risk-adjusted advantage off ----
+
+DVPOTailsOff = register_variant(
+    DVPO, "dvpo_tails_off", "DVPO ablation: the shift-invariant critic terms (CVaR, gain, curvature, head consistency) off",
+    cvar_weight=0.0, gain_weight=0.0, curvature_weight=0.0, consistency_weight=0.0,
+)
+DVPORiskOff = register_variant(
+    DVPO, "dvpo_risk_off", "DVPO ablation: the risk-adjusted advantage off (plain GAE on the critic's mean)",
+    risk_adv_weight=0.0,
+)

@@ -23,6 +23,7 @@ from torch import nn
 
 from algorithms.base import ALGOS, Algorithm, Batch, PolicyForward
 from algorithms.common import group_advantages, masked_mean
+from algorithms.search import LogUniform
 from harness.errors import HarnessError
 
 W_MODES = ("clip_eps", "clamp_max10", "none")
@@ -178,6 +179,8 @@ class FlowRL(Algorithm):
     paper = "Zhu et al. 2025 (FlowRL, arXiv 2509.15207)"
     Options = FlowRLOptions
     needs_hidden = True
+    # harness tune: beta 15 comes from 7B configs (spec §3); a decade around it on log scale  [I]
+    SEARCH_SPACE = {"algo.beta": LogUniform(2.0, 40.0)}
 
     def needs_reference(self) -> bool:
         return True

@@ -10,6 +10,7 @@ import torch
 
 from algorithms.base import ALGOS, Batch, informative_groups
 from algorithms.common import GROUP_SCALES, KL_KINDS, ClipActor, check_clip_options, group_advantages
+from algorithms.search import Choice
 from harness.errors import HarnessError
 
 # ---- pure math ----
@@ -76,6 +77,8 @@ class GRPO(ClipActor):
     description = "group-normalised outcome advantage, PPO-clip, k3 KL loss, no critic"
     paper = "Shao et al. 2024 (DeepSeekMath, arXiv 2402.03300)"
     Options = GRPOOptions
+    # harness tune: the group size sets the baseline's variance (samples per prompt); [I]
+    SEARCH_SPACE = {"train.group_size": Choice((2, 4, 8))}
 
     @classmethod
     def cell_options(cls, options: dict, train) -> dict:

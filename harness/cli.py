@@ -1,4 +1,4 @@
-"""`harness run | status | report | eval | bench | plan | list`.
+"""`harness run | tune | status | report | eval | bench | plan | list`.
 
 Bad input ends with one line `harness: error: ...` and exit status 2, before anything is written.
 SIGINT or SIGTERM ends a run with one line `harness: interrupted: ...` and exit status 130.
@@ -6,6 +6,7 @@ SIGINT or SIGTERM ends a run with one line `harness: interrupted: ...` and exit 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a finished cell writes model/ (save_pretrained); final+critic adds model/critic/ and "
                           "model/heads/ (default: final for real models, none for the tiny one)")
     add_grid_file_options(run)
+    add_tune_parser(sub, run)
 
     status = sub.add_parser("status", help="list a run store's cells: done / running / failed / pending")
     status.add_argument("--out", default="runs", help="run store folder (default: runs/)")
@@ -78,9 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="report folder, replaced whole (default: <runs>/report/)")
     report.add_argument("--baseline", default=None, help="algorithm the significance tables compare against (default: ppo)")
     report.add_argument("--format", default=None, help="comma list of md,tex,csv,png,pdf (default: all)")
+    report.add_argument("--margin", default=None, metavar="POINTS",
+                        help="equivalence margin of the answers in percentage points (default: 2.3, the smallest "
+                             "gain over PPO the DVPO/DFPO papers claim on an average score)")
     report.add_argument("--strict", action="store_true",
                         help="exit non-zero when a cell's files are corrupt (default: such cells are listed and skipped)")
     add_grid_file_options(report, "the run store is the file's out folder")
+    report.add_argument("--tuning", default=None, metavar="DIR",
+                        help="a harness tune store: adds tuning.md (trials, tuned vs defaults) and sensitivity plots")
+    report.add_argument("--default-runs", default=None, metavar="DIR",
+                        help="with --tuning: the store of the untuned grid, shown beside --runs (the tuned one)")
 
     ev = sub.add_parser("eval", help="evaluate any model (hub id, local folder, a cell's model/) on a suite's benchmarks")
     ev.add_argument("--model", required=True, help="'tiny', 'smollm2', a Hugging Face id, a local folder or a cell's model/")
@@ -146,6 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 SAVE_MODEL_CHOICES = ["final", "final+critic", "none"]
+
+
+def add_tune_parser(sub, run: argparse.ArgumentParser) -> None:
+    """`harness tune`: every `harness run` option (the grid to tune), and the search's own (harness.tune)."""
+    tune = sub.add_parser("tune", parents=[run], add_help=False,
+                          help="tune each algorithm of a grid on a validation split; write the tuned grid file")
+    tune.add_argument("--trials", type=int, default=8,
+                      help="configurations per algorithm, trial 0 the grid's own (default: 8)")
+    tune.add_argument("--tune-seeds", default="2",
+                      help="a count n (seeds 10000..10000+n-1) or a comma list, disjoint from --seeds (default: 2)")
+    tune.add_argument("--tune-noise", default=None, help="comma list of noise specs to tune under (default: --noise)")
+    tune.add_argument("--select", default=None,
+                      help="comma list of validation benchmarks to select on (default: the suite's; test ones are refused)")
+    tune.add_argument("--search-seed", type=int, default=0, help="seed of the configurations' draws (default: 0)")
+    tune.add_argument("--tune-out", default=None, help="tuning store (default: <out>-tune)")
+    tune.add_argument("--write", default=None, metavar="FILE.yaml", help="the tuned grid file (default: <tune-out>/tuned.yaml)")
 
 
 def add_grid_file_options(parser: argparse.ArgumentParser, what: str = "command-line flags override it") -> None:
@@ -219,6 +244,19 @@ def run_command(args, overrides: dict[str, str]) -> int:
     return 1 if counts["failed"] or counts["left_failed"] or counts["unreadable"] else 0
 
 
+def cmd_tune(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    from harness.config import parse_assignments
+    from harness.runfile import parse_with_file
+    from harness.tune import tune_command
+
+    args, origin = parse_with_file(parser, subparser(parser, "tune"), argv)
+    cli_overrides = parse_assignments(args.set)
+    try:
+        return tune_command(args, {**(origin.overrides if origin else {}), **cli_overrides}, subparser(parser, "run"))
+    except HarnessError as exc:
+        raise (origin.blame(exc, cli_overrides) if origin else exc) from None
+
+
 def cmd_status(args) -> int:
     from harness import store
     from harness.grid import grid_status
@@ -243,20 +281,46 @@ def cmd_report(args) -> int:
     from reports import write_report
 
     runs = args.runs
+    if args.default_runs and not args.tuning:
+        raise HarnessError("--default-runs needs --tuning (the tuning store whose tuned grid --runs ran)")
+    if args.tuning:
+        from harness.tune import read_plan
+
+        read_plan(Path(args.tuning))  # not a tuning store: refused before the report is written
+    if args.default_runs and not Path(args.default_runs).is_dir():
+        raise HarnessError(f"--default-runs {args.default_runs!r}: no such run store")
     path = grid_file(args)
     if path is not None:
         runs = str(read_mapping(path).get("out", "runs"))
     corrupt: list[str] = []
     out = write_report(Path(runs), Path(args.out) if args.out else None, args.baseline, args.format,
-                       skipped=corrupt)
+                       skipped=corrupt, margin=parse_margin(args.margin))
     if (out / "report.md").exists():
         print((out / "report.md").read_text(encoding="utf-8"))
     print(f"wrote {out}")
+    if args.tuning:
+        from reports.tables import parse_formats
+        from reports.tuning import write_tuning_report
+
+        print(f"wrote {write_tuning_report(Path(args.tuning), out, Path(runs), args.default_runs, parse_formats(args.format))}")
     if corrupt:
         level = "error: --strict" if args.strict else "warning"
         print(f"harness: {level}: {len(corrupt)} cell(s) skipped, their files are corrupt: " + "; ".join(corrupt),
               file=sys.stderr)
     return 1 if corrupt and args.strict else 0
+
+
+def parse_margin(text: str | None) -> float | None:
+    """`--margin POINTS` as a fraction (None: the default); a one-line error unless 0 < POINTS < 100."""
+    if text is None:
+        return None
+    try:
+        points = float(text)
+    except ValueError:
+        points = math.nan
+    if not 0 < points < 100:
+        raise HarnessError(f"--margin takes percentage points between 0 and 100 (exclusive), e.g. 2.3; got {text!r}")
+    return points / 100
 
 
 def cmd_bench(args) -> int:
@@ -378,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         args, origin = parse_with_file(parser, subparser(parser, "run"), argv)
         if args.command == "run":
             return cmd_run(args, origin)
+        if args.command == "tune":
+            return cmd_tune(parser, argv)
         return {"status": cmd_status, "report": cmd_report, "eval": cmd_eval, "bench": cmd_bench,
                 "plan": cmd_plan, "list": cmd_list}[args.command](args)
     except HarnessError as exc:

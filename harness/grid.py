@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from algorithms import ALGOS
 from harness import store
-from harness.config import (RunConfig, apply_section_overrides, options_dataclass, resolved_old_logp, set_dataclass_field,
-                            split_overrides)
+from harness.config import (SECTIONS, RunConfig, apply_section_overrides, options_dataclass, resolved_old_logp,
+                            set_dataclass_field, split_overrides, validate_core)
 from harness.errors import HarnessError
 from harness.export import save_model
 from harness.launch import NodeLaunch
@@ -59,9 +59,11 @@ def with_tiny_model_overrides(overrides: dict[str, str], algos: list[str], model
         return overrides
     out = dict(overrides)
     for key, value in TINY_MODEL_OVERRIDES.items():
-        algo, _, name = key.partition(".")
-        if algo in algos and key not in out and f"algo.{name}" not in out:
-            out[key] = value
+        base, _, name = key.partition(".")
+        for algo in algos:  # the algorithm and its named variants (subclasses, e.g. dfpo_tails_off)
+            if (base in ALGOS and issubclass(ALGOS.get(algo), ALGOS.get(base)) and f"{algo}.{name}" not in out
+                    and f"algo.{name}" not in out):
+                out[f"{algo}.{name}"] = value
     return out
 
 
@@ -153,6 +155,20 @@ def resolve_options(options_cls: type, groups: dict[str, dict[str, str]], shared
     return dataclasses.asdict(options_dataclass(options_cls, overrides, own))
 
 
+def algo_sections(own: dict[str, str]) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """Split the `<algo>.*` keys into core keys for that algorithm's cells only (`ppo.train.lr=1e-4`
+    -> {"train": {"lr": "1e-4"}}; what a tuned grid file sets) and the algorithm's own options."""
+    sections: dict[str, dict[str, str]] = {}
+    options: dict[str, str] = {}
+    for key, value in own.items():
+        section, dot, name = key.partition(".")
+        if dot and section in SECTIONS:
+            sections.setdefault(section, {})[name] = value
+        else:
+            options[key] = value
+    return sections, options
+
+
 def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out: Path,
                 model: str | None = None, steps: int | None = None, eval_limit: int | None = None,
                 overrides: dict[str, str] | None = None, check_data: bool = True) -> list[Cell]:
@@ -179,7 +195,8 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
         data_check(suite_cls.Options(**suite_options))
     cells = []
     for algo in algos:
-        algo_options = resolve_options(ALGOS.get(algo).Options, groups, "algo", algo)
+        sections, own = algo_sections(groups.get(algo, {}))
+        algo_options = resolve_options(ALGOS.get(algo).Options, {**groups, algo: own}, "algo", algo)
         for spec in noise_specs:
             for seed in seeds:
                 cfg = RunConfig(suite=suite, algo=algo, noise=spec.name, seed=seed,
@@ -193,6 +210,11 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
                 if eval_limit is not None:
                     set_dataclass_field(cfg.eval, "limit", str(eval_limit), "--eval-limit")
                 apply_section_overrides(cfg, groups)
+                for section, items in sections.items():  # `<algo>.train.lr`: after the grid-wide keys
+                    for name, text in items.items():
+                        set_dataclass_field(getattr(cfg, section), name, text, f"{algo}.{section}.{name}")
+                if sections:
+                    validate_core(cfg)
                 need = ALGOS.get(algo)(ALGOS.get(algo).Options(**algo_options)).min_group_size()
                 if cfg.train.group_size < need:
                     raise HarnessError(f"{algo} compares the samples of a group: train.group_size must be >= {need} "

@@ -21,6 +21,11 @@ Tests: Welch's t-test, the paired t-test and the Mann-Whitney U test with its ex
 p-value (ties handled by midranks; an exact enumeration by dynamic programming). A test that is
 undefined (fewer than 2 seeds a side, zero variance on both sides, every value equal) returns nan.
 
+Equivalence: two one-sided t-tests (TOST) against a margin +-delta with the (1 - 2 alpha)
+t-interval, paired or Welch (``tost_paired``, ``tost_welch``), each comparison classified "better"
+(by at least the margin), "equivalent" (within it), "worse" (by at least the margin) or
+"inconclusive"; ``seeds_to_decide`` is the seed count at which that decision has 80 % power.
+
 Random streams: ``rng(seed, key)`` derives one generator per (seed, key string), so a number's
 interval does not depend on which other numbers the report holds or in which order they are done.
 """
@@ -335,3 +340,104 @@ def max_drawdown(values: Sequence[float]) -> float:
     if len(v) == 0:
         return math.nan
     return float(np.max(np.maximum.accumulate(v) - v))
+
+
+# ---- equivalence: two one-sided tests against a margin ---------------------------------------
+
+VERDICTS = ("better", "equivalent", "worse", "inconclusive", "undefined")
+
+
+def tost_from(mean, se, df, margin: float, alpha: float = 0.05) -> dict:
+    """Two one-sided t-tests (TOST) of a difference against the margin +-``margin`` (> 0), from its
+    estimate ``mean``, standard error ``se`` and degrees of freedom ``df`` (numbers, or arrays of one
+    shape: every output is then an array):
+
+    * ``p_low``: H0 mean <= -margin vs mean > -margin, p = P(T_df >= (mean + margin) / se);
+    * ``p_high``: H0 mean >= +margin vs mean < +margin, p = P(T_df <= (mean - margin) / se);
+    * ``p`` = max(p_low, p_high): equivalence within the margin is shown at level alpha when p < alpha;
+    * ``p_better``: H0 mean <= +margin vs mean > +margin, p = P(T_df >= (mean - margin) / se);
+      ``p_worse``: H0 mean >= -margin vs mean < -margin, p = P(T_df <= (mean + margin) / se);
+    * ``low``, ``high``: the (1 - 2 alpha) t-interval mean +- t_{1-alpha, df} se. p < alpha exactly
+      when it lies inside (-margin, +margin), p_better < alpha when low > +margin and p_worse < alpha
+      when high < -margin: the interval and the tests always agree.
+    * ``verdict``: "better" (low > +margin: better by at least the margin, the one-sided test of
+      H0 mean <= +margin rejects at alpha), "worse" (high < -margin), "equivalent" (inside the margin),
+      "inconclusive" (none of these), "undefined" (se not positive or df < 1: no test; the p-values and
+      the interval are nan).
+    """
+    if not margin > 0:
+        raise ValueError(f"the equivalence margin must be positive, got {margin}")
+    mean, se, df = (np.asarray(x, dtype=float) for x in (mean, se, df))
+    ok = (se > 0) & (df >= 1) & np.isfinite(mean)
+    se_ok, df_ok = np.where(ok, se, 1.0), np.where(ok, df, 1.0)
+    p_low = np.where(ok, sps.t.sf((mean + margin) / se_ok, df_ok), np.nan)
+    p_high = np.where(ok, sps.t.cdf((mean - margin) / se_ok, df_ok), np.nan)
+    p_better = np.where(ok, sps.t.sf((mean - margin) / se_ok, df_ok), np.nan)
+    p_worse = np.where(ok, sps.t.cdf((mean + margin) / se_ok, df_ok), np.nan)
+    half = np.where(ok, sps.t.ppf(1 - alpha, df_ok) * se_ok, np.nan)
+    low, high = mean - half, mean + half
+    verdict = np.select([~ok, low > margin, high < -margin, (low > -margin) & (high < margin)],
+                        ["undefined", "better", "worse", "equivalent"], "inconclusive")
+    out = {"mean": mean, "low": low, "high": high, "p_low": p_low, "p_high": p_high,
+           "p": np.maximum(p_low, p_high), "p_better": p_better, "p_worse": p_worse, "verdict": verdict}
+    if out["mean"].ndim == 0:
+        return {k: (str(v) if k == "verdict" else float(v)) for k, v in out.items()}
+    return out
+
+
+def tost_paired(diffs, margin: float, alpha: float = 0.05) -> dict:
+    """TOST on per-seed paired differences (``tost_from`` with se = s / sqrt(n), df = n - 1);
+    undefined (nan, verdict "undefined") with fewer than 2 pairs or when every difference is the same."""
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2 or no_spread(d):
+        return tost_from(d.mean() if len(d) else math.nan, math.nan, 0, margin, alpha)
+    return tost_from(d.mean(), d.std(ddof=1) / math.sqrt(len(d)), len(d) - 1, margin, alpha)
+
+
+def tost_welch(a, b, margin: float, alpha: float = 0.05) -> dict:
+    """TOST on mean(a) - mean(b) of two independent groups, with Welch's standard error and degrees of
+    freedom; undefined (as ``welch_test``) with fewer than 2 seeds a side or no variance on both sides."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    diff = a.mean() - b.mean() if len(a) and len(b) else math.nan
+    if not _defined_two_sample(a, b):
+        return tost_from(diff, math.nan, 0, margin, alpha)
+    se, df = _welch_parts(a, b)
+    return tost_from(diff, se, df, margin, alpha)
+
+
+def decision_power(n: int, delta: float, sd: float, margin: float, alpha: float = 0.05, paired: bool = True) -> float:
+    """Power, at a true difference ``delta`` and sd ``sd`` (of the per-seed differences when paired;
+    of each group otherwise, n seeds a side), of the TOST decision that is correct there: for
+    |delta| < margin, showing equivalence, approximated by P(T1 > t) + P(T2 < -t) - 1 (a lower bound,
+    close where the power is high) with T1, T2 noncentral t at (delta +- margin) / se; for
+    delta > margin (< -margin), showing "better" ("worse") by at least the margin, the one-sided
+    test against +margin (-margin). 0 at |delta| = margin, where no seed count decides."""
+    df = n - 1 if paired else 2 * n - 2
+    if df < 1 or sd <= 0:
+        return 0.0
+    se = sd / math.sqrt(n) if paired else sd * math.sqrt(2 / n)
+    crit = sps.t.ppf(1 - alpha, df)
+    if abs(delta) < margin:
+        return max(0.0, float(sps.nct.sf(crit, df, (delta + margin) / se) + sps.nct.cdf(-crit, df, (delta - margin) / se) - 1))
+    if abs(delta) == margin:
+        return 0.0
+    return float(sps.nct.sf(crit, df, (abs(delta) - margin) / se))
+
+
+def seeds_to_decide(delta: float, sd: float, margin: float, alpha: float = 0.05, power: float = 0.8,
+                    paired: bool = True, n_max: int = 1000) -> int | None:
+    """Smallest seed count at which the TOST decision (``decision_power``) reaches ``power`` when the true
+    difference and sd are ``delta`` and ``sd`` (e.g. the observed ones); None when more than ``n_max``
+    seeds would be needed (a difference at the margin itself never is decided) or sd is undefined."""
+    if not (math.isfinite(delta) and math.isfinite(sd) and sd > 0):
+        return None
+    lo, hi = 2, n_max
+    if decision_power(hi, delta, sd, margin, alpha, paired) < power:
+        return None
+    while lo < hi:  # the power grows with n
+        mid = (lo + hi) // 2
+        if decision_power(mid, delta, sd, margin, alpha, paired) >= power:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo

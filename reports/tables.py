@@ -209,6 +209,36 @@ def verdict(algo: str, baseline: str, where: str, what: str, diff: float, low: f
     return text + f", {word} after Holm ({test} {p_text}, {adj_text} over {family})."
 
 
+def _ci_pct(alpha: float) -> str:
+    return f"{100 * (1 - 2 * alpha):g}%"
+
+
+def equivalence_clause(row, seeds: str) -> str:
+    """' Against a margin of +-2.3 points: equivalent within the margin (90% CI -1.2, +0.8; TOST p = 0.012).'
+    from a row's eq_* fields (``analysis.equivalence``); ``seeds`` names the seed count ('4 seeds').
+    An undefined test is a dash; an inconclusive one says how many seeds would decide it."""
+    margin = getattr(row, "eq_margin", math.nan)
+    if _isnan(margin):
+        return ""
+    head = f" Against a margin of ±{100 * margin:.1f} points: "
+    verdict = row.eq_verdict
+    if verdict == "undefined" or _isnan(row.eq_low):
+        return head + f"equivalence test {DASH} (it needs 2 seeds a side and some variance)."
+    ci = f"{_ci_pct(analysis.ALPHA)} CI {_signed_points(row.eq_low)}, {_signed_points(row.eq_high)}"
+    p_text = lambda p: f"p {fmt_p(p)}" if p < 0.001 else f"p = {fmt_p(p)}"  # noqa: E731
+    if verdict == "better":
+        return head + f"better by at least the margin ({ci}; one-sided {p_text(row.eq_p_better)})."
+    if verdict == "worse":
+        return head + f"worse by at least the margin ({ci}; one-sided {p_text(row.eq_p_worse)})."
+    if verdict == "equivalent":
+        return head + f"equivalent within the margin ({ci}; TOST {p_text(row.eq_p)})."
+    need = ("more than 1000 seeds would be needed to decide at the observed difference and spread"
+            if _isnan(row.eq_seeds) else
+            f"about {int(row.eq_seeds)} seeds{'' if row.eq_paired else ' a side'} would decide it (80% power at the "
+            f"observed difference and spread)")
+    return head + f"inconclusive at {seeds} ({ci}; TOST {p_text(row.eq_p)}); {need}."
+
+
 def verdicts(r: SuiteReport, baseline: str) -> list[str]:
     """One sentence per comparison: each algorithm against the baseline at each noise setting for
     VERDICT_SCORES, then per robustness AUC. Paired by seed where both have >= 2 seeds in common,
@@ -220,17 +250,21 @@ def verdicts(r: SuiteReport, baseline: str) -> list[str]:
             if row.n_pairs >= 2:
                 args = (row.pair_diff, row.pair_low, row.pair_high, f"paired by seed, {row.n_pairs} seeds",
                         row.pair_p, row.pair_p_holm, row.pair_p_m, "paired t")
+                seeds = f"{row.n_pairs} seeds"
             else:
                 args = (row.diff, row.diff_low, row.diff_high, f"unpaired, {row.n_algo} vs {row.n_base} seeds",
                         row.welch_p, row.welch_p_holm, row.welch_p_m, "Welch")
-            out.append(verdict(row.algo, baseline, f"under {row.noise}", score, *args))
+                seeds = f"{row.n_algo} vs {row.n_base} seeds"
+            sentence = verdict(row.algo, baseline, f"under {row.noise}", score, *args)
+            out.append(sentence + ("" if _isnan(args[0]) else equivalence_clause(row, seeds)))
     auc = r.robustness
     if "base_p_holm" in auc:
         for row in auc[(auc["algo"] != baseline) & auc["score"].isin(VERDICT_SCORES)].itertuples():
-            out.append(verdict(row.algo, baseline, f"over {row.family} rates {row.rates.replace(' ', ', ')}",
+            sentence = verdict(row.algo, baseline, f"over {row.family} rates {row.rates.replace(' ', ', ')}",
                                f"{row.score} robustness AUC", row.base_diff, row.base_low, row.base_high,
                                f"paired by seed, {row.n_pairs} seeds", row.base_p, row.base_p_holm, row.base_p_m,
-                               "paired t"))
+                               "paired t")
+            out.append(sentence + ("" if _isnan(row.base_diff) else equivalence_clause(row, f"{row.n_pairs} seeds")))
     return out
 
 
@@ -274,7 +308,12 @@ PROBLEM_NOTE = (
 ANSWERS_NOTE = (
     "One sentence per comparison with the baseline: the paired-by-seed difference where the two algorithms share "
     "at least 2 seeds (else the unpaired one), its 95% interval, and the test Holm-adjusted over the comparisons of "
-    "its table (every algorithm x noise setting for that score; for AUCs, every algorithm for that family and score)."
+    "its table (every algorithm x noise setting for that score; for AUCs, every algorithm for that family and score). "
+    "Then the equivalence test against a margin (default ±2.3 points, the smallest gain over PPO the DVPO/DFPO papers "
+    "claim on an average score; `harness report --margin`): two one-sided t-tests (TOST) on the same differences, "
+    "with their 90% interval, per comparison (not adjusted for multiplicity). Better / worse by at least the margin: the "
+    "interval lies beyond +margin / -margin; equivalent: it lies inside ±margin; otherwise inconclusive at this many "
+    "seeds, with the seed count at which the decision the observed difference and spread point to has 80% power."
 )
 
 
@@ -340,7 +379,7 @@ def render_markdown(reports: list[SuiteReport], baseline: str, figures: dict, fi
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
         "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", DASH: "--", "†": r"$^\dagger$",
-        "‡": r"$^\ddagger$", "Δ": r"$\Delta$", "*": r"$^*$", "<": r"$<$", ">": r"$>$"}
+        "‡": r"$^\ddagger$", "Δ": r"$\Delta$", "*": r"$^*$", "<": r"$<$", ">": r"$>$", "±": r"$\pm$"}
 
 
 def tex_escape(text: str) -> str:
@@ -435,15 +474,21 @@ def _check_out(runs_dir: Path, out: Path) -> None:
 
 
 def write_report(runs_dir: Path, out: Path | None = None, baseline: str | None = None,
-                 formats: str | list[str] | None = None, seed: int = 0, skipped: list[str] | None = None) -> Path:
+                 formats: str | list[str] | None = None, seed: int = 0, skipped: list[str] | None = None,
+                 margin: float | None = None) -> Path:
     """Analyse the run store and write the report folder (default ``<runs>/report``); returns it.
 
     Everything is written into a temporary sibling folder first, which then replaces ``out``:
     a failure leaves the previous report as it was. ``baseline`` defaults to ``ppo``; an explicit
     baseline that no suite has is an error. Cells whose files are corrupt are skipped and listed
     (with the reason) in the report and in cells.csv; `skipped`, when given, receives one
-    "<cell>: <reason>" line per such cell."""
+    "<cell>: <reason>" line per such cell. ``margin``: the equivalence margin of the answers as a fraction
+    (default ``analysis.DEFAULT_MARGIN``); it must be a positive number below 1."""
     runs_dir = Path(runs_dir)
+    margin = analysis.DEFAULT_MARGIN if margin is None else margin
+    if not (isinstance(margin, (int, float)) and 0 < margin < 1):
+        raise HarnessError(f"the equivalence margin must be a number of points between 0 and 100 (exclusive), "
+                           f"got {100 * margin if isinstance(margin, (int, float)) else margin!r}")
     out = Path(out) if out is not None else runs_dir / "report"
     formats = parse_formats(formats) if not isinstance(formats, list) else formats
     store = RunStore(runs_dir)
@@ -453,7 +498,7 @@ def write_report(runs_dir: Path, out: Path | None = None, baseline: str | None =
         raise HarnessError(f"baseline {baseline!r} has no runs (algorithms found: {', '.join(sorted(set(store.cells['algo'])))})")
     baseline = baseline or "ppo"
     _check_out(runs_dir, out)
-    reports = analysis.analyse(store, baseline, seed)
+    reports = analysis.analyse(store, baseline, seed, margin)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _recover_interrupted_replace(out)

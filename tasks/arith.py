@@ -6,6 +6,11 @@ the larger operand first (a >= b) in training and in the in-domain (ID) split. T
 have learned that addition commutes rather than a lookup keyed on the written order. Every
 operand and answer value occurs in training. Train and ID-eval splits are disjoint.
 Everything is fixed by the run seed.
+
+Validation (`suite.n_val`, 0 by default: none): that many problems held out of the train split
+(never trained on, warm start included), evaluated as `arith_val` with role VAL. It is disjoint
+from both test splits (ID: held out before it; OOD: the other operand order); `harness tune`
+selects on it.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ class ArithOptions:
     n_train: int = field(default=4000, metadata={"doc": "training problems"})
     verbose_frac: float = field(default=0.5, metadata={"doc": "fraction of warm-start targets in the verbose style the verifier rejects"})  # fraction of warm-start targets written as "is <answer>"
     n_eval: int = field(default=200, metadata={"doc": "problems per evaluation split (ID and OOD)"})
+    n_val: int = field(default=0, metadata={"doc": "validation problems held out of the train split, evaluated as arith_val (role VAL; 0: none)"})
 
     def validate(self) -> None:
         if not self.ops or set(self.ops) - set("+-*"):
@@ -37,6 +43,16 @@ class ArithOptions:
             raise HarnessError(f"suite.verbose_frac must lie in [0, 1], got {self.verbose_frac}")
         if self.n_train < 1 or self.n_eval < 1:
             raise HarnessError("suite.n_train and suite.n_eval must be positive")
+        size = id_space_size(self)
+        room = size - min(self.n_eval, size // 2) - 1  # the train split keeps at least one problem
+        if not 0 <= self.n_val <= room:
+            raise HarnessError(f"suite.n_val must lie in [0, {room}] (the train split keeps a problem), got {self.n_val}")
+
+
+def id_space_size(o: ArithOptions) -> int:
+    """Problems with the larger operand first: the ID space that train, validation and ID split."""
+    n = o.max_operand - o.min_operand + 1
+    return len(o.ops) * n * (n + 1) // 2
 
 
 def make_problem(a: int, op: str, b: int) -> Problem:
@@ -50,6 +66,7 @@ class ArithSuite(Suite):
     name = "arith"
     description = "integer arithmetic a+b, a-b; OOD = operand order unseen in training (offline testbed)"
     Options = ArithOptions
+    validation_option = "n_val"
 
     def __init__(self, options: ArithOptions, seed: int):
         super().__init__(options, seed)
@@ -61,7 +78,9 @@ class ArithSuite(Suite):
         order = rng.permutation(len(id_space))
         n_eval = min(o.n_eval, len(id_space) // 2)
         self._id_eval = [id_space[i] for i in order[:n_eval]]
-        self._train = [id_space[i] for i in order[n_eval:n_eval + o.n_train]]
+        self._val = [id_space[i] for i in order[n_eval:n_eval + o.n_val]]
+        start = n_eval + o.n_val
+        self._train = [id_space[i] for i in order[start:start + o.n_train]]
         ood_order = rng.permutation(len(ood_space))
         self._ood_eval = [ood_space[i] for i in ood_order[:o.n_eval]]
 
@@ -72,7 +91,7 @@ class ArithSuite(Suite):
         return [
             Benchmark("arith_id", "ID", self._id_eval, "exact_match-v1"),
             Benchmark("arith_ood", "OOD", self._ood_eval, "exact_match-v1"),
-        ]
+        ] + ([Benchmark("arith_val", "VAL", self._val, "exact_match-v1")] if self._val else [])
 
     def sft_target(self, problem: Problem) -> str:
         if uniform(self.seed, "sft-style", problem.id) < self.options.verbose_frac:

@@ -18,7 +18,7 @@ class Problem:
 @dataclass
 class Benchmark:
     name: str
-    role: str  # "ID" or "OOD"
+    role: str  # "ID" or "OOD" (test benchmarks), or "VAL" (a validation split: what `harness tune` selects on)
     problems: list[Problem]
     grader: str  # name and version of the grader, stored with every eval row
     template: str = ""  # prompt template id, stored with every eval row (with "/chat" or "/raw")
@@ -30,6 +30,9 @@ class Suite:
     name: ClassVar[str]
     description: ClassVar[str]
     Options: ClassVar[type]
+    # The option that holds out a validation split (benchmarks of role VAL, disjoint from the
+    # test benchmarks), e.g. "n_val"; "" for a suite without one. `harness tune` sets it.
+    validation_option: ClassVar[str] = ""
 
     def __init__(self, options: Any, seed: int):
         self.options = options

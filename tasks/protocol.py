@@ -6,6 +6,10 @@
 
 The benchmarks of each role are options (`--train-data`, `--id`, `--ood`, or `suite.train`, `suite.id`,
 `suite.ood`); where the data comes from is `--data-dir` / `suite.paths` / `suite.hub` (tasks.data).
+Validation (`suite.n_val`, 0 by default: none): that many problems of the training sets, drawn with
+`suite.shuffle_seed` (the same for every run seed) and left out of training, evaluated as
+`<suite>_val` with role VAL; the training sets are disjoint from the ID/OOD test benchmarks, so
+is the validation split. `harness tune` selects on it.
 Every benchmark's data is checked before a run writes anything; a benchmark that cannot be had is
 an error naming it and the option that leaves it out.
 """
@@ -33,6 +37,7 @@ class ProtocolOptions:
     paths: tuple[str, ...] = field(default=(), metadata={"doc": "NAME=FILE per benchmark (comma list)"})  # NAME=FILE per benchmark
     hub: tuple[str, ...] = field(default=(), metadata={"doc": "NAME=HUB_ID per benchmark (comma list; a local dataset folder works too)"})  # NAME=HUB_ID per benchmark (a local dataset folder works too)
     n_train: int = field(default=0, metadata={"doc": "a seeded subset of this many training problems (0: all)"})  # 0: every training problem; else a seeded subset of this size
+    n_val: int = field(default=0, metadata={"doc": "validation problems held out of the training sets, evaluated as <suite>_val (role VAL; 0: none)"})
     shuffle_seed: int = field(default=0, metadata={"doc": "seed of the option shuffles (GPQA), fixed so every run sees the same prompts"})  # fixes option shuffles (GPQA) so every run sees the same prompts
 
     def validate(self) -> None:
@@ -47,8 +52,8 @@ class ProtocolOptions:
         both = set(self.id) & set(self.ood)
         if both:
             raise HarnessError(f"benchmark(s) {', '.join(sorted(both))} are both ID and OOD; choose one role")
-        if self.n_train < 0:
-            raise HarnessError(f"suite.n_train must be >= 0 (0: all), got {self.n_train}")
+        if self.n_train < 0 or self.n_val < 0:
+            raise HarnessError(f"suite.n_train and suite.n_val must be >= 0 (0: all / none), got {self.n_train}, {self.n_val}")
         DataSources.from_options(self.data_dir, self.paths, self.hub)  # checks the folder and NAME=VALUE lists
 
 
@@ -58,11 +63,13 @@ class ProtocolSuite(Suite):
     # Generation length and batch for real models, sized so that a few steps of a 135M model run on
     # a CPU; the CLI applies them under any --set the user gives (raise them on a GPU).
     run_defaults: ClassVar[dict[str, str]] = {}
+    validation_option = "n_val"
 
     def __init__(self, options: ProtocolOptions, seed: int):
         super().__init__(options, seed)
         self.sources = DataSources.from_options(options.data_dir, options.paths, options.hub)
         self._train: list[Problem] | None = None
+        self._val: list[Problem] = []
         self._benchmarks: list[Benchmark] | None = None
 
     @classmethod
@@ -79,6 +86,14 @@ class ProtocolSuite(Suite):
     def train_problems(self) -> list[Problem]:
         if self._train is None:
             problems = [p for name in self.options.train for p in self.load(name)]
+            if self.options.n_val:
+                if self.options.n_val >= len(problems):
+                    raise HarnessError(f"suite.n_val={self.options.n_val} leaves no training problem (the training "
+                                       f"sets hold {len(problems)})")
+                order = numpy_rng(self.options.shuffle_seed, "suite-data", self.name, "validation").permutation(len(problems))
+                held = set(order[: self.options.n_val].tolist())
+                self._val = [p for i, p in enumerate(problems) if i in held]
+                problems = [p for i, p in enumerate(problems) if i not in held]
             if self.options.n_train and self.options.n_train < len(problems):
                 order = numpy_rng(self.seed, "suite-data", self.name, "n_train").permutation(len(problems))
                 problems = [problems[i] for i in sorted(order[: self.options.n_train])]
@@ -92,6 +107,10 @@ class ProtocolSuite(Suite):
                           template=BENCHMARKS.get(name).template)
                 for role, names in (("ID", self.options.id), ("OOD", self.options.ood)) for name in names
             ]
+            if self.options.n_val and self.train_problems() and self._val:
+                spec = BENCHMARKS.get(self.options.train[0])
+                self._benchmarks.append(Benchmark(f"{self.name}_val", "VAL", self._val,
+                                                  GRADERS.get(spec.grader).name, template=spec.template))
         return self._benchmarks
 
     def load(self, name: str) -> list[Problem]:

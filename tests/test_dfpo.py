@@ -283,7 +283,7 @@ def tiny_batch(m: int = 4) -> Batch:
 
 
 def test_advantage_is_whitened_gae_on_the_flow_mean_and_risk_variant_differs():
-    algo = DFPO(DFPOOptions(kl_coef=0.0))
+    algo = DFPO(DFPOOptions(kl_coef=0.0, risk_adv_weight=0.0))  # the risk-adjusted advantage: tests/test_risk.py
     batch = tiny_batch()
     metrics = algo.advantages(batch)
     mask = batch["response_mask"]
@@ -299,9 +299,9 @@ def test_advantage_is_whitened_gae_on_the_flow_mean_and_risk_variant_differs():
                 "critic/explained_var", "critic/crps", "critic/coverage_10_90"):
         assert math.isfinite(metrics[key]), key
     risky = tiny_batch()
-    DFPO(DFPOOptions(kl_coef=0.0, risk_eta=0.5, whiten_advantages=False)).advantages(risky)
+    DFPO(DFPOOptions(kl_coef=0.0, risk_eta=0.5, risk_adv_weight=0.0, whiten_advantages=False)).advantages(risky)
     plain = tiny_batch()
-    DFPO(DFPOOptions(kl_coef=0.0, whiten_advantages=False)).advantages(plain)
+    DFPO(DFPOOptions(kl_coef=0.0, risk_adv_weight=0.0, whiten_advantages=False)).advantages(plain)
     assert (risky["advantages"] <= plain["advantages"] + 1e-6).all()  # CVaR- <= mean
     assert not torch.allclose(risky["advantages"], plain["advantages"])
 
