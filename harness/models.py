@@ -76,7 +76,8 @@ def warmstart_key(cfg: ModelConfig, suite: "Suite", seed: int) -> str:
     payload = {
         "suite": suite.name,
         "suite_options": dataclasses.asdict(suite.options),
-        "model": dataclasses.asdict(cfg),
+        # The LoRA options do not change the warm start (LoRA and full fine-tuning start from the same model)
+        "model": {k: v for k, v in dataclasses.asdict(cfg).items() if not k.startswith("lora_")},
         "seed": seed,
         "tokenizer": TINY_TOKENIZER_VERSION,
     }

@@ -1,0 +1,105 @@
+"""LoRA (`model.lora_rank > 0`, harness/lora.py): adapters on one frozen base, for every algorithm.
+
+Only adapters and heads train; the reference is the base model (adapters off) exactly; a cell
+stopped mid-run resumes exactly from checkpoints that hold only what trains."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from algorithms import ALGOS  # noqa: E402
+from harness import lora, store  # noqa: E402
+from harness.cli import main  # noqa: E402
+from harness.models import load_policy  # noqa: E402
+from harness.rollout import forward_response  # noqa: E402
+from harness.trainer import Trainer  # noqa: E402
+from tests import test_resume  # noqa: E402
+from tests.conftest import fast_args  # noqa: E402
+from tests.test_training import changed, make_trainer, snapshot  # noqa: E402
+
+LORA = {"model.lora_rank": "4", "model.lora_alpha": "8"}
+
+
+@pytest.mark.parametrize("algo", ALGOS.names())
+def test_lora_trains_only_adapters_and_heads_and_the_reference_is_the_base(algo, tmp_path, cache_dir):
+    trainer = make_trainer(algo, tmp_path, cache_dir, noise="flip0.5",
+                           **{**LORA, "train.lr": "1e-2", "train.critic_lr": "1e-2"})
+    assert trainer.reference is None and not trainer.fast_model  # no reference copy; HF forward under peft
+    before = snapshot(trainer.policy)
+    critic_before = snapshot(trainer.critic) if trainer.critic is not None else None
+    heads_before = snapshot(trainer.heads)
+    for step in (1, 2, 3):
+        trainer.train_step(step)
+
+    moved = changed(before, trainer.policy)
+    base = {n for n in moved if "lora_" not in n}
+    policy_adapter = {n for n in moved if f"lora_B.{lora.POLICY_ADAPTER}." in n}
+    assert base and policy_adapter
+    assert not any(moved[n] for n in base), "the base must stay frozen"
+    assert all(moved[n] for n in policy_adapter), "every policy adapter's B must train"
+    assert all(changed(heads_before, trainer.heads).values())
+    if trainer.critic is not None:
+        critic_moved = changed(critic_before, trainer.critic)
+        assert all(v for n, v in critic_moved.items() if n.startswith("head.")), "the critic head must train"
+        critic_adapter = [n for n in critic_moved if f"lora_B.{lora.CRITIC_ADAPTER}." in n]
+        assert critic_adapter and all(critic_moved[n] for n in critic_adapter), "the critic adapter must train"
+        actor_ids = {id(p) for g in trainer.actor_opt.param_groups for p in g["params"]}
+        critic_ids = {id(p) for g in trainer.critic_opt.param_groups for p in g["params"]}
+        assert not actor_ids & critic_ids
+    frozen = {id(p) for n, p in trainer.policy.named_parameters() if "lora_" not in n}
+    optimised = {id(p) for opt in (trainer.actor_opt, trainer.critic_opt) if opt is not None
+                 for g in opt.param_groups for p in g["params"]}
+    assert not frozen & optimised, "no optimiser holds a base parameter"
+
+    # The reference (adapters off) computes the base model's log-probs exactly, the policy does not.
+    base_model, _ = load_policy(trainer.cfg.model, trainer.suite, trainer.cfg.seed, cache_dir, "cpu", progress=False)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected, _, _ = forward_response(base_model.eval(), ids, mask, 3)
+        with trainer.reference_context():
+            reference, _, _ = trainer.response_forward(trainer.reference_model(), ids, mask, 3)
+        adapted, _, _ = trainer.response_forward(trainer.policy, ids, mask, 3)
+    assert torch.equal(reference, expected)
+    assert not torch.equal(adapted, expected)
+
+
+@pytest.mark.parametrize("algo", ALGOS.names())
+def test_lora_resume_is_exact_and_checkpoints_hold_only_what_trains(algo, tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setattr(test_resume, "SMALL", {**test_resume.SMALL, **LORA})
+    test_resume.test_resume_mid_run_repeats_the_uninterrupted_run(algo, tmp_path, cache_dir, monkeypatch)
+    cell = next((tmp_path / "resumed").rglob("ckpt")).parent
+    state = torch.load(store.latest_checkpoint(cell)[1] / store.STATE_FILE, weights_only=True)
+    assert state["policy"] and all("lora_" in name for name in state["policy"])
+    if "critic" in state:  # its head (its adapter is with the policy's); no frozen base weight anywhere
+        assert state["critic"]
+    frozen = ("base_layer", "embed_tokens", "norm.weight", "lm_head")
+    assert not any(part in name for key in ("policy", "critic") for name in state.get(key, {}) for part in frozen)
+
+
+def test_lora_critic_copy_trains_its_own_adapter_on_a_frozen_copy(tmp_path, cache_dir):
+    trainer = make_trainer("ppo", tmp_path, cache_dir, noise="flip0.5",
+                           **{**LORA, "model.lora_critic": "copy", "train.critic_lr": "1e-2"})
+    assert trainer.critic.backbone is not trainer.policy.get_decoder()
+    before = snapshot(trainer.critic)
+    trainer.train_step(1)
+    moved = changed(before, trainer.critic)
+    assert not any(v for n, v in moved.items() if n.startswith("backbone.") and "lora_" not in n)
+    assert any(v for n, v in moved.items() if "lora_B" in n) and moved["head.linear.weight"]
+    assert {id(p) for g in trainer.critic_opt.param_groups for p in g["params"]} == {
+        id(p) for p in trainer.critic.parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("model.lora_rank=-1", "model.lora_rank must be >= 0"),
+    ("model.lora_alpha=0", "model.lora_alpha must be > 0"),
+    ("model.lora_dropout=0.1", "model.lora_dropout must be 0"),
+    ("model.lora_targets= , ", "model.lora_targets must name at least one module"),
+    ("model.lora_critic=twin", "model.lora_critic must be adapter or copy"),
+    ("model.lora_save=both", "model.lora_save must be adapter or merged"),
+])
+def test_bad_lora_options_are_one_line_errors(setting, message, tmp_path, capsys):
+    code = main(["run", "--suite", "arith", "--algos", "grpo", "--noise", "none", "--seeds", "1", "--steps", "1",
+                 "--out", str(tmp_path / "out"), *fast_args({"model.lora_rank": "4"}), "--set", setting])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and message in err and len(err.splitlines()) == 1
