@@ -151,6 +151,15 @@ def load_trained_state(module: nn.Module, state: dict[str, Any]) -> None:
                            f"missing {sorted(trained & set(missing))[:3]}")
 
 
+def critic_state(critic: nn.Module) -> dict[str, torch.Tensor]:
+    """A LoRA critic's trained tensors by name (head and its own adapter), detached and contiguous."""
+    own = (lambda n: n.startswith("head.") or f".{CRITIC_ADAPTER}." in n) if isinstance(critic, LoraCritic) else None
+    params = trained_parameters(critic)
+    ids = {id(p) for p in params}
+    return {n: p.detach().contiguous().clone() for n, p in critic.named_parameters()
+            if id(p) in ids and (own is None or own(n))}
+
+
 def merged_copy(peft_model) -> nn.Module:
     """A plain model with the policy's adapter merged into a copy of the base weights."""
     clone = copy.deepcopy(peft_model)
@@ -158,9 +167,18 @@ def merged_copy(peft_model) -> nn.Module:
 
 
 def is_adapter_folder(path) -> bool:
+    """Whether `path` is a peft adapter folder (what --save-model writes under LoRA)."""
     from pathlib import Path
 
     return (Path(path) / "adapter_config.json").is_file()
+
+
+def load_adapter_model(folder: str, dtype: torch.dtype):
+    """The base model named by the adapter folder's config with the adapter merged in (a plain model)."""
+    check_available()
+    from peft import AutoPeftModelForCausalLM
+
+    return AutoPeftModelForCausalLM.from_pretrained(folder, dtype=dtype).merge_and_unload()
 
 
 def lora_summary(policy: nn.Module) -> dict[str, int]:

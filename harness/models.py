@@ -148,7 +148,12 @@ def load_pretrained(name: str, dtype: str, device: str, gguf_file: str | None = 
     try:
         extra = {"gguf_file": gguf_file} if gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(name, **extra)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], **extra)
+        from harness import lora
+
+        if lora.is_adapter_folder(name):  # a LoRA run's --save-model: its base with the adapter merged in
+            model = lora.load_adapter_model(name, DTYPES[dtype])
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], **extra)
     except OSError as exc:
         where = "local folder" if local else "Hugging Face id (offline? pass a local folder instead)"
         raise HarnessError(f"cannot load model {name!r} as a {where}: {str(exc).splitlines()[0]}") from None

@@ -14,10 +14,11 @@ from harness.models import load_policy  # noqa: E402
 from harness.rollout import forward_response  # noqa: E402
 from harness.trainer import Trainer  # noqa: E402
 from tests import test_resume  # noqa: E402
-from tests.conftest import fast_args  # noqa: E402
+from tests.conftest import FAST, fast_args  # noqa: E402
 from tests.test_training import changed, make_trainer, snapshot  # noqa: E402
 
 LORA = {"model.lora_rank": "4", "model.lora_alpha": "8"}
+FAST_LORA = {**FAST, **LORA}
 
 
 @pytest.mark.parametrize("algo", ALGOS.names())
@@ -103,3 +104,51 @@ def test_bad_lora_options_are_one_line_errors(setting, message, tmp_path, capsys
                  "--out", str(tmp_path / "out"), *fast_args({"model.lora_rank": "4"}), "--set", setting])
     err = capsys.readouterr().err.strip()
     assert code != 0 and message in err and len(err.splitlines()) == 1
+
+
+def test_lora_save_model_writes_the_adapter_and_a_merged_model_that_eval_loads(tmp_path, cache_dir):
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from harness.evaluation import ModelEvaluation, eval_config
+    from harness.export import save_model
+    from harness.grid import build_cells
+
+    cell = build_cells("arith", ["ppo"], "flip0.2", [0], tmp_path, steps=2,
+                       overrides={**FAST_LORA, "model.lora_save": "merged"})[0]
+    cell.path.mkdir(parents=True)
+    (cell.path / "config.json").write_text(json.dumps(cell.cfg.to_dict()))
+    trainer = Trainer(cell.cfg, cell.path, cache_dir=cache_dir, progress=False)
+    trainer.eval_responses = []
+    trainer.run()
+    folder = cell.path / "model"
+    save_model(trainer, folder, with_critic=True)
+    names = {p.name for p in folder.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= names
+    assert "model.safetensors" not in names  # no copy of the frozen base
+    adapter = load_file(folder / "adapter_model.safetensors")
+    assert adapter and all("lora_" in n and ".critic." not in n for n in adapter)
+    critic = load_file(folder / "critic" / "critic.safetensors")
+    assert "head.linear.weight" in critic and all(n.startswith("head.") or ".critic." in n for n in critic)
+    assert any(".critic." in n for n in critic)
+
+    # The merged model computes the adapted policy's function.
+    merged = AutoModelForCausalLM.from_pretrained(folder / "merged").eval()
+    ids, mask = torch.tensor([[5, 6, 7, 8, 9, 10, 11]]), torch.ones(1, 7, dtype=torch.long)
+    with torch.no_grad():
+        want, _, _ = forward_response(trainer.policy, ids, mask, 3)
+        got, _, _ = forward_response(merged, ids, mask, 3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    # harness eval loads the adapter folder (base + adapter) and gives the last evaluation's responses.
+    last = [r for r in trainer.eval_responses if r["step"] == 2]
+    for model in (folder, folder / "merged"):
+        cfg, _ = eval_config(str(model), "arith", {"eval.limit": "0"}) if model.name == "merged" else \
+            eval_config(str(model), None, {})
+        evaluation = ModelEvaluation(cfg, cache_dir)
+        evaluation.evaluate(2)
+        if model == folder:
+            assert [(r["problem"], r["response"]) for r in evaluation.eval_responses] == \
+                [(r["problem"], r["response"]) for r in last]
