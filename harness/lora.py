@@ -82,7 +82,7 @@ def make_trainable(model: nn.Module) -> None:
 @contextlib.contextmanager
 def use_adapter(peft_model, name: str) -> Iterator[None]:
     """Run the block with adapter `name` active, then switch back; every adapter stays trainable."""
-    previous = peft_model.active_adapter
+    previous = peft_model.base_model.active_adapter  # the layers' (PeftModel.active_adapter is only its own record)
     if previous == name:
         yield
         return

@@ -109,7 +109,7 @@ class Trainer(PolicyEvaluator):
         if self.lora:
             seed_everything(cfg.seed, "lora-init")
             self.peft = lora.wrap(self.policy, cfg.model)
-            self.policy.eval()
+            self.policy.train(cfg.train.gradient_checkpointing)  # the mode above, for the injected layers too
         # Before the reference and critic copies, which inherit the setting.
         self.fast_model = fast_llama.enable(self.policy, cfg.train.fast_model)
         # One process: the policy samples itself, under autocast in model.dtype when its masters differ.
@@ -133,9 +133,6 @@ class Trainer(PolicyEvaluator):
         t = cfg.train
         self.critic = None
         if self.algo.critic != "none" and self.lora and t.critic_backbone == "separate":
-            if t.gradient_checkpointing and cfg.model.lora_critic == "adapter":
-                raise HarnessError("train.gradient_checkpointing with a LoRA critic adapter on the policy's base is not "
-                                   "supported (the recomputation would run the wrong adapter); set model.lora_critic=copy")
             self.critic = lora.build_critic(self.algo.critic, self.peft, self.policy, self.algo.critic_options(),
                                             cfg.model)
         elif self.algo.critic != "none":
@@ -374,6 +371,12 @@ class Trainer(PolicyEvaluator):
         """Under LoRA the reference is the base model: the policy with every adapter disabled."""
         return self.peft.disable_adapter() if self.lora else contextlib.nullcontext()
 
+    def critic_adapter(self):
+        """A LoRA critic's adapter active on the shared base (harness.lora); otherwise nothing to switch."""
+        if isinstance(self.critic, lora.LoraCritic):
+            return lora.use_adapter(self.peft, lora.CRITIC_ADAPTER)
+        return contextlib.nullcontext()
+
     def policy_forward(self, mb: Batch) -> PolicyForward:
         logp, entropy, hidden = self.response_forward(self.policy, mb["input_ids"], mb["attention_mask"], mb.prompt_len,
                                                       want_hidden=self.algo.needs_hidden,
@@ -410,8 +413,9 @@ class Trainer(PolicyEvaluator):
             metrics["actor/grad_norm"] = self.optimise(loss, self.actor_opt, self.actor_params,
                                                        "actor+critic" if self.shared_critic else "actor", step)
             if self.critic_opt is not None:
-                closs, cmetrics = self.algo.critic_loss(mb, self.critic, critic_generator)
-                cmetrics["critic/grad_norm"] = self.optimise(closs, self.critic_opt, self.critic_params, "critic", step)
+                with self.critic_adapter():  # its backward too: checkpointing recomputes with the active adapter
+                    closs, cmetrics = self.algo.critic_loss(mb, self.critic, critic_generator)
+                    cmetrics["critic/grad_norm"] = self.optimise(closs, self.critic_opt, self.critic_params, "critic", step)
                 metrics.update(cmetrics)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)

@@ -152,3 +152,56 @@ def test_lora_save_model_writes_the_adapter_and_a_merged_model_that_eval_loads(t
         if model == folder:
             assert [(r["problem"], r["response"]) for r in evaluation.eval_responses] == \
                 [(r["problem"], r["response"]) for r in last]
+
+
+@pytest.mark.parametrize("algo, critic", [(a, "adapter") for a in ALGOS.names()] + [("ppo", "copy")])
+def test_plan_counts_the_lora_trainers_bytes_exactly(algo, critic, tmp_path, cache_dir):
+    """`harness plan` under LoRA: the shared base, the adapters, their Adam states, heads and critic
+    equal a real trainer's bytes after one step; no reference is planned."""
+    from harness.plan import GiB, plan_cell
+    from harness.plan_measure import trainer_bytes
+    from tests.test_plan import configs
+
+    (cfg,) = configs(algo, sets={**FAST_LORA, "model.lora_critic": critic})
+    plan = plan_cell(cfg, prompt_len=16, device_bytes=80 * GiB)
+    trainer = Trainer(cfg, tmp_path, cache_dir=cache_dir, progress=False)
+    trainer.train_step(1)
+    real = trainer_bytes(trainer)
+    assert real["gradients"] > 0 and "reference" not in plan.persistent
+    assert {k: plan.persistent[k] for k in real} == real
+    assert set(plan.persistent) == set(real)
+
+
+def test_lora_adapter_count_by_hand():
+    """Tiny Llama h=32, I=48, 3 layers, r=4: per layer q, k, v, o (32 -> 32): 4 * 4 * (32 + 32); gate,
+    up (32 -> 48) 2 * 4 * (32 + 48); down (48 -> 32) 4 * (48 + 32)."""
+    from harness.plan import lora_module_bytes, model_config
+    from tests.test_plan import SMALL, algorithm, configs
+
+    (cfg,) = configs("grpo", sets={**SMALL, **LORA})
+    m = lora_module_bytes(cfg, algorithm(cfg), model_config(cfg))
+    per_layer = 4 * 4 * 64 + 2 * 4 * 80 + 4 * 80
+    assert sum(t.numel() for t in m["adapter_tensors"]) == 3 * per_layer
+    assert m["actor_adam"] == 2 * 4 * 3 * per_layer + 4 * 3 * 7 * 2 and m["reference"] == 0
+
+
+def test_lora_critic_adapter_under_gradient_checkpointing_gets_the_same_gradients(tmp_path, cache_dir):
+    """Checkpointing recomputes the critic's forward in its backward: with the critic's adapter active
+    (not the policy's), so the critic's gradients equal those without checkpointing. The adapters get
+    distinct random B and the zero-initialised head a random one first (at B = 0 both adapters compute the
+    same function, and a zero head passes no gradient to the adapter: the test could not fail)."""
+    grads = []
+    for ckpt in ("false", "true"):
+        trainer = make_trainer("ppo", tmp_path / ckpt, cache_dir, noise="flip0.5",
+                               **{**LORA, "train.gradient_checkpointing": ckpt, "train.num_minibatches": "1"})
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            randomised = [p for n, p in trainer.policy.named_parameters() if "lora_B" in n]
+            for p in randomised + list(trainer.critic.head.parameters()):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+        trainer.train_step(1)  # one minibatch: the gradients left are those of the only update
+        grads.append({n: p.grad.clone() for n, p in trainer.policy.named_parameters() if f".{lora.CRITIC_ADAPTER}." in n})
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    assert all(g.abs().max() > 0 for g in grads[0].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
