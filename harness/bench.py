@@ -206,7 +206,8 @@ def trl_grpo_config(cfg, output_dir: str) -> dict[str, Any]:
         gradient_checkpointing=t.gradient_checkpointing,  # TRL's default is on; the tiny model trains without
         use_cpu=True, bf16=False, fp16=False, seed=cfg.seed, report_to=[], save_strategy="no",
         logging_strategy="no", disable_dropout=True, dataloader_num_workers=0,
-        model_init_kwargs={"dtype": cfg.model.dtype},  # TRL's default "auto" would follow the checkpoint
+        model_init_kwargs={"dtype": cfg.model.dtype,  # TRL's default "auto" would follow the checkpoint
+                           "trust_remote_code": cfg.model.trust_remote_code},
         **({"use_vllm": True, "vllm_mode": "colocate", "vllm_importance_sampling_correction": False}
            if t.rollout == "vllm" else {}),
     )

@@ -7,7 +7,7 @@ import dataclasses
 import typing
 from typing import Any, Iterator
 
-from harness.config import SECTIONS, RunConfig
+from harness.config import SECTIONS, RunConfig, upper_bound
 
 
 def type_name(annotation: Any) -> str:
@@ -31,7 +31,9 @@ def show(value: Any) -> str:
     return str(value)
 
 
-def allowed(f: dataclasses.Field) -> str:
+def allowed(f: dataclasses.Field, key: str | None = None, annotation: Any = None) -> str:
+    """The field's range or choices from its metadata; else, for an integer key, its upper bound
+    (`harness.config.upper_bound`)."""
     meta = f.metadata
     if "range" in meta:
         r = meta["range"]
@@ -40,6 +42,9 @@ def allowed(f: dataclasses.Field) -> str:
         return str(r)
     if "choices" in meta:
         return "|".join(map(str, meta["choices"]))
+    if key is not None and annotation is int and upper_bound(key) is not None:
+        bound = upper_bound(key)
+        return f"<= {bound}" if key.partition(".")[0] in SECTIONS else f"|x| <= {bound}"
     return ""
 
 
@@ -48,7 +53,7 @@ def rows_of(cls: type, prefix: str) -> Iterator[dict[str, str]]:
     defaults = cls()
     for f in dataclasses.fields(cls):
         yield {"key": f"{prefix}.{f.name}", "type": type_name(hints[f.name]), "default": show(getattr(defaults, f.name)),
-               "range": allowed(f), "doc": f.metadata.get("doc", "")}
+               "range": allowed(f, f"{prefix}.{f.name}", hints[f.name]), "doc": f.metadata.get("doc", "")}
 
 
 def config_rows() -> list[dict[str, str]]:

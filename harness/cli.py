@@ -1,12 +1,14 @@
 """`harness run | tune | status | report | eval | bench | plan | list`.
 
-Bad input ends with one line `harness: error: ...` and exit status 2, before anything is written.
-SIGINT or SIGTERM ends a run with one line `harness: interrupted: ...` and exit status 130.
+Bad input ends with one line `harness: error: ...` (at most 2000 characters) and exit status 2, before
+anything is written. SIGINT or SIGTERM ends any command with one line `harness: interrupted...` and
+exit status 130; a closed pipe (`harness list config | head`) ends it quietly with status 141.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-model", choices=SAVE_MODEL_CHOICES, default=None,
                      help="a finished cell writes model/ (save_pretrained); final+critic adds model/critic/ and "
                           "model/heads/ (default: final for real models, none for the tiny one)")
+    add_trust_option(run)
     add_grid_file_options(run)
     add_tune_parser(sub, run)
 
@@ -111,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--lm-eval-max-length", type=int, default=None,
                     help="the context length lm-eval allows (default: the model's)")
     ev.add_argument("--cache-dir", default=None, help="warm-start cache (default: $HARNESS_CACHE or ~/.cache/harness)")
+    add_trust_option(ev)
 
     bench = sub.add_parser("bench", help="seconds per step: this harness vs TRL GRPOTrainer, and every algorithm")
     bench.add_argument("--steps", type=int, default=10, help="measured steps per configuration (default: 10)")
@@ -127,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rollout", choices=["hf", "vllm"], default=None,
                        help="vllm: also rows with vLLM rollouts (the harness's backend, TRL's vLLM option); needs vLLM")
     bench.add_argument("--cache-dir", default=None, help="warm-start cache (default: $HARNESS_CACHE or ~/.cache/harness)")
+    add_trust_option(bench)
 
     plan = sub.add_parser("plan", help="estimated memory per device of each algorithm's cell, before launching it")
     plan.add_argument("--model", default="tiny",
@@ -148,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also train each cell this many steps in this process (CPU, one rank) and print the "
                            "measured bytes and peak memory beside the estimate")
     plan.add_argument("--cache-dir", default=None, help="warm-start cache for --measure (default: $HARNESS_CACHE)")
+    add_trust_option(plan)
 
     lst = sub.add_parser("list", help="list registered algorithms, suites or noise injectors")
     lst.add_argument("what", choices=["algos", "suites", "noise", "presets", "config"])
@@ -180,6 +186,31 @@ def add_grid_file_options(parser: argparse.ArgumentParser, what: str = "command-
                         help="a grid file shipped with the harness (harness list presets)")
 
 
+def add_trust_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let a model folder or hub repo run its own Python code (auto_map in its config; sets "
+                             "model.trust_remote_code; default: such a model is refused)")
+
+
+def with_trust(args, overrides: dict[str, str]) -> dict[str, str]:
+    """`--trust-remote-code` as the config key it sets."""
+    if getattr(args, "trust_remote_code", False):
+        overrides["model.trust_remote_code"] = "true"
+    return overrides
+
+
+# Upper bounds of the numbers only the command line gives (the config keys' are harness.config.UPPER_BOUNDS).
+MAX_WORKERS = 1024
+MAX_BENCH = {"--steps": 100_000, "--warmup": 10_000, "--rounds": 100}
+MAX_PROMPT_LEN = 1_048_576
+MAX_MEASURE = 100_000
+
+
+def check_at_most(flag: str, value: int | None, bound: int) -> None:
+    if value is not None and value > bound:
+        raise HarnessError(f"{flag} must be at most {bound}, got {value}")
+
+
 def subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
 
@@ -195,11 +226,15 @@ def cmd_run(args, origin=None) -> int:
 
 
 def run_command(args, overrides: dict[str, str]) -> int:
+    from harness.config import MAX_STEPS
     from harness.grid import build_cells, default_algos, default_workers, parse_algos, parse_seeds, run_grid
     from harness.launch import NodeLaunch, check_nodes
     from harness.tracking import parse_backends
 
     algos = parse_algos(args.algos) if args.algos is not None else default_algos()
+    with_trust(args, overrides)
+    check_at_most("--workers", args.workers, MAX_WORKERS)
+    check_at_most("--ckpt-every", args.ckpt_every, MAX_STEPS)
     if args.rollout:
         overrides["train.rollout"] = args.rollout
     if args.nproc is not None:
@@ -305,8 +340,10 @@ def cmd_report(args) -> int:
         print(f"wrote {write_tuning_report(Path(args.tuning), out, Path(runs), args.default_runs, parse_formats(args.format))}")
     if corrupt:
         level = "error: --strict" if args.strict else "warning"
-        print(f"harness: {level}: {len(corrupt)} cell(s) skipped, their files are corrupt: " + "; ".join(corrupt),
-              file=sys.stderr)
+        from harness.store import one_line
+
+        print(one_line(f"harness: {level}: {len(corrupt)} cell(s) skipped, their files are corrupt: " + "; ".join(corrupt)),
+              file=sys.stderr)  # every one is listed in the report too
     return 1 if corrupt and args.strict else 0
 
 
@@ -330,7 +367,9 @@ def cmd_bench(args) -> int:
 
     steps, warmup, rounds = (QUICK["steps"], QUICK["warmup"], QUICK["rounds"]) if args.quick \
         else (args.steps, args.warmup, args.rounds)
-    overrides = parse_assignments(args.set)
+    for flag, value in (("--steps", steps), ("--warmup", warmup), ("--rounds", rounds)):
+        check_at_most(flag, value, MAX_BENCH[flag])
+    overrides = with_trust(args, parse_assignments(args.set))
     rollout = args.rollout or overrides.get("train.rollout", "hf")  # the HF rows stay HF; vllm adds rows
     overrides.pop("train.rollout", None)
     run_bench(steps, warmup, overrides, args.cache_dir, with_trl=not args.no_trl,
@@ -346,7 +385,7 @@ def plan_configs(args) -> list:
     from harness.config import parse_assignments
     from harness.grid import build_cells, default_algos, parse_algos
 
-    overrides = parse_assignments(args.set)
+    overrides = with_trust(args, parse_assignments(args.set))
     overrides["train.nproc"] = str(args.nproc)
     overrides["train.nnodes"] = str(args.nnodes)
     # train.rollout is set after build_cells, whose check of `vllm` would need vLLM installed.
@@ -371,11 +410,13 @@ def cmd_plan(args) -> int:
     from harness.plan import format_plans, parse_memory, plan_cell, plans_json
 
     device = parse_memory(args.device_memory)
-    cfgs = plan_configs(args)
     if args.prompt_len is not None and args.prompt_len < 1:
         raise HarnessError(f"--prompt-len must be a positive integer, got {args.prompt_len}")
     if args.measure < 0:
         raise HarnessError(f"--measure must be a number of steps >= 0, got {args.measure}")
+    check_at_most("--prompt-len", args.prompt_len, MAX_PROMPT_LEN)
+    check_at_most("--measure", args.measure, MAX_MEASURE)
+    cfgs = plan_configs(args)
     t = cfgs[0].train
     prompt_len = args.prompt_len or max(cfgs[0].model.max_positions - t.max_new_tokens, 1)
     plans = [plan_cell(cfg, prompt_len, device) for cfg in cfgs]
@@ -418,44 +459,61 @@ def cmd_list(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from harness.config import parse_assignments
+    from harness.config import MAX_SEED, parse_assignments
     from harness.evaluation import run_eval
 
-    overrides = parse_assignments(args.set)
+    overrides = with_trust(args, parse_assignments(args.set))
     for flag, key in (("id", "suite.id"), ("ood", "suite.ood")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
+    if not 0 <= args.seed <= MAX_SEED:
+        raise HarnessError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
+    if args.lm_eval_max_length is not None and not 1 <= args.lm_eval_max_length <= MAX_PROMPT_LEN:
+        raise HarnessError(f"--lm-eval-max-length must be in 1..{MAX_PROMPT_LEN}, got {args.lm_eval_max_length}")
     lm_tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
-    folder = run_eval(args.model, args.suite, overrides, Path(args.out), seed=args.seed, name=args.name, data_dir=args.data_dir,
-                      eval_limit=args.eval_limit, lm_eval_tasks=lm_tasks, lm_eval_include=args.lm_eval_include,
-                      lm_eval_gen_kwargs=args.lm_eval_gen_kwargs, lm_eval_max_length=args.lm_eval_max_length,
-                      cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    try:
+        folder = run_eval(args.model, args.suite, overrides, Path(args.out), seed=args.seed, name=args.name,
+                          data_dir=args.data_dir, eval_limit=args.eval_limit, lm_eval_tasks=lm_tasks,
+                          lm_eval_include=args.lm_eval_include, lm_eval_gen_kwargs=args.lm_eval_gen_kwargs,
+                          lm_eval_max_length=args.lm_eval_max_length,
+                          cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    except KeyboardInterrupt:  # SIGINT or SIGTERM (main's interrupt_signals)
+        print(f"harness: interrupted: the evaluation stopped; no row was written to {args.out} (a row is written "
+              "whole or not at all)", file=sys.stderr)
+        return 130
     print(f"wrote {folder}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     from harness.runfile import parse_with_file
+    from harness.signals import interrupt_signals
+    from harness.store import one_line, os_error_message
 
     try:
-        parser = build_parser()
-        args, origin = parse_with_file(parser, subparser(parser, "run"), argv)
-        if args.command == "run":
-            return cmd_run(args, origin)
-        if args.command == "tune":
-            return cmd_tune(parser, argv)
-        return {"status": cmd_status, "report": cmd_report, "eval": cmd_eval, "bench": cmd_bench,
-                "plan": cmd_plan, "list": cmd_list}[args.command](args)
+        with interrupt_signals():  # SIGTERM as Ctrl-C, for every command: one line below, clean-ups done
+            parser = build_parser()
+            args, origin = parse_with_file(parser, subparser(parser, "run"), argv)
+            if args.command == "run":
+                return cmd_run(args, origin)
+            if args.command == "tune":
+                return cmd_tune(parser, argv)
+            return {"status": cmd_status, "report": cmd_report, "eval": cmd_eval, "bench": cmd_bench,
+                    "plan": cmd_plan, "list": cmd_list}[args.command](args)
     except HarnessError as exc:
-        print(f"harness: error: {exc}", file=sys.stderr)
+        print(f"harness: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("harness: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`harness list config | head`): end quietly, as `cat` does
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        except (OSError, ValueError):
+            pass
+        return 141  # 128 + SIGPIPE, a pipe writer's status
     except OSError as exc:  # full disk, read-only folder, a file where a folder should be
-        from harness.store import os_error_message
-
-        print(f"harness: error: {os_error_message(exc)}", file=sys.stderr)
+        print(f"harness: error: {one_line(os_error_message(exc))}", file=sys.stderr)
         return 2
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ class ModelConfig:
     warmstart_lr: float = field(default=3e-3, metadata={"doc": "tiny model: warm-start learning rate (linear decay to 0)"})
     warmstart_batch: int = field(default=64, metadata={"doc": "tiny model: warm-start batch size"})
     dtype: str = field(default="float32", metadata={"doc": "dtype of what generates or is frozen (reference, rollout replica, vLLM engine, KV cache): float32, bfloat16 or float16; trained modules keep float32 masters (train.master_dtype)"})
+    trust_remote_code: bool = field(default=False, metadata={"doc": "run the Python code a model folder or hub repo ships (auto_map in its config); off: such a model is refused (--trust-remote-code)"})
     lora_rank: int = field(default=0, metadata={"doc": "LoRA rank r (0: off, full fine-tuning); > 0 trains peft adapters on a frozen base in model.dtype, the reference is the base with adapters off (needs the lora extra)"})
     lora_alpha: float = field(default=16.0, metadata={"doc": "LoRA scale numerator: the adapter's update is scaled by lora_alpha / lora_rank"})
     lora_dropout: float = field(default=0.0, metadata={"doc": "LoRA dropout; must be 0 (rollout and update compute the same function, without dropout)"})
@@ -195,6 +197,50 @@ OPTION_RANGES = {
 }
 
 
+# Upper bounds of the integer keys, checked before work starts (`harness list config` shows them): far
+# above any run this harness makes, low enough that a mistyped value is refused at once instead of
+# hanging or crashing the machine. train.threads is bounded by this machine's CPU count, every integer
+# option of an algorithm or suite by OPTION_INT_MAX (a seed by 2**63 - 1).
+MAX_STEPS = 10_000_000
+UPPER_BOUNDS = {
+    "model.hidden_size": 131_072, "model.intermediate_size": 1_048_576, "model.num_layers": 1024,
+    "model.num_heads": 4096, "model.max_positions": 1_048_576, "model.warmstart_steps": MAX_STEPS,
+    "model.warmstart_batch": 1_000_000,
+    "train.steps": MAX_STEPS, "train.prompts_per_step": 1_000_000, "train.group_size": 4096,
+    "train.max_new_tokens": 1_048_576, "train.ppo_epochs": 1000, "train.num_minibatches": 1_000_000,
+    "train.eval_every": MAX_STEPS, "train.nproc": 4096, "train.nnodes": 4096, "train.dist_timeout": 604_800,
+    "eval.k": 4096, "eval.max_new_tokens": 1_048_576, "eval.limit": 100_000_000, "eval.batch_size": 1_000_000,
+}
+MAX_ROWS_PER_STEP = 10_000_000  # train.prompts_per_step x train.group_size: responses sampled in one step
+OPTION_INT_MAX = 10_000_000
+MAX_SEED = 2 ** 63 - 1
+
+
+def upper_bound(key: str) -> int | None:
+    """The largest value allowed for config key `key` (e.g. train.steps, grpo.max_extra_rounds), or None."""
+    if key == "train.threads":
+        return os.cpu_count() or 1
+    if key in UPPER_BOUNDS:
+        return UPPER_BOUNDS[key]
+    if key.partition(".")[0] not in SECTIONS:
+        return MAX_SEED if key.endswith("seed") else OPTION_INT_MAX
+    return None
+
+
+def check_upper_bounds(cfg: "RunConfig") -> None:
+    """Every integer key of model/train/eval at most its `upper_bound`, and the rows of a step bounded."""
+    for section in SECTIONS:
+        for f in dataclasses.fields(getattr(cfg, section)):
+            value, bound = getattr(getattr(cfg, section), f.name), upper_bound(f"{section}.{f.name}")
+            if bound is not None and isinstance(value, int) and not isinstance(value, bool) and value > bound:
+                why = " (this machine's CPU count)" if f.name == "threads" else ""
+                raise HarnessError(f"{section}.{f.name} must be at most {bound}{why}, got {value}")
+    rows = cfg.train.prompts_per_step * cfg.train.group_size
+    if rows > MAX_ROWS_PER_STEP:
+        raise HarnessError(f"train.prompts_per_step x train.group_size must be at most {MAX_ROWS_PER_STEP} responses "
+                           f"a step, got {rows}")
+
+
 def check_range(key: str, value: Any, rule: tuple[str, float]) -> None:
     op, bound = rule
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -209,6 +255,9 @@ def check_option_ranges(opts: Any, owner: str) -> None:
         value = getattr(opts, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise HarnessError(f"{owner}.{f.name} must be a finite number, got {value}")
+        bound = upper_bound(f"{owner}.{f.name}")
+        if isinstance(value, int) and not isinstance(value, bool) and bound is not None and abs(value) > bound:
+            raise HarnessError(f"{owner}.{f.name} must be in -{bound}..{bound}, got {value}")
         if f.name in OPTION_RANGES:
             check_range(f"{owner}.{f.name}", value, OPTION_RANGES[f.name])
 
@@ -299,10 +348,19 @@ def validate_core(cfg: RunConfig) -> None:
         "eval.k": cfg.eval.k,
         "eval.batch_size": cfg.eval.batch_size,
         "model.warmstart_batch": cfg.model.warmstart_batch,
+        "model.hidden_size": cfg.model.hidden_size,
+        "model.intermediate_size": cfg.model.intermediate_size,
+        "model.num_layers": cfg.model.num_layers,
+        "model.num_heads": cfg.model.num_heads,
+        "model.max_positions": cfg.model.max_positions,
     }
     for key, value in positive.items():
         if value < 1:
             raise HarnessError(f"{key} must be a positive integer, got {value}")
+    check_upper_bounds(cfg)
+    if cfg.model.hidden_size % cfg.model.num_heads:
+        raise HarnessError(f"model.hidden_size ({cfg.model.hidden_size}) must be a multiple of model.num_heads "
+                           f"({cfg.model.num_heads})")
     if t.temperature <= 0:
         raise HarnessError(f"train.temperature must be > 0, got {t.temperature}")
     for key, value in {"train.top_p": t.top_p, "eval.top_p": cfg.eval.top_p}.items():

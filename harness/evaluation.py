@@ -177,6 +177,25 @@ def eval_config(model: str, suite: str | None, overrides: dict[str, str], seed: 
     return cfg, cell
 
 
+def row_folder(out: Path, cfg: RunConfig, name: str) -> Path:
+    """Where `harness eval` writes its row, `<out>/<suite>/<name>/<noise>/seed<k>/`, checked before
+    anything is loaded or written (`harness.store.check_row_folder`): `out` a run store or a new
+    folder; every part one folder name; `name` not an algorithm's (a training cell's folder)."""
+    from algorithms import ALGOS
+
+    store.check_name(name, "--name")
+    if name in ALGOS.names():
+        raise HarnessError(f"--name {name!r} is an algorithm's name, the folder of its training cells, which "
+                           f"harness eval never writes; give another name (e.g. {name}-model)")
+    store.check_name(str(cfg.noise), "the cell's noise")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2 ** 63:
+        raise HarnessError(f"--seed must be an integer in 0..2**63-1, got {cfg.seed!r}")
+    folder = store.cell_dir(out, cfg.suite, name, cfg.noise, cfg.seed)
+    store.check_out_dir(out)
+    store.check_row_folder(out, folder)
+    return folder
+
+
 def run_eval(model: str, suite: str | None, overrides: dict[str, str], out: Path, seed: int = 0,
              name: str | None = None, data_dir: str | None = None, eval_limit: int | None = None,
              lm_eval_tasks: list[str] | None = None, lm_eval_include: str | None = None,
@@ -192,10 +211,11 @@ def run_eval(model: str, suite: str | None, overrides: dict[str, str], out: Path
         from harness.lm_eval_tasks import check_request
 
         check_request(lm_eval_tasks, data_dir or cfg.suite_options.get("data_dir") or None, lm_eval_include)
-    name = name or (f"{cell['algo']}-model" if cell else "base")
-    if not name or "/" in name:
-        raise HarnessError(f"--name must be a non-empty name without '/', got {name!r}")
-    folder = store.cell_dir(out, cfg.suite, name, cfg.noise, cfg.seed)
+    name = name if name is not None else (f"{cell['algo']}-model" if cell else "base")
+    folder = row_folder(out, cfg, name)
+    from harness.models import check_local_model
+
+    check_local_model(model, cfg.model.trust_remote_code)  # a damaged model folder: one line, before any load
     evaluation = ModelEvaluation(cfg, cache_dir, progress)
     rows = [{**row, "model": model} for row in evaluation.evaluate(0)]
     lm_rows, lm_results = [], None
@@ -212,6 +232,8 @@ def run_eval(model: str, suite: str | None, overrides: dict[str, str], out: Path
         values = [r["value"] for r in rows if r["role"] == role and (r["metric"] == "accuracy" or r["metric"].startswith("avg@"))]
         if values:
             summary[f"{role}_accuracy"] = sum(values) / len(values)
+    row_folder(out, cfg, name)  # the same checks again: the store may have changed while the model was evaluated
+    store.claim_store(out)
     with store.atomic_dir(folder) as tmp:  # the whole folder or nothing
         store.atomic_write_json(tmp / "config.json", {**cfg.to_dict(), "algo": name, "evaluated_model": model})
         store.append_jsonl(tmp / "eval.jsonl", rows)

@@ -12,7 +12,6 @@ A cell's outcome lives in its status.json, written by the process that ran it:
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import json
@@ -33,12 +32,13 @@ from tqdm.auto import tqdm
 
 from algorithms import ALGOS
 from harness import store
-from harness.config import (SECTIONS, RunConfig, apply_section_overrides, options_dataclass, resolved_old_logp,
-                            set_dataclass_field, split_overrides, validate_core)
+from harness.config import (SECTIONS, RunConfig, apply_section_overrides, convert, options_dataclass,
+                            resolved_old_logp, set_dataclass_field, split_overrides, validate_core)
 from harness.errors import HarnessError
 from harness.export import save_model
 from harness.launch import NodeLaunch
 from harness.models import MODEL_ALIASES, check_local_model
+from harness.signals import InterruptOnce, interrupt_signals
 from harness.tracking import Tracker
 from noise import parse_noise_list
 from tasks import SUITES
@@ -189,7 +189,8 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
     model_name = model or overrides.get("model.name", "tiny")
     if model_name in MODEL_ALIASES:
         MODEL_ALIASES[model_name]()  # a missing offline model stops the grid before it writes anything
-    check_local_model(model_name)  # so does a local folder that is not there
+    trust = convert(overrides.get("model.trust_remote_code", "false"), bool, "model.trust_remote_code")
+    check_local_model(model_name, trust, weights=check_data)  # so does a local folder that is not there, or a damaged one
     data_check = getattr(suite_cls, "check_data", None) if check_data else None
     if data_check is not None:  # data that cannot be had stops the grid before it writes anything
         data_check(suite_cls.Options(**suite_options))
@@ -424,6 +425,7 @@ def run_grid(cells: list[Cell], cache_dir: Path | None = None, progress: bool = 
             done.append(cell)
         elif state == "failed" and not retry_failed:
             counts["left_failed"] += 1
+            say(failed_earlier_line(cell))
         else:
             todo.append(cell)
 
@@ -441,6 +443,7 @@ def run_grid(cells: list[Cell], cache_dir: Path | None = None, progress: bool = 
             if backend == "ray":
                 outcomes = run_ray(todo, cache_dir, ckpt_every, ray_address)
             elif workers > 1 and len(todo) > 1:
+                announce_warm_starts(todo, cache_dir)
                 outcomes = run_processes(todo, cache_dir, ckpt_every, workers, progress)
             else:
                 outcomes = run_serial(todo, cache_dir, ckpt_every, progress)
@@ -450,6 +453,39 @@ def run_grid(cells: list[Cell], cache_dir: Path | None = None, progress: bool = 
     finally:
         lock.release()
     return count_outcomes(outcomes, counts)
+
+
+def failed_earlier_line(cell: Cell) -> str:
+    """What a run says of a cell it leaves failed: why it failed, whether its configuration changed
+    since, and the flag that re-runs it."""
+    status = read_status_or_none(cell)
+    reason = store.one_line(str(status.get("reason", "")), 200)
+    changed = "; its configuration has changed since" if config_change(cell) == "its configuration changed" else ""
+    return (f"cell {cell.label}: failed earlier (at step {status.get('step', '?')}: {reason}){changed}; left as it "
+            "is: --retry-failed re-runs it")
+
+
+def announce_warm_starts(todo: list[Cell], cache_dir: Path | None) -> None:
+    """Before cells start in worker processes (whose progress shows 0% until a cell ends): say which
+    tiny-model warm starts are not cached yet, which the first cells train (once) before their steps."""
+    from types import SimpleNamespace
+
+    from harness.models import default_cache_dir, warmstart_key
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    missing = {}
+    for cell in todo:
+        cfg = cell.cfg
+        if cfg.model.name != "tiny" or cfg.model.warmstart_steps == 0:
+            continue
+        suite = SimpleNamespace(name=cfg.suite, options=SUITES.get(cfg.suite).Options(**cfg.suite_options))
+        path = cache / "warmstart" / warmstart_key(cfg.model, suite, cfg.seed)
+        if not (path / "done").exists():
+            missing[path] = cfg.model.warmstart_steps
+    if missing:
+        steps = ", ".join(sorted({str(s) for s in missing.values()}))
+        say(f"training the tiny model's warm start first ({len(missing)} of them, {steps} supervised steps each, "
+            f"once; cached in {cache / 'warmstart'}): the cells' progress starts after it")
 
 
 def follow_grid(todo: list[Cell], cache_dir, ckpt_every: int, progress: bool, counts: dict[str, int]) -> dict[str, int]:
@@ -475,38 +511,6 @@ def count_outcomes(outcomes: list[tuple[Cell, dict]], counts: dict[str, int]) ->
     if fatal:
         raise HarnessError(fatal)
     return counts
-
-
-class InterruptOnce:
-    """A SIGINT / SIGTERM handler that raises KeyboardInterrupt at the first signal and ignores the
-    later ones, so that a second signal (Ctrl-C to the group and the grid forwarding it) cannot break
-    the clean-up. (Not SIG_IGN from inside the handler: Python then fails on a signal already pending.)"""
-
-    def __init__(self):
-        self.fired = False
-
-    def __call__(self, signum, frame) -> None:
-        if not self.fired:
-            self.fired = True
-            raise KeyboardInterrupt
-
-    def install(self) -> dict:
-        """Handle SIGINT and SIGTERM; returns the previous handlers."""
-        return {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-@contextlib.contextmanager
-def interrupt_signals():
-    """SIGINT and SIGTERM end the run as Ctrl-C does (KeyboardInterrupt), in the main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = InterruptOnce().install()
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def mark_interrupted(cells: list[Cell]) -> None:

@@ -124,6 +124,9 @@ def launch_torchrun(cell, job: Path) -> dict[int, str]:
 
     t = cell.cfg.train
     if t.nnodes > 1:  # the same rendezvous name on every node, one per cell
+        from harness.grid import say
+
+        say(rendezvous_line(cell))
         run_id = f"{cell.node.run_id}-{cell.label}".replace("/", "-")  # torchelastic names a log folder with it
         rdzv = {"run_id": run_id, "rdzv_endpoint": cell.node.endpoint,
                 "rdzv_configs": {"is_host": cell.node.leader, "join_timeout": t.dist_timeout}}
@@ -137,6 +140,16 @@ def launch_torchrun(cell, job: Path) -> dict[int, str]:
         return {rank: describe_exit(failure.exitcode, failure.signal_name() if failure.exitcode < 0 else "")
                 for rank, failure in exc.failures.items()}
     return {}
+
+
+def rendezvous_line(cell) -> str:
+    """What a node says while its cell's rendezvous waits for the other nodes (minutes, when one is late)."""
+    t, node = cell.cfg.train, cell.node
+    if node.leader:
+        others = "node 1" if t.nnodes == 2 else f"nodes 1-{t.nnodes - 1}"
+        return (f"cell {cell.label}: waiting for {others} of {t.nnodes} at {node.endpoint} (each runs the same command "
+                f"with its --node-rank; up to train.dist_timeout={t.dist_timeout} s)")
+    return f"cell {cell.label}: node {node.rank} of {t.nnodes} joining node 0 at {node.endpoint}"
 
 
 def describe_exit(exitcode: int, signal_name: str) -> str:

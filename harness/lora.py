@@ -173,12 +173,33 @@ def is_adapter_folder(path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
-def load_adapter_model(folder: str, dtype: torch.dtype):
+def check_adapter_folder(folder, trust_remote_code: bool = False, weights: bool = True) -> None:
+    """An adapter folder names its base (`base_model_name_or_path`); a local base is checked as a model
+    folder (`harness.model_folder`), a hub id is left to load. One-line errors."""
+    import json
+    from pathlib import Path
+
+    from harness.model_folder import check_model_folder
+
+    try:
+        base = json.loads((Path(folder) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as exc:
+        raise HarnessError(f"--model {str(folder)!r}: unreadable adapter_config.json ({exc})") from None
+    if not isinstance(base, str) or not base:
+        raise HarnessError(f"--model {str(folder)!r}: adapter_config.json names no base model (base_model_name_or_path)")
+    if Path(base).expanduser().is_dir():
+        check_model_folder(Path(base).expanduser(), trust_remote_code, weights)
+    elif base.startswith(("/", ".", "~")):
+        raise HarnessError(f"--model {str(folder)!r}: its base model {base!r} is not there (the adapter needs it)")
+
+
+def load_adapter_model(folder: str, dtype: torch.dtype, trust_remote_code: bool = False):
     """The base model named by the adapter folder's config with the adapter merged in (a plain model)."""
     check_available()
     from peft import AutoPeftModelForCausalLM
 
-    return AutoPeftModelForCausalLM.from_pretrained(folder, dtype=dtype).merge_and_unload()
+    return AutoPeftModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                    trust_remote_code=trust_remote_code).merge_and_unload()
 
 
 def lora_summary(policy: nn.Module) -> dict[str, int]:

@@ -76,8 +76,9 @@ def warmstart_key(cfg: ModelConfig, suite: "Suite", seed: int) -> str:
     payload = {
         "suite": suite.name,
         "suite_options": dataclasses.asdict(suite.options),
-        # The LoRA options do not change the warm start (LoRA and full fine-tuning start from the same model)
-        "model": {k: v for k, v in dataclasses.asdict(cfg).items() if not k.startswith("lora_")},
+        # Neither trust_remote_code (not a weight) nor the LoRA options (LoRA and full fine-tuning start
+        # from the same model) change the warm start
+        "model": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "trust_remote_code" and not k.startswith("lora_")},
         "seed": seed,
         "tokenizer": TINY_TOKENIZER_VERSION,
     }
@@ -105,7 +106,7 @@ def load_policy(cfg: ModelConfig, suite: "Suite", seed: int, cache_dir: Path | N
     if cfg.name in MODEL_ALIASES:
         folder, gguf_file = MODEL_ALIASES[cfg.name]()
         return load_pretrained(str(folder), dtype, device, gguf_file=gguf_file)
-    return load_pretrained(cfg.name, dtype, device)
+    return load_pretrained(cfg.name, dtype, device, trust_remote_code=cfg.trust_remote_code)
 
 
 def smollm2_gguf() -> tuple[Path, str]:
@@ -128,35 +129,54 @@ def smollm2_gguf() -> tuple[Path, str]:
 MODEL_ALIASES = {"smollm2": smollm2_gguf}
 
 
-def check_local_model(name: str) -> None:
+def check_local_model(name: str, trust_remote_code: bool = False, weights: bool = True) -> None:
     """A model name written as a path (absolute, ./ ../ ~, or with two or more /) must be an existing
-    folder; anything else is "tiny", an alias or a Hugging Face id (NAME or ORG/NAME), left to load."""
+    folder; anything else is "tiny", an alias or a Hugging Face id (NAME or ORG/NAME), left to load.
+    An existing folder is checked as `harness.model_folder.check_model_folder` says (its config only
+    without `weights`)."""
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") >= 2 or "\\" in name or name.endswith("/")
     if looks_like_path and not Path(name).expanduser().is_dir():
         raise HarnessError(f"--model {name!r}: no such folder (a local model is an existing folder with its "
                            f"config and weights; a Hugging Face id is NAME or ORG/NAME)")
+    if name not in ("tiny", *MODEL_ALIASES) and Path(name).expanduser().is_dir():
+        from harness import lora
+        from harness.model_folder import check_model_folder
+
+        if lora.is_adapter_folder(Path(name).expanduser()):  # a LoRA run's saved adapter: its base is checked
+            lora.check_adapter_folder(Path(name).expanduser(), trust_remote_code, weights)
+        else:
+            check_model_folder(Path(name), trust_remote_code, weights)
 
 
-def load_pretrained(name: str, dtype: str, device: str, gguf_file: str | None = None):
+def load_pretrained(name: str, dtype: str, device: str, gguf_file: str | None = None, trust_remote_code: bool = False):
     """A causal LM and its tokenizer from a hub id or a local folder (left padding for rollouts);
-    `gguf_file` names a GGUF checkpoint in that folder, dequantised by transformers on load."""
+    `gguf_file` names a GGUF checkpoint in that folder, dequantised by transformers on load. A local
+    folder is checked first (`harness.model_folder`); `trust_remote_code` is passed on every load, so
+    a model's own Python code runs only when it is on; any failure is one `HarnessError` line."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from harness.model_folder import load_error
+
     hf_logging.disable_progress_bar()  # the harness shows its own progress
     local = Path(name).exists()
+    if local and not gguf_file:
+        check_local_model(name, trust_remote_code)
     try:
         extra = {"gguf_file": gguf_file} if gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(name, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **extra)
         from harness import lora
 
         if lora.is_adapter_folder(name):  # a LoRA run's --save-model: its base with the adapter merged in
-            model = lora.load_adapter_model(name, DTYPES[dtype])
+            model = lora.load_adapter_model(name, DTYPES[dtype], trust_remote_code)
         else:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], **extra)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                         **extra)
     except OSError as exc:
         where = "local folder" if local else "Hugging Face id (offline? pass a local folder instead)"
-        raise HarnessError(f"cannot load model {name!r} as a {where}: {str(exc).splitlines()[0]}") from None
+        raise HarnessError(f"cannot load model {name!r} as a {where}: {(str(exc).splitlines() or [''])[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged file the checks let through, a hub id's custom code
+        raise load_error(name, exc, local) from None
     if gguf_file:
         # The weights are dequantised to plain tensors on load; only the marker that the model came
         # from GGUF is left, and transformers refuses to save_pretrained a model carrying it.

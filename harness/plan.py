@@ -81,6 +81,7 @@ from torch import nn
 from harness.errors import HarnessError
 
 GiB = 1024 ** 3
+MAX_DEVICE_BYTES = 1024 ** 5  # --device-memory's upper bound
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Architectures known offline, as their config.json (checked against the hub's files).
@@ -100,6 +101,8 @@ def model_config(cfg) -> Any:
     folder's config.json, an entry of KNOWN_MODELS, or a hub id's config already in the HF cache."""
     from transformers import AutoConfig
 
+    from harness.model_folder import check_model_folder, check_shape, load_error
+
     name = cfg.model.name
     if name == "tiny":
         from harness.models import byte_tokenizer, tiny_llama_config
@@ -107,24 +110,30 @@ def model_config(cfg) -> Any:
         tokenizer = byte_tokenizer()
         return tiny_llama_config(cfg.model, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
                                  tokenizer.eos_token_id)
-    if (Path(name).expanduser() / "config.json").is_file():
-        return AutoConfig.from_pretrained(str(Path(name).expanduser()))
+    trust = cfg.model.trust_remote_code
+    if Path(name).expanduser().is_dir() and name not in KNOWN_MODELS:
+        check_model_folder(Path(name), trust, weights=False)  # one line for a config that is not one
+        return AutoConfig.from_pretrained(str(Path(name).expanduser()), trust_remote_code=trust)
     if name in KNOWN_MODELS:
         known = dict(KNOWN_MODELS[name])
         return AutoConfig.for_model(known.pop("model_type"), **known)
     try:
-        return AutoConfig.from_pretrained(name, local_files_only=True)
-    except (OSError, ValueError):
+        config = AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=trust)
+    except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise load_error(name, exc, local=False) from None
         choices = ", ".join(["tiny", *KNOWN_MODELS, "a local folder with config.json",
                              "a hub id in the Hugging Face cache"])
         raise HarnessError(f"no shape known for model {name!r} (valid: {choices})") from None
+    check_shape(config.to_dict(), f"model {name!r}")
+    return config
 
 
-def meta_model(config, dtype: str) -> nn.Module:
+def meta_model(config, dtype: str, trust_remote_code: bool = False) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
@@ -210,8 +219,8 @@ def module_bytes(cfg, algo) -> dict[str, Any]:
     config = model_config(cfg)
     if cfg.model.lora_rank > 0:
         return lora_module_bytes(cfg, algo, config)
-    policy = meta_model(config, master_dtype(cfg))
-    frozen = unique_params(meta_model(config, cfg.model.dtype))  # the reference and the replica
+    policy = meta_model(config, master_dtype(cfg), cfg.model.trust_remote_code)
+    frozen = unique_params(meta_model(config, cfg.model.dtype, cfg.model.trust_remote_code))  # the reference and the replica
     hidden = config.hidden_size
     with torch.device("meta"):
         heads = list(nn.ModuleDict(algo.extra_heads(hidden)).parameters())
@@ -262,7 +271,7 @@ def lora_module_bytes(cfg, algo, config) -> dict[str, Any]:
     """`module_bytes` under LoRA (one process): the frozen base once, float32 adapters and heads trained."""
     from algorithms.critics import CRITICS
 
-    base = meta_model(config, cfg.model.dtype)
+    base = meta_model(config, cfg.model.dtype, cfg.model.trust_remote_code)
     base_params = unique_params(base)
     adapter = lora_adapter_tensors(base, cfg.model)
     hidden = config.hidden_size
@@ -417,8 +426,9 @@ def parse_memory(text: str) -> int:
         value = float(number)
     except ValueError:
         value = float("nan")
-    if unit not in units or not math.isfinite(value) or value <= 0:
-        raise HarnessError(f"--device-memory {text!r}: expected a positive size such as 80GB, 141GiB or 40960MB")
+    if unit not in units or not math.isfinite(value) or value <= 0 or value * units.get(unit, 1) > MAX_DEVICE_BYTES:
+        raise HarnessError(f"--device-memory {text[:40]!r}: expected a positive size up to 1024TB, such as 80GB, 141GiB "
+                           "or 40960MB")
     return int(value * units[unit])
 
 

@@ -47,15 +47,76 @@ def list_presets() -> list[tuple[str, str]]:
     return [(name, preset_description(preset_dir() / f"{name}.yaml")) for name in preset_names()]
 
 
+# Limits of a grid file, checked while it is read: a grid file is a few dozen lines.
+MAX_FILE_BYTES = 1024 * 1024
+MAX_DEPTH = 32  # nesting of mappings and lists
+MAX_ALIASES = 16  # `*name` references: enough to share a list, too few for an expansion bomb
+MAX_NODES = 100_000  # values of the file, aliases counted as often as they are used
+
+
+class GridFileError(Exception):
+    """A limit of `BoundedLoader` crossed, with the line where."""
+
+
+def bounded_loader():
+    """A `yaml.SafeLoader` that refuses nesting deeper than MAX_DEPTH, more than MAX_ALIASES aliases and
+    more than MAX_NODES values (an alias counts as the values it repeats), before building anything."""
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        def __init__(self, stream):
+            super().__init__(stream)
+            self.depth, self.aliases, self.sizes = 0, 0, {}
+
+        def compose_node(self, parent, index):
+            mark = self.peek_event().start_mark
+            if self.check_event(yaml.AliasEvent):
+                self.aliases += 1
+                if self.aliases > MAX_ALIASES:
+                    raise GridFileError(f"line {mark.line + 1}: more than {MAX_ALIASES} YAML aliases (*name)")
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise GridFileError(f"line {mark.line + 1}: nested more than {MAX_DEPTH} levels deep")
+            try:
+                node = super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+            if self.size(node) > MAX_NODES:
+                raise GridFileError(f"line {mark.line + 1}: more than {MAX_NODES} values (YAML aliases included)")
+            return node
+
+        def size(self, node) -> int:
+            """Values under `node`, an alias's as often as it is used (memoised per node)."""
+            if id(node) not in self.sizes:
+                children = node.value if isinstance(node, yaml.SequenceNode) else \
+                    [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+                self.sizes[id(node)] = (node, 1 + sum(self.size(c) for c in children))
+            return self.sizes[id(node)][1]
+
+    return BoundedLoader
+
+
 def read_mapping(path: Path) -> dict[str, Any]:
-    """The YAML mapping of a grid file; a one-line error for a missing or malformed file."""
+    """The YAML mapping of a grid file; a one-line error for a missing, malformed or oversized file
+    (more than MAX_FILE_BYTES, not UTF-8, nested deeper than MAX_DEPTH, more than MAX_ALIASES aliases)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise HarnessError(f"grid file {str(path)!r} does not exist")
+    with open(path, "rb") as fh:
+        raw = fh.read(MAX_FILE_BYTES + 1)
+    if len(raw) > MAX_FILE_BYTES:
+        raise HarnessError(f"{path}: a grid file is at most {MAX_FILE_BYTES} bytes; this one is larger")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise HarnessError(f"{path}: not UTF-8 text (byte {exc.start}, line {line}); save it as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=bounded_loader())  # noqa: S506 - a SafeLoader with limits
+    except GridFileError as exc:
+        raise HarnessError(f"{path} {exc}") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" line {where.line + 1}" if where is not None else ""

@@ -60,6 +60,31 @@ def naming(path: Path) -> Iterator[None]:
         raise
 
 
+MAX_NAME = 100  # characters of a name that becomes a folder of the store
+
+
+def check_name(name: str, flag: str) -> str:
+    """`name` as one folder name of the store, or a one-line error: non-empty, at most MAX_NAME
+    characters, not `.` or `..`, no path separator, no control character."""
+    bad = ("is empty" if not name else
+           f"is longer than {MAX_NAME} characters" if len(name) > MAX_NAME else
+           "is '.' or '..'" if name in (".", "..") else
+           "holds a path separator" if "/" in name or "\\" in name or (os.altsep and os.altsep in name) else
+           "holds a control character" if any(ord(c) < 32 or ord(c) == 127 for c in name) else
+           "starts with '.' (a hidden folder, which status and report do not read)" if name.startswith(".") else None)
+    if bad:
+        raise HarnessError(f"{flag} must be a non-empty name without '/' or control characters, not '.' or '..', "
+                           f"at most {MAX_NAME} characters (one folder name of the run store); {name[:MAX_NAME]!r} {bad}")
+    return name
+
+
+def one_line(message: str, limit: int = 2000) -> str:
+    """`message` as one line of at most `limit` characters (a message quoting a huge value is cut)."""
+    text = " ".join(str(message).split("\n"))
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[:limit - 25] + f" ... ({len(text)} characters)"
+
+
 def cell_dir(out: Path, suite: str, algo: str, noise: str, seed: int) -> Path:
     return Path(out) / suite / algo / noise / f"seed{seed}"
 
@@ -75,6 +100,27 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def current_umask() -> int:
+    """The process's umask, read from /proc where it can be (setting it to read it back, the fallback,
+    would briefly change it for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o077)  # the private mask meanwhile: a file another thread creates now is not exposed
+    os.umask(umask)
+    return umask
+
+
+def umask_mode(mode: int) -> int:
+    """`mode` as the user's umask leaves it (0o666 -> 0o644 under umask 022): what `open` gives a new
+    file; `mkstemp` and `mkdtemp` make theirs private (0600, 0700), which a written file must not stay."""
+    return mode & ~current_umask()
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,6 +129,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         with naming(path), os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
+            os.fchmod(fh.fileno(), umask_mode(0o666))
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -242,6 +289,30 @@ def claim_store(out: Path) -> None:
         atomic_write_text(out / MARKER_NAME, MARKER_TEXT)
 
 
+def is_evaluation_row(folder: Path) -> bool:
+    """A folder `harness eval` wrote: its status.json names the evaluated model, and it holds no
+    training files (metrics, checkpoints, a saved model)."""
+    try:
+        status = read_status(folder)
+    except StoreError:
+        return False
+    return bool(status) and "evaluated_model" in status and not any(
+        (Path(folder) / name).exists() for name in ("metrics.jsonl", "ckpt", "model"))
+
+
+def check_row_folder(out: Path, folder: Path) -> None:
+    """The one rule of `harness eval`'s writes inside a store: a new folder, or the folder of an
+    earlier evaluation row, which it replaces; never a trained cell, a folder of the user's, or a
+    symbolic link out of the store."""
+    out, folder = Path(out), Path(folder)
+    for path in [out / p for p in list(folder.relative_to(out).parents)[:-1]] + [folder]:
+        if path.is_symlink():
+            raise HarnessError(f"{str(path)!r} is a symbolic link: harness eval writes only inside the run store")
+    if folder.exists() and not is_evaluation_row(folder):
+        raise HarnessError(f"{str(folder)!r} exists and is not an evaluation row (a trained cell, or files of "
+                           "yours): harness eval never replaces it; give another --name or --out")
+
+
 def reset_cell(cell: Path) -> None:
     """Start a cell afresh: an unfinished cell's partial files would otherwise mix two runs."""
     cell = Path(cell)
@@ -269,9 +340,13 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
+        os.chmod(tmp, umask_mode(0o777))  # mkdtemp's folder is private; the folder it becomes is not
         for f in tmp.rglob("*"):
-            if f.is_file():
+            if f.is_dir() and not f.is_symlink():
+                os.chmod(f, umask_mode(0o777))
+            elif f.is_file() and not f.is_symlink():
                 with open(f, "rb") as fh:
+                    os.fchmod(fh.fileno(), umask_mode(0o666))  # written through temporary files (0600) by some libraries
                     os.fsync(fh.fileno())
         if final.exists():
             shutil.rmtree(final)

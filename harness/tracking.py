@@ -39,7 +39,10 @@ STATE_FILE = "tracking.json"
 def parse_backends(text: str | None) -> tuple[str, ...]:
     """`"tensorboard,mlflow"` -> ("tensorboard", "mlflow"); unknown names and missing libraries
     are one-line errors, before anything is written."""
-    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    parts = [n.strip() for n in (text or "").split(",")]
+    if "" in parts and any(parts):
+        raise HarnessError(f"--log-to has an empty item in {text!r}: ',' must separate two names")
+    names = [n for n in parts if n]
     for name in names:
         if name not in BACKENDS:
             raise HarnessError(f"--log-to: unknown backend {name!r} (valid: {', '.join(BACKENDS)})")

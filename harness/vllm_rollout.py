@@ -101,7 +101,8 @@ class VLLMEngine:
         from vllm import LLM
 
         options = {"model": model, "dtype": dtype, "seed": seed, "max_model_len": max_model_len,
-                   "enable_prefix_caching": True, "skip_tokenizer_init": True}
+                   "enable_prefix_caching": True, "skip_tokenizer_init": True,
+                   "trust_remote_code": False}  # the policy was loaded (checked) by transformers without it
         if on_cpu_platform():
             options.update(cpu_engine_options())
             if max_model_len:

@@ -26,6 +26,7 @@ is that problem's primary metric in [0, 1] (1/0 for accuracy, the fraction corre
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -74,6 +75,51 @@ def final_issue(scores: pd.DataFrame, last: int | None, steps) -> str:
 
 def _checked_rows(path: Path, keys: tuple[str, ...]) -> list[dict]:
     return read_jsonl(path, keys) if path.exists() else []
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# The keys that tell two evaluation rows apart: the same values twice is one row written twice.
+EVAL_ROW_KEY = ("step", "role", "benchmark", "metric", "temperature", "top_p", "k", "max_new_tokens")
+
+
+def _eval_rows(path: Path) -> list[dict]:
+    """eval.jsonl's rows, each with an integer step and a number (or null) value, none repeated: a
+    value such as "abc" or a row written twice makes the cell corrupt instead of a NaN or an average."""
+    rows = _checked_rows(path, EVAL_KEYS)
+    seen: dict[tuple, int] = {}
+    for i, row in enumerate(rows, start=1):
+        if not isinstance(row["step"], int) or isinstance(row["step"], bool):
+            raise store.StoreError(f"{str(path)!r} row {i}: 'step' must be an integer, found {row['step']!r:.40}")
+        if row["value"] is not None and not _is_number(row["value"]):
+            raise store.StoreError(f"{str(path)!r} row {i}: 'value' must be a number or null, found {row['value']!r:.40}")
+        key = tuple(json.dumps(row.get(k), sort_keys=True) for k in EVAL_ROW_KEY)
+        if key in seen:
+            raise store.StoreError(f"{str(path)!r} row {i} repeats row {seen[key]} (step {row['step']}, "
+                                   f"{row['benchmark']!s:.40} {row['metric']!s:.20})")
+        seen[key] = i
+    return rows
+
+
+def _metric_rows(path: Path) -> list[dict]:
+    """metrics.jsonl's rows: an integer step each, each step once (a step written twice is not averaged),
+    no metric a string (a value such as "abc" makes the cell corrupt instead of a NaN)."""
+    rows = _checked_rows(path, ())
+    seen: dict[int, int] = {}
+    for i, row in enumerate(rows, start=1):
+        step = row.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise store.StoreError(f"{str(path)!r} row {i}: 'step' must be an integer, found {step!r:.40}")
+        if step in seen:
+            raise store.StoreError(f"{str(path)!r} row {i} repeats step {step} (row {seen[step]})")
+        seen[step] = i
+        bad = next((k for k, v in row.items() if isinstance(v, str)), None)
+        if bad is not None:
+            raise store.StoreError(f"{str(path)!r} row {i}: metric {bad!r:.60} must be a number or null, "
+                                   f"found {row[bad]!r:.40}")
+    return rows
 
 
 def primary_scores(rows: list[dict]) -> pd.DataFrame:
@@ -135,8 +181,8 @@ class RunStore:
             key = {"suite": suite, "algo": algo, "noise": noise, "seed": int(match.group(1))}
             try:
                 status = _read_status(cell)
-                scores = primary_scores(_checked_rows(cell / "eval.jsonl", EVAL_KEYS))
-                m = pd.DataFrame(_checked_rows(cell / "metrics.jsonl", ()))
+                scores = primary_scores(_eval_rows(cell / "eval.jsonl"))
+                m = pd.DataFrame(_metric_rows(cell / "metrics.jsonl"))
                 p = _checked_rows(cell / "eval_problems.jsonl", PROBLEM_KEYS)
             except (ValueError, TypeError) as exc:  # one cell's corrupt files never hold the report hostage
                 reason = str(exc) if isinstance(exc, HarnessError) else f"{str(cell)!r}: {type(exc).__name__}: {exc}"

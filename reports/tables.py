@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -502,7 +504,7 @@ def write_report(runs_dir: Path, out: Path | None = None, baseline: str | None =
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _recover_interrupted_replace(out)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}@{_host()}-"))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a report folder is an ordinary one
@@ -544,9 +546,27 @@ def _recover_interrupted_replace(out: Path) -> None:
             os.replace(old, out)
         else:
             shutil.rmtree(old, ignore_errors=True)
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):  # older than any report still being written
-        if tmp.is_dir() and time.time() - tmp.stat().st_mtime > STALE_TMP_S:
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):  # a dead writer's, or older than any report still being written
+        if tmp.is_dir() and (_writer_gone(tmp.name) or time.time() - tmp.stat().st_mtime > STALE_TMP_S):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64]
+
+
+def _writer_gone(name: str) -> bool:
+    """A temporary report folder `.<out>.tmp-<pid>@<host>-*` whose writer, on this host, is no longer running."""
+    match = re.search(r"\.tmp-(\d+)@([A-Za-z0-9._]+)-", name)
+    if match is None or match.group(2) != _host():
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
 
 
 def _replace_dir(new: Path, out: Path) -> None:

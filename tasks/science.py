@@ -194,8 +194,8 @@ def hf_judge(model: str, max_new_tokens: int = 8) -> JudgeFn:
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        lm = AutoModelForCausalLM.from_pretrained(model)
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+        lm = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise HarnessError(f"simpleqa_judge-v1: cannot load judge model {model!r}: {str(exc).splitlines()[0]}") from None
     lm.eval()

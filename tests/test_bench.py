@@ -99,7 +99,7 @@ def test_trl_config_with_vllm_rollouts_uses_trls_in_process_vllm(tmp_path):
     mapped = bench.trl_grpo_config(cfg, str(tmp_path))
     assert mapped["use_vllm"] is True and mapped["vllm_mode"] == "colocate"
     assert mapped["vllm_importance_sampling_correction"] is False  # the harness corrects nothing either
-    assert mapped["model_init_kwargs"] == {"dtype": cfg.model.dtype}
+    assert mapped["model_init_kwargs"] == {"dtype": cfg.model.dtype, "trust_remote_code": False}  # passed explicitly
 
 
 def test_vllm_rows_run_after_the_hf_rows_and_a_row_that_fails_says_why(monkeypatch):
