@@ -152,6 +152,8 @@ def test_lora_save_model_writes_the_adapter_and_a_merged_model_that_eval_loads(t
         if model == folder:
             assert [(r["problem"], r["response"]) for r in evaluation.eval_responses] == \
                 [(r["problem"], r["response"]) for r in last]
+    assert main(["eval", "--model", str(folder), "--out", str(tmp_path / "evals"), "--eval-limit", "4"]) == 0
+    assert (tmp_path / "evals" / "arith" / "ppo-model" / "flip0.2" / "seed0" / "eval.jsonl").is_file()
 
 
 @pytest.mark.parametrize("algo, critic", [(a, "adapter") for a in ALGOS.names()] + [("ppo", "copy")])
