@@ -200,11 +200,3 @@ def load_adapter_model(folder: str, dtype: torch.dtype, trust_remote_code: bool 
 
     return AutoPeftModelForCausalLM.from_pretrained(folder, dtype=dtype,
                                                     trust_remote_code=trust_remote_code).merge_and_unload()
-
-
-def lora_summary(policy: nn.Module) -> dict[str, int]:
-    """Parameter counts: the frozen base and the trained adapters (for logs and tests)."""
-    base = sum(p.numel() for n, p in policy.named_parameters() if "lora_" not in n)
-    adapters = sum(p.numel() for n, p in policy.named_parameters() if "lora_" in n)
-    return {"base": base, "adapters": adapters}
-

@@ -98,6 +98,7 @@ def test_lora_critic_copy_trains_its_own_adapter_on_a_frozen_copy(tmp_path, cach
     ("model.lora_targets= , ", "model.lora_targets must name at least one module"),
     ("model.lora_critic=twin", "model.lora_critic must be adapter or copy"),
     ("model.lora_save=both", "model.lora_save must be adapter or merged"),
+    ("train.nproc=2", "model.lora_rank > 0 runs in one process"),
 ])
 def test_bad_lora_options_are_one_line_errors(setting, message, tmp_path, capsys):
     code = main(["run", "--suite", "arith", "--algos", "grpo", "--noise", "none", "--seeds", "1", "--steps", "1",
