@@ -206,7 +206,8 @@ class Trainer(PolicyEvaluator):
             ctx = NoiseContext(seed=self.cfg.seed, step=step, prompt_ids=[p.id for p in repeated],
                                sample_idx=[round_ * G + k for k in range(G)] * len(problems),
                                response_lengths=roll.response_mask.sum(-1).long().tolist(), max_length=t.max_new_tokens,
-                               regrade=lambda i, gold: self.suite.grade(texts[i], dataclasses.replace(repeated[i], answer=gold)))
+                               regrade=lambda i, gold: self.suite.grade(texts[i], dataclasses.replace(repeated[i], answer=gold)),
+                               responses=texts, golds=[p.answer for p in repeated], extract=self.suite.extract_answer)
             scores, noise_stats = self.noise.apply(clean, ctx)
         return roll, clean, scores, noise_stats
 
@@ -322,11 +323,11 @@ class Trainer(PolicyEvaluator):
     @torch.no_grad()
     def label_votes(self, k: int) -> dict[str, list[tuple[str | None, float]]]:
         """k samples of the current (initial) policy for each train problem that steps 1..train.steps
-        draw: problem id -> k (extracted answer or None, clean grade) pairs, for pseudo-label noise."""
+        draw: problem id -> k `Suite.vote` pairs (the answer as the grader reads it or None, 1.0 when it
+        equals the gold answer), for pseudo-label noise."""
         t = self.cfg.train
         drawn = {p.id: p for step in range(1, t.steps + 1) for p in self.step_problems(step)}
         repeated = [p for p in drawn.values() for _ in range(k)]
-        extract = getattr(self.suite, "extract_answer", None) or (lambda text: text.strip() or None)
         gen = torch_generator(self.cfg.seed, "pseudo-label")
         votes: dict[str, list[tuple[str | None, float]]] = {}
         for start in range(0, len(repeated), t.prompts_per_step * t.group_size):
@@ -336,7 +337,7 @@ class Trainer(PolicyEvaluator):
                                 eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
                                 temperature=t.temperature, top_p=t.top_p, generator=gen)
             for text, p in zip(self.decode(roll.responses, roll.response_mask), chunk):
-                votes.setdefault(p.id, []).append((extract(text), self.suite.grade(text, p)))
+                votes.setdefault(p.id, []).append(self.suite.vote(text, p))
         return votes
 
     def minibatches(self, size: int, step: int) -> list[torch.Tensor]:

@@ -14,11 +14,16 @@ Adding an injector is one class with ``@injector("name")``, in this module or in
 
 Registered: ``none``, ``flipP``, ``fpP``, ``fnP`` (binary label noise), ``rmP`` (a simulated reward
 model whose errors fall on long responses), ``gaussS`` (additive Gaussian), ``lengthC`` (length
-bias) and ``pseudoK`` (majority-vote pseudo-labels from the initial policy).
+bias) and ``pseudoK`` (majority-vote pseudo-labels from the initial policy); in ``noise.verifiers``
+the simulated verifiers whose errors follow features of the answer, ``weak_rmP`` (a weak reward
+model of accuracy P), ``form_fnP`` (a rule verifier missing right answers in unusual forms) and
+``near_fpP`` (one rewarding near misses); in ``noise.correction`` the positive control
+``corrected`` (the backward-corrected reward for the known rates of the injectors before it).
 
 Pseudo-labels need the trainer once, before step 1: an injector whose ``needs_labels()`` returns
-K > 0 receives, through ``set_labels(votes)``, K (answer, clean grade) pairs sampled from the
-initial policy for every problem that training will draw; at each step ``NoiseContext.regrade``
+K > 0 receives, through ``set_labels(votes)``, K (answer, right) pairs sampled from the initial
+policy for every problem that training will draw (``Suite.vote``: the answer as the suite's
+grader reads it, and 1.0 when it equals the gold one); at each step ``NoiseContext.regrade``
 grades a sample's response against the pseudo-label instead of the gold answer.
 
 Random draws are seeded per (step, prompt, sample) through ``harness.seeding.uniform`` with the
@@ -52,7 +57,9 @@ class NoiseContext:
     ``response_lengths[i]`` is sample i's response length in tokens and ``max_length`` the
     generation limit (``rmP`` and ``lengthC`` need them). ``regrade(i, gold)`` grades sample i's
     response with the suite's grader against ``gold`` in place of the problem's answer
-    (``pseudoK`` needs it).
+    (``pseudoK`` needs it). ``responses[i]`` is sample i's response text, ``golds[i]`` its
+    problem's gold answer and ``extract`` the suite's answer extraction (``Suite.extract_answer``):
+    the simulated verifiers (``weak_rmP``, ``form_fnP``, ``near_fpP``) read answer features from them.
     """
 
     seed: int
@@ -62,6 +69,9 @@ class NoiseContext:
     response_lengths: list[int] | None = None
     max_length: int | None = None
     regrade: Callable[[int, str], float] | None = None
+    responses: list[str] | None = None
+    golds: list[str] | None = None
+    extract: Callable[[str], str | None] | None = None
 
 
 class Injector:
@@ -72,6 +82,7 @@ class Injector:
     param_symbol: ClassVar[str] = "P"
     param_range: ClassVar[tuple[float, float]] = (0.0, math.inf)
     param_integer: ClassVar[bool] = False
+    must_be_last: ClassVar[bool] = False  # the parser refuses an injector after it in a composition
 
     def __init__(self, param: float | None = None, position: int = 0):
         self.param = param
@@ -91,8 +102,18 @@ class Injector:
         """K when the injector needs K samples per problem from the initial policy, else 0."""
         return 0
 
+    def channel_rates(self) -> tuple[float, float] | None:
+        """(fp, fn) when the injector is a binary channel with known class-conditional rates: the
+        expected fraction of wrong answers it rewards and of right answers it unrewards. None when
+        its rates are not known in advance (they depend on the batch or it is not binary)."""
+        return None
+
+    def follow(self, before: tuple["Injector", ...]) -> None:
+        """Called by the parser with the injectors that come before this one in its composition
+        (left to right); an injector that acts on what they did checks and keeps them here."""
+
     def set_labels(self, votes: dict[str, list[tuple[str | None, float]]]) -> None:
-        """Receive, per problem id, K (extracted answer or None, clean grade) pairs."""
+        """Receive, per problem id, K (extracted answer or None, 1.0 when it equals the gold) pairs."""
         raise NotImplementedError(f"noise {self.name!r} takes no pseudo-labels")
 
     def uniforms(self, ctx: NoiseContext) -> torch.Tensor:
@@ -183,6 +204,9 @@ class Flip(Injector):
     def describe(cls) -> str:
         return "flip each binary 0/1 reward (r -> 1 - r) independently with probability P in [0, 1]"
 
+    def channel_rates(self):
+        return float(self.param), float(self.param)
+
     def _apply(self, rewards, ctx):
         _check_binary(rewards, self.name)
         flip = self.uniforms(ctx) < float(self.param)
@@ -207,6 +231,9 @@ class FalsePositive(Injector):
     def describe(cls) -> str:
         return "false positives: reward each wrong answer (0 -> 1) with probability P in [0, 1]; right answers untouched"
 
+    def channel_rates(self):
+        return float(self.param), 0.0
+
     def _apply(self, rewards, ctx):
         _check_binary(rewards, self.name)
         wrong = (rewards == 0).cpu()
@@ -230,6 +257,9 @@ class FalseNegative(Injector):
     @classmethod
     def describe(cls) -> str:
         return "false negatives: unreward each right answer (1 -> 0) with probability P in [0, 1]; wrong answers untouched"
+
+    def channel_rates(self):
+        return 0.0, float(self.param)
 
     def _apply(self, rewards, ctx):
         _check_binary(rewards, self.name)
@@ -371,10 +401,12 @@ class PseudoLabel(Injector):
     response against that pseudo-label (``NoiseContext.regrade``).
 
     The trainer samples the K answers once, before step 1, for the problems training will draw,
-    and hands them over with ``set_labels``. A problem where no sample gave an answer has no
-    label: its responses get reward 0. A label is correct when the samples that voted for it
-    were graded correct against the true gold. ``pseudo_label_acc`` = the fraction of this
-    batch's samples whose problem has a correct label. The incoming rewards are replaced, so
+    and hands them over with ``set_labels``: each vote is the answer as the suite's grader reads
+    it (``Suite.extract_answer``, so "is 12" and "12" vote together on ``arith``) and whether that
+    answer equals the gold one (``Suite.answer_correct``). A problem where no sample gave an answer
+    has no label: its responses get reward 0. A label is correct when it equals the gold answer
+    (its voters' second element). ``pseudo_label_acc`` = the fraction of this batch's samples
+    whose problem has a correct label. The incoming rewards are replaced, so
     ``pseudo`` must come first in a composition (``pseudo8+flip0.1``).
     """
 

@@ -133,6 +133,11 @@ def parse_noise(setting: str) -> NoiseSpec:
     parsed = [_parse_term(t, i) for i, t in enumerate(terms)]
     if len(parsed) > 1 and any(inj.name == "none" for _, inj in parsed):
         raise HarnessError(f"noise 'none' cannot be combined with other injectors in {setting!r}")
+    for name, inj in parsed[:-1]:
+        if inj.must_be_last:
+            raise HarnessError(f"noise {name!r} must come last in a composition, in {setting!r}")
+    for i, (_, inj) in enumerate(parsed):
+        inj.follow(tuple(before for _, before in parsed[:i]))
     name = "+".join(n for n, _ in parsed)
     if len(name) > MAX_NAME_LEN:
         raise HarnessError(f"noise setting {setting!r} is {len(name)} characters long written out "

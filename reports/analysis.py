@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from reports import stats
+from reports import stats, validity
 from reports.load import RunStore, sort_noise
 
 REPS = 2000
@@ -435,6 +435,7 @@ class SuiteReport:
     stability_curves: pd.DataFrame
     stability: pd.DataFrame
     unfinished: pd.DataFrame
+    validity: pd.DataFrame = field(default_factory=pd.DataFrame)  # reports.validity.gates
 
 
 def analyse(store: RunStore, baseline: str = "ppo", seed: int = 0, margin: float = DEFAULT_MARGIN) -> list[SuiteReport]:
@@ -446,5 +447,6 @@ def analyse(store: RunStore, baseline: str = "ppo", seed: int = 0, margin: float
         cells = store.cells[store.cells["suite"] == suite.name]
         unfinished = cells[~(cells["state"].eq("done") & cells["step"].notna()) | cells["issue"].ne("")]
         out.append(SuiteReport(suite, main, significance_table(store, suite, baseline, seed, margin), curve, auc,
-                               ev, stability_curves(store, suite, ev), stability_table(suite, ev), unfinished))
+                               ev, stability_curves(store, suite, ev), stability_table(suite, ev), unfinished,
+                               validity.gates(store, suite, baseline)))
     return out

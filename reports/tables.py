@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness.errors import HarnessError
-from reports import analysis, plots
+from reports import analysis, plots, validity
 from reports.analysis import AVERAGES, LAST_K, SuiteReport
 from reports.load import CORRUPT, RunStore
 from reports.stats import BOOTSTRAP_MIN_SEEDS, IQM_MIN_SEEDS
@@ -336,7 +336,7 @@ def _unfinished_line(r: SuiteReport) -> str | None:
 
 def answers(reports: list[SuiteReport], baseline: str) -> list[tuple[str, list[str]]]:
     """(suite, sentences) per suite that has the baseline."""
-    return [(r.suite.name, verdicts(r, baseline)) for r in reports if not r.significance.empty]
+    return [(r.suite.name, validity.gated(r.validity, verdicts(r, baseline))) for r in reports if not r.significance.empty]
 
 
 def render_markdown(reports: list[SuiteReport], baseline: str, figures: dict, fig_ext: str | None) -> str:
@@ -349,6 +349,8 @@ def render_markdown(reports: list[SuiteReport], baseline: str, figures: dict, fi
         note = _unfinished_line(r)
         if note:
             lines += [note, ""]
+        caption, header, rows = validity.table(r.validity)
+        lines += [f"### {caption}", "", validity.NOTE, ""] + md_table(header, rows) + [""]
         for caption, header, rows in main_tables(r):
             lines += [f"### {caption}", ""] + md_table(header, rows) + [""]
         sig = significance_tables(r)
@@ -410,6 +412,7 @@ def render_latex(reports: list[SuiteReport], baseline: str, figures: dict, fig_e
         note = _unfinished_line(r)
         if note:
             lines += [tex_escape(note), ""]
+        lines += [tex_escape(validity.NOTE), ""] + tex_table(*validity.table(r.validity))
         for table in main_tables(r):
             lines += tex_table(*table)
         sig = significance_tables(r)
@@ -451,6 +454,7 @@ def write_csv(reports: list[SuiteReport], store: RunStore, folder: Path) -> None
     cat("robustness_curve").to_csv(folder / "robustness_curve.csv", index=False)
     cat("robustness").to_csv(folder / "robustness_auc.csv", index=False)
     cat("stability").to_csv(folder / "stability.csv", index=False)
+    cat("validity").to_csv(folder / "validity.csv", index=False)
     cat("stability_curves", with_suite=True).to_csv(folder / "curves.csv", index=False)
     cat("curves", with_suite=True).to_csv(folder / "eval_curves_per_seed.csv", index=False)
 

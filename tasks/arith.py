@@ -14,6 +14,7 @@ selects on it.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from harness.errors import HarnessError
@@ -100,3 +101,9 @@ class ArithSuite(Suite):
 
     def grade(self, response: str, problem: Problem) -> float:
         return float(response.strip() == problem.answer)
+
+    def extract_answer(self, response: str) -> str | None:
+        """The last integer in the response ("is 12" -> "12"), or None: the number the response
+        gives, whether or not it is in the graded format (a bare number)."""
+        numbers = re.findall(r"-?\d+", response)
+        return str(int(numbers[-1])) if numbers else None

@@ -48,6 +48,25 @@ class Suite:
         """Clean reward of one response: 1.0 correct, 0.0 wrong (a verifier, never noisy)."""
         raise NotImplementedError
 
+    def extract_answer(self, response: str) -> str | None:
+        """The answer a response commits to, normalised as the grader reads it, or None when it
+        gives none: two responses that the grader reads as the same answer extract to the same
+        string (pseudo-label votes, the simulated verifiers' answer features). By default the
+        stripped response."""
+        return response.strip() or None
+
+    def answer_correct(self, answer: str, problem: Problem) -> bool:
+        """Whether an extracted answer equals the problem's gold answer under the grader, whatever
+        format the response that gave it was written in. By default: the answer, graded as a
+        response, scores 1."""
+        return self.grade(answer, problem) >= 1.0
+
+    def vote(self, response: str, problem: Problem) -> tuple[str | None, float]:
+        """One pseudo-label vote: (the response's extracted answer or None, 1.0 when that answer
+        equals the gold one, else 0.0). Format variants of one answer vote together."""
+        answer = self.extract_answer(response)
+        return answer, float(answer is not None and self.answer_correct(answer, problem))
+
     def sft_target(self, problem: Problem) -> str:
         """The response text a supervised warm start trains on."""
         return problem.answer

@@ -35,11 +35,15 @@ Rows = list[dict[str, Any]]
 @dataclass(frozen=True)
 class Grader:
     """A clean verifier. `grade(response, problem)` is 1.0 or 0.0 (or a score in [0, 1] for graders
-    such as F1); `extract(response)` is the answer it read, or None, for pseudo-label majority votes."""
+    such as F1); `extract(response)` is the answer it read, or None, for pseudo-label majority votes;
+    `render(answer)` writes an extracted answer back as a response it grades (default: as is)."""
 
     name: str  # with a version, e.g. "math_verify-v1"; stored with every evaluation row
     grade: Callable[[str, Problem], float]
     extract: Callable[[str], str | None]
+    # An extracted answer written as a response the grader reads back as that answer (math: boxed);
+    # None: the answer itself. Used to check a pseudo-label against the gold answer.
+    render: Callable[[str], str] | None = None
 
 
 GRADERS: Registry[Grader] = Registry("grader")

@@ -175,7 +175,7 @@ def grade_answer(response: str, gold: str) -> float:
 
 
 register_grader(Grader(GRADER, grade=lambda response, problem: grade_answer(response, problem.answer),
-                       extract=extract_answer))
+                       extract=extract_answer, render=lambda answer: f"\\boxed{{{answer}}}"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -123,6 +123,11 @@ class ProtocolSuite(Suite):
         """The answer a response gives, read by the grader of the training data (pseudo-label votes)."""
         return GRADERS.get(BENCHMARKS.get(self.options.train[0]).grader).extract(response)
 
+    def answer_correct(self, answer: str, problem: Problem) -> bool:
+        """The problem's grader scores the answer, written as a response it reads (`Grader.render`), 1."""
+        grader = GRADERS.get(problem.meta["grader"])
+        return grader.grade(grader.render(answer) if grader.render else answer, problem) >= 1.0
+
     def sft_target(self, problem: Problem) -> str:
         return problem.meta.get("target", problem.answer)
 

@@ -66,7 +66,7 @@ def test_parse_noise_list():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("foo0.1", "unknown noise 'foo' in 'foo0.1' (valid: flip, fn, fp, gauss, length, none, pseudo, rm)"),
+        ("foo0.1", "unknown noise 'foo' in 'foo0.1' (valid: corrected, flip, fn, form_fn, fp, gauss, length, near_fp, none, pseudo, rm, weak_rm)"),
         ("flip1.5", "noise parameter P=1.5 in 'flip1.5' is out of range [0, 1]"),
         ("flip", "noise 'flip' needs a parameter: write flipP with P in [0, 1], e.g. 'flip0'"),
         ("none0.3", "noise 'none' takes no parameter, got 'none0.3' (write 'none')"),
@@ -77,7 +77,7 @@ def test_parse_noise_list():
         ("flip-0.2", "bad parameter '-0.2' in noise 'flip-0.2': expected a non-negative number, as in flipP"),
         ("flip0.2.3", "bad parameter '0.2.3'"),
         ("flipnan", "unknown noise 'flipnan'"),
-        ("0.2", "noise term '0.2' must start with an injector name (valid: flip, fn, fp, gauss, length, none, pseudo, rm)"),
+        ("0.2", "noise term '0.2' must start with an injector name (valid: corrected, flip, fn, form_fn, fp, gauss, length, near_fp, none, pseudo, rm, weak_rm)"),
         ("none+flip0.2", "noise 'none' cannot be combined with other injectors in 'none+flip0.2'"),
         ("none,flip0.2", "contains ','"),
         ("flip0.2\n", None),  # trailing whitespace is fine

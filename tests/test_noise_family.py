@@ -258,7 +258,7 @@ def test_pseudo_errors():
     ("pseudo2.5", "K=2.5 in 'pseudo2.5' must be a whole number"),
     ("gauss", "noise 'gauss' needs a parameter: write gaussS with S in [0, inf)"),
     ("length-1", "bad parameter '-1' in noise 'length-1'"),
-    ("lenght0.1", "unknown noise 'lenght' in 'lenght0.1' (valid: flip, fn, fp, gauss, length, none, pseudo, rm)"),
+    ("lenght0.1", "unknown noise 'lenght' in 'lenght0.1' (valid: corrected, flip, fn, form_fn, fp, gauss, length, near_fp, none, pseudo, rm, weak_rm)"),
     ("fn0.3+gaus0.1", "unknown noise 'gaus'"),
     ("gauss0.1+pseudo4", "must come first in a composition"),
 ])
@@ -350,5 +350,6 @@ def test_cli_runs_pseudo_and_rm_length(tmp_path, cache_dir, capsys):
             assert "noise/changed_frac" in line
     assert main(["list", "noise"]) == 0
     listing = capsys.readouterr().out
-    for usage in ("none", "flipP", "fpP", "fnP", "gaussS", "lengthC", "pseudoK", "rmP"):
+    for usage in ("none", "flipP", "fpP", "fnP", "gaussS", "lengthC", "pseudoK", "rmP", "weak_rmP", "form_fnP", "near_fpP",
+                  "corrected"):
         assert any(line.startswith(usage + " ") and len(line.split(None, 1)[1]) > 20 for line in listing.splitlines())
