@@ -27,7 +27,7 @@ TORCH = "torch==2.13.0"
 # demo: what the demo and its report use, plus tracking and lm-eval; test: every CPU extra the tests use
 EXTRAS = {
     "demo": "smollm2,tensorboard,wandb,mlflow,lm-eval",
-    "test": "test,smollm2,ray,bench,tensorboard,wandb,mlflow,lm-eval",
+    "test": "test,smollm2,ray,bench,tensorboard,wandb,mlflow,lm-eval,lora",
 }
 STAMP = ".harness-bootstrap"
 

@@ -39,6 +39,12 @@ class ModelConfig:
     warmstart_batch: int = field(default=64, metadata={"doc": "tiny model: warm-start batch size"})
     dtype: str = field(default="float32", metadata={"doc": "dtype of what generates or is frozen (reference, rollout replica, vLLM engine, KV cache): float32, bfloat16 or float16; trained modules keep float32 masters (train.master_dtype)"})
     trust_remote_code: bool = field(default=False, metadata={"doc": "run the Python code a model folder or hub repo ships (auto_map in its config); off: such a model is refused (--trust-remote-code)"})
+    lora_rank: int = field(default=0, metadata={"doc": "LoRA rank r (0: off, full fine-tuning); > 0 trains peft adapters on a frozen base in model.dtype, the reference is the base with adapters off (needs the lora extra)"})
+    lora_alpha: float = field(default=16.0, metadata={"doc": "LoRA scale numerator: the adapter's update is scaled by lora_alpha / lora_rank"})
+    lora_dropout: float = field(default=0.0, metadata={"doc": "LoRA dropout; must be 0 (rollout and update compute the same function, without dropout)"})
+    lora_targets: str = field(default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", metadata={"doc": "comma-separated module names that get adapters (default: a Llama/Qwen's attention and MLP projections), or all-linear"})
+    lora_critic: str = field(default="adapter", metadata={"doc": "LoRA with a separate critic: adapter (a second adapter and the heads on the policy's frozen base) or copy (its own frozen copy of the base with an adapter)"})
+    lora_save: str = field(default="adapter", metadata={"doc": "LoRA --save-model: adapter (peft adapter folder) or merged (the adapter, plus model/merged/ with the adapter merged into the base)"})
 
 
 @dataclass
@@ -397,6 +403,7 @@ def validate_core(cfg: RunConfig) -> None:
         from harness.distributed import check_config
 
         check_config(cfg)
+    check_lora(cfg)
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise HarnessError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
 
@@ -419,3 +426,30 @@ def check_rollout_correction(t: TrainConfig) -> None:
     if t.rollout_correction != "off" and t.rollout == "vllm":
         raise HarnessError("train.rollout_correction needs the sampler's log-probs, which train.rollout=vllm does not "
                            "return yet; use train.rollout=hf or train.rollout_correction=off")
+
+
+def check_lora(cfg: RunConfig) -> None:
+    """The `model.lora_*` options (inert while `model.lora_rank` is 0, the default)."""
+    m, t = cfg.model, cfg.train
+    if m.lora_rank < 0:
+        raise HarnessError(f"model.lora_rank must be >= 0 (0: off), got {m.lora_rank}")
+    if m.lora_rank == 0:
+        return
+    if not m.lora_alpha > 0:
+        raise HarnessError(f"model.lora_alpha must be > 0, got {m.lora_alpha}")
+    if m.lora_dropout != 0:
+        raise HarnessError(f"model.lora_dropout must be 0 (the rollout and the update must compute the same function, "
+                           f"without dropout), got {m.lora_dropout}")
+    if not [x for x in m.lora_targets.split(",") if x.strip()]:
+        raise HarnessError("model.lora_targets must name at least one module (e.g. q_proj,v_proj) or be all-linear")
+    if m.lora_critic not in ("adapter", "copy"):
+        raise HarnessError(f"model.lora_critic must be adapter or copy, got {m.lora_critic!r}")
+    if m.lora_save not in ("adapter", "merged"):
+        raise HarnessError(f"model.lora_save must be adapter or merged, got {m.lora_save!r}")
+    if t.world_size > 1:
+        raise HarnessError("model.lora_rank > 0 runs in one process for now (train.nproc=1, train.nnodes=1)")
+    if t.rollout == "vllm":
+        raise HarnessError("model.lora_rank > 0 needs train.rollout=hf (the vLLM backend does not load adapters yet)")
+    from harness.lora import check_available
+
+    check_available()

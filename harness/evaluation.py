@@ -126,7 +126,8 @@ class ModelEvaluation(PolicyEvaluator):
 def cell_config(model: str) -> dict[str, Any] | None:
     """The config.json of the cell whose `model/` folder `model` is, or None."""
     path = Path(model).parent / "config.json"
-    if Path(model).is_dir() and (Path(model) / "config.json").exists() and path.exists():
+    saved = any((Path(model) / name).exists() for name in ("config.json", "adapter_config.json"))  # full or LoRA
+    if Path(model).is_dir() and saved and path.exists():
         data = store.read_json(path)
         if isinstance(data, dict) and {"suite", "algo", "noise", "seed", "model", "train", "eval"} <= set(data):
             return data

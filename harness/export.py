@@ -7,6 +7,11 @@ A finished cell writes, atomically (a temporary folder renamed into place),
     model/critic/       with final+critic, when the algorithm has a critic: critic.safetensors (the
                         critic's backbone and head, or only its head on a shared backbone) and
                         critic.json (kind, options, backbone)
+    model/ under LoRA   (model.lora_rank > 0) the policy's adapter instead: adapter_config.json and
+                        adapter_model.safetensors (peft save_pretrained; the base is named in the config),
+                        the tokenizer's files; with model.lora_save=merged also model/merged/, the adapter
+                        merged into the base (save_pretrained). `harness eval` loads either. A LoRA
+                        critic's critic.safetensors holds its head and its adapter only.
     model/heads/        with final+critic, when the algorithm has extra heads (FlowRL's log Z):
                         heads.safetensors and heads.json
 """
@@ -30,12 +35,22 @@ def save_model(trainer: "Trainer", folder: Path, with_critic: bool = False) -> P
 
     hf_logging.disable_progress_bar()
     with store.atomic_dir(Path(folder)) as tmp:
-        trainer.policy.save_pretrained(tmp, safe_serialization=True)
+        if trainer.lora:
+            save_adapter(trainer, tmp)
+        else:
+            trainer.policy.save_pretrained(tmp, safe_serialization=True)
         trainer.tokenizer.save_pretrained(tmp)
         if with_critic and trainer.critic is not None:
             (tmp / "critic").mkdir()
             module = trainer.critic.head if trainer.shared_critic else trainer.critic
-            save_module(module, str(tmp / "critic" / "critic.safetensors"))
+            if trainer.lora and not trainer.shared_critic:  # its head and adapter, not the frozen base
+                from safetensors.torch import save_file
+
+                from harness.lora import critic_state
+
+                save_file(critic_state(module), str(tmp / "critic" / "critic.safetensors"))
+            else:
+                save_module(module, str(tmp / "critic" / "critic.safetensors"))
             info = {"kind": trainer.algo.critic, "options": trainer.algo.critic_options(), "algo": trainer.cfg.algo,
                     "backbone": "shared (the policy's, in model/)" if trainer.shared_critic else "separate"}
             (tmp / "critic" / "critic.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
@@ -45,3 +60,15 @@ def save_model(trainer: "Trainer", folder: Path, with_critic: bool = False) -> P
             info = {"algo": trainer.cfg.algo, "heads": sorted(trainer.heads.keys())}
             (tmp / "heads" / "heads.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return Path(folder)
+
+
+def save_adapter(trainer: "Trainer", folder: Path) -> None:
+    """The policy's LoRA adapter (peft save_pretrained) in `folder`; with model.lora_save=merged also
+    `folder`/merged: a copy of the base with the adapter merged in, with the tokenizer."""
+    from harness import lora
+
+    trainer.peft.save_pretrained(str(folder), selected_adapters=[lora.POLICY_ADAPTER], safe_serialization=True)
+    if trainer.cfg.model.lora_save == "merged":
+        merged = lora.merged_copy(trainer.peft)
+        merged.save_pretrained(folder / "merged", safe_serialization=True)
+        trainer.tokenizer.save_pretrained(folder / "merged")

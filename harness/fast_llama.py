@@ -55,6 +55,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
         f"rope_type {rope!r} (needs one of {', '.join(STATIC_ROPE)})": rope not in STATIC_ROPE,
         "pretraining_tp > 1": getattr(config, "pretraining_tp", 1) > 1,
         "gradient checkpointing": getattr(decoder_of(model), "gradient_checkpointing", False),
+        # the fast path reads the projections' weights directly, which would skip the adapters
+        "peft (LoRA) adapters": any(hasattr(m, "lora_A") for m in model.modules()),
         "a head_dim other than hidden_size / heads":
             getattr(config, "head_dim", None) not in (None, config.hidden_size // config.num_attention_heads),
     }

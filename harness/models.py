@@ -76,7 +76,9 @@ def warmstart_key(cfg: ModelConfig, suite: "Suite", seed: int) -> str:
     payload = {
         "suite": suite.name,
         "suite_options": dataclasses.asdict(suite.options),
-        "model": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "trust_remote_code"},  # not a weight
+        # Neither trust_remote_code (not a weight) nor the LoRA options (LoRA and full fine-tuning start
+        # from the same model) change the warm start
+        "model": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "trust_remote_code" and not k.startswith("lora_")},
         "seed": seed,
         "tokenizer": TINY_TOKENIZER_VERSION,
     }
@@ -137,9 +139,13 @@ def check_local_model(name: str, trust_remote_code: bool = False, weights: bool 
         raise HarnessError(f"--model {name!r}: no such folder (a local model is an existing folder with its "
                            f"config and weights; a Hugging Face id is NAME or ORG/NAME)")
     if name not in ("tiny", *MODEL_ALIASES) and Path(name).expanduser().is_dir():
+        from harness import lora
         from harness.model_folder import check_model_folder
 
-        check_model_folder(Path(name), trust_remote_code, weights)
+        if lora.is_adapter_folder(Path(name).expanduser()):  # a LoRA run's saved adapter: its base is checked
+            lora.check_adapter_folder(Path(name).expanduser(), trust_remote_code, weights)
+        else:
+            check_model_folder(Path(name), trust_remote_code, weights)
 
 
 def load_pretrained(name: str, dtype: str, device: str, gguf_file: str | None = None, trust_remote_code: bool = False):
@@ -150,17 +156,22 @@ def load_pretrained(name: str, dtype: str, device: str, gguf_file: str | None = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from harness.model_folder import check_model_folder, load_error
+    from harness.model_folder import load_error
 
     hf_logging.disable_progress_bar()  # the harness shows its own progress
     local = Path(name).exists()
     if local and not gguf_file:
-        check_model_folder(Path(name), trust_remote_code)
+        check_local_model(name, trust_remote_code)
     try:
         extra = {"gguf_file": gguf_file} if gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **extra)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-                                                     **extra)
+        from harness import lora
+
+        if lora.is_adapter_folder(name):  # a LoRA run's --save-model: its base with the adapter merged in
+            model = lora.load_adapter_model(name, DTYPES[dtype], trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                         **extra)
     except OSError as exc:
         where = "local folder" if local else "Hugging Face id (offline? pass a local folder instead)"
         raise HarnessError(f"cannot load model {name!r} as a {where}: {(str(exc).splitlines() or [''])[0]}") from None

@@ -54,6 +54,14 @@ what is counted here:
   final norm, output layer) of the policy or critic. With N = 1 the modules are built on the device:
   the persistent part.
 
+- **LoRA** (`model.lora_rank` = r > 0, harness.lora): the base is held once, frozen, in `model.dtype`;
+  the trained parameters are the adapters, r * (in + out) float32 values per targeted linear layer,
+  and the heads; gradients and Adam states follow only those. No reference copy (the base with the
+  adapters off). A separate critic is a second adapter and its head on the same base
+  (`model.lora_critic=copy`: plus a frozen copy of the base's decoder in `model.dtype`). Activations
+  as above (the backward still runs through the frozen layers), plus per targeted layer and token the
+  adapter's input in float32 when the compute dtype is not (peft casts it) and its r-wide output.
+
 Peak = the larger of the start-up and: the persistent part (shards, gradients, optimiser, reference,
 replica) + the larger of the update phase (FSDP buffers + activations) and the rollout phase
 (replica refresh, KV cache).
@@ -209,6 +217,8 @@ def module_bytes(cfg, algo) -> dict[str, Any]:
 
     t, n = cfg.train, cfg.train.world_size
     config = model_config(cfg)
+    if cfg.model.lora_rank > 0:
+        return lora_module_bytes(cfg, algo, config)
     policy = meta_model(config, master_dtype(cfg), cfg.model.trust_remote_code)
     frozen = unique_params(meta_model(config, cfg.model.dtype, cfg.model.trust_remote_code))  # the reference and the replica
     hidden = config.hidden_size
@@ -236,6 +246,54 @@ def module_bytes(cfg, algo) -> dict[str, Any]:
         out["critic_adam"] = adam_bytes(critic, n)
         out["critic_full"] = shard_bytes(critic, 1)
     out["critic_head"] = critic_head
+    return out
+
+
+def lora_targets_of(model: nn.Module, model_cfg) -> list[nn.Linear]:
+    """The linear layers peft puts an adapter on (`model.lora_targets`; all-linear: all but the output layer)."""
+    from harness.lora import targets
+
+    wanted = targets(model_cfg)
+    output = model.get_output_embeddings()
+    return [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output
+            and (wanted == "all-linear" or name.rsplit(".", 1)[-1] in wanted)]
+
+
+def lora_adapter_tensors(model: nn.Module, model_cfg) -> list[torch.Tensor]:
+    """One adapter's tensors on the meta device: A [r, in] and B [out, r] per targeted layer, float32."""
+    r = model_cfg.lora_rank
+    with torch.device("meta"):
+        return [t for m in lora_targets_of(model, model_cfg)
+                for t in (torch.empty(r, m.in_features), torch.empty(m.out_features, r))]
+
+
+def lora_module_bytes(cfg, algo, config) -> dict[str, Any]:
+    """`module_bytes` under LoRA (one process): the frozen base once, float32 adapters and heads trained."""
+    from algorithms.critics import CRITICS
+
+    base = meta_model(config, cfg.model.dtype, cfg.model.trust_remote_code)
+    base_params = unique_params(base)
+    adapter = lora_adapter_tensors(base, cfg.model)
+    hidden = config.hidden_size
+    with torch.device("meta"):
+        heads = list(nn.ModuleDict(algo.extra_heads(hidden)).parameters())
+        critic_head = CRITICS.get(algo.critic)(hidden, **algo.critic_options()) if algo.critic != "none" else None
+    shared = critic_head is not None and cfg.train.critic_backbone == "shared"
+    actor = adapter + heads + (list(critic_head.parameters()) if shared else [])
+    out: dict[str, Any] = {"config": config, "policy_model": base, "policy": shard_bytes(base_params + actor, 1),
+                           "policy_numel": sum(p.numel() for p in base_params), "replica": shard_bytes(base_params, 1),
+                           "policy_full": shard_bytes(base_params + actor, 1),
+                           "largest_tensor": max(shard_bytes([p], 1) for p in base_params),
+                           "heads": 0, "actor_grads": shard_bytes(actor, 1), "actor_adam": adam_bytes(actor, 1),
+                           "reference": 0, "reference_full": 0, "critic_head": critic_head,
+                           "adapter_tensors": adapter}
+    out["critic"] = out["critic_grads"] = out["critic_adam"] = out["critic_full"] = 0
+    if critic_head is not None and not shared:
+        trained = lora_adapter_tensors(base, cfg.model) + list(critic_head.parameters())
+        copy = unique_params(backbone_of(base)) if cfg.model.lora_critic == "copy" else []
+        out["critic"] = out["critic_full"] = shard_bytes(trained + copy, 1)
+        out["critic_grads"] = shard_bytes(trained, 1)
+        out["critic_adam"] = adam_bytes(trained, 1)
     return out
 
 
@@ -301,6 +359,10 @@ def plan_cell(cfg, prompt_len: int, device_bytes: int) -> Plan:
         head_act = 2 * rows * t.max_new_tokens * critic_head.n_samples * critic_head.out.in_features * (4 * blocks + 2) * 4
     # The output layer's share: the actor's logits, or a separate critic's head in its own (later) update.
     output = max(logits, head_act) if m["critic"] else logits + head_act
+    if cfg.model.lora_rank > 0:  # per token: each targeted layer's input cast to float32 (unless it is) and A x
+        per_token = sum((4 * lin.in_features if b != 4 else 0) + 4 * cfg.model.lora_rank
+                        for lin in lora_targets_of(policy, cfg.model))
+        act_layer += per_token // layers
     plan.activations = {True: rows * seq * layers * b * hidden + rows * seq * act_layer + output,
                         False: rows * seq * layers * act_layer + output}
     plan.update = {"activations": plan.activations[t.gradient_checkpointing]}

@@ -34,13 +34,25 @@ def optimiser_bytes(opt) -> int:
 def trainer_bytes(trainer) -> dict[str, int]:
     """The exact bytes of a trainer's modules and optimiser states, by the planner's names."""
     actor = trainer.actor_params
-    out = {"parameters": tensor_bytes(actor), "gradients": tensor_bytes(p.grad for p in actor),
+    held = actor
+    if getattr(trainer, "lora", False):  # the frozen base too, but not the critic's adapter (counted as the critic's)
+        from harness.lora import CRITIC_ADAPTER, adapter_parameters
+
+        critic_adapter = {id(p) for p in adapter_parameters(trainer.policy, CRITIC_ADAPTER)}
+        ids = {id(p) for p in actor}
+        held = actor + [p for p in trainer.policy.parameters() if id(p) not in ids and id(p) not in critic_adapter]
+    out = {"parameters": tensor_bytes(held), "gradients": tensor_bytes(p.grad for p in actor),
            "optimiser (Adam)": optimiser_bytes(trainer.actor_opt)}
     if trainer.reference is not None:
         out["reference"] = tensor_bytes(trainer.reference.parameters())
     if trainer.critic_opt is not None:
         critic = list(trainer.critic.parameters())
-        out.update({"critic": tensor_bytes(critic), "critic gradients": tensor_bytes(p.grad for p in critic),
+        trained = critic
+        if getattr(trainer, "lora", False):  # a LoRA critic's own: its adapter, head (and a copied base)
+            trained = trainer.critic_params
+            policy = {id(p) for p in trainer.policy.parameters()}
+            critic = trained + [p for p in critic if id(p) not in policy and id(p) not in {id(q) for q in trained}]
+        out.update({"critic": tensor_bytes(critic), "critic gradients": tensor_bytes(p.grad for p in trained),
                     "critic optimiser": optimiser_bytes(trainer.critic_opt)})
     return out
 

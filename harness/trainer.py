@@ -11,6 +11,7 @@ checkpoint every `ckpt_every` steps and resuming from the cell's last checkpoint
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -28,7 +29,7 @@ from algorithms import ALGOS
 from algorithms.base import Batch, PolicyForward
 from algorithms.common import explained_variance, masked_mean, rollout_correction, rollout_mismatch
 from algorithms.critics import build_critic
-from harness import fast_llama, precision, store
+from harness import fast_llama, lora, precision, store
 from harness.config import RunConfig, resolved_old_logp
 from harness.models import load_policy
 from harness.errors import HarnessError
@@ -95,12 +96,20 @@ class Trainer(PolicyEvaluator):
 
         # The trained policy in its master dtype (float32 unless train.master_dtype=model, harness.precision);
         # model.dtype is what generates and what is frozen.
+        # Under LoRA (harness.lora) the base is frozen in model.dtype and only float32 adapters train.
+        self.lora = cfg.model.lora_rank > 0
         self.policy, self.tokenizer = load_policy(cfg.model, self.suite, cfg.seed, cache_dir,
                                                   "cpu" if self.build_on_cpu else self.device, progress,
-                                                  dtype=precision.master_dtype(cfg))
+                                                  dtype=cfg.model.dtype if self.lora else precision.master_dtype(cfg))
         self.policy.eval()  # no dropout: rollout and update see the same function
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(self.policy)  # before the critic copies the backbone: it inherits it
+        # The PeftModel around the policy; `self.policy` stays the HF model, adapted in place by peft.
+        self.peft = None
+        if self.lora:
+            seed_everything(cfg.seed, "lora-init")
+            self.peft = lora.wrap(self.policy, cfg.model)
+            self.policy.train(cfg.train.gradient_checkpointing)  # the mode above, for the injected layers too
         # Before the reference and critic copies, which inherit the setting.
         self.fast_model = fast_llama.enable(self.policy, cfg.train.fast_model)
         # One process: the policy samples itself, under autocast in model.dtype when its masters differ.
@@ -117,13 +126,16 @@ class Trainer(PolicyEvaluator):
             self.vllm = VLLMRollout.for_policy(self.policy, cfg.model.dtype, cfg.seed, cache_dir, self.tokenizer)
             self.rollout = self.vllm.generate
         self.reference = None
-        if self.algo.needs_reference():
+        if self.algo.needs_reference() and not self.lora:  # under LoRA: the policy with its adapters off
             # Frozen: in model.dtype (a no-op copy's cast when the masters are in it already)
             self.reference = copy.deepcopy(self.policy).to(precision.generation_dtype(cfg)).requires_grad_(False).eval()
         seed_everything(cfg.seed, "heads-init")
         t = cfg.train
         self.critic = None
-        if self.algo.critic != "none":
+        if self.algo.critic != "none" and self.lora and t.critic_backbone == "separate":
+            self.critic = lora.build_critic(self.algo.critic, self.peft, self.policy, self.algo.critic_options(),
+                                            cfg.model)
+        elif self.algo.critic != "none":
             self.critic = build_critic(self.algo.critic, self.policy, self.algo.critic_options(),
                                        shared=t.critic_backbone == "shared")
         # A shared critic is its head on the policy's backbone: the head joins the actor's optimiser
@@ -134,7 +146,9 @@ class Trainer(PolicyEvaluator):
         self.distribute()  # before the optimisers: sharding replaces the parameters
         precision.check_master({"policy": self.policy, "critic": self.critic, "extra heads": self.heads}, cfg)
 
-        groups = [{"params": list(self.policy.parameters())}]
+        policy_params = (lora.adapter_parameters(self.policy, lora.POLICY_ADAPTER) if self.lora
+                         else list(self.policy.parameters()))
+        groups = [{"params": policy_params}]
         if len(self.heads):
             groups.append({"params": list(self.heads.parameters()), "lr": t.lr * self.algo.heads_lr_scale()})
         if self.shared_critic:
@@ -144,7 +158,8 @@ class Trainer(PolicyEvaluator):
         self.actor_opt = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, fused=True)
         self.critic_opt = None
         if self.critic is not None and not self.shared_critic:
-            self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=t.critic_lr, weight_decay=t.weight_decay,
+            self.critic_params = lora.trained_parameters(self.critic) if self.lora else list(self.critic.parameters())
+            self.critic_opt = torch.optim.AdamW(self.critic_params, lr=t.critic_lr, weight_decay=t.weight_decay,
                                                 fused=True)
 
         self.train_set = self.suite.train_problems()
@@ -267,9 +282,9 @@ class Trainer(PolicyEvaluator):
                         t.rollout_mask_low, t.rollout_mask_high)
                     mismatch.update(correction)
         # Frozen passes run under inference mode (no autograd bookkeeping); their results are copied out.
-        if self.reference is not None:
-            with timer("reference"), torch.inference_mode():
-                ref_logp, _, _ = self.response_forward(self.reference, roll.input_ids, roll.attention_mask,
+        if self.algo.needs_reference():
+            with timer("reference"), torch.inference_mode(), self.reference_context():
+                ref_logp, _, _ = self.response_forward(self.reference_model(), roll.input_ids, roll.attention_mask,
                                                        roll.prompt_len)
             batch["ref_logp"] = ref_logp.clone()
         if self.critic is not None:
@@ -349,6 +364,20 @@ class Trainer(PolicyEvaluator):
         with precision.autocast(self.device, self.autocast_dtype):
             return forward_response(model, input_ids, attention_mask, prompt_len, self.cfg.train.temperature, **kwargs)
 
+    def reference_model(self) -> nn.Module:
+        """The frozen reference: its own copy, or under LoRA the policy (run in `reference_context`)."""
+        return self.policy if self.lora else self.reference
+
+    def reference_context(self):
+        """Under LoRA the reference is the base model: the policy with every adapter disabled."""
+        return self.peft.disable_adapter() if self.lora else contextlib.nullcontext()
+
+    def critic_adapter(self):
+        """A LoRA critic's adapter active on the shared base (harness.lora); otherwise nothing to switch."""
+        if isinstance(self.critic, lora.LoraCritic):
+            return lora.use_adapter(self.peft, lora.CRITIC_ADAPTER)
+        return contextlib.nullcontext()
+
     def policy_forward(self, mb: Batch) -> PolicyForward:
         logp, entropy, hidden = self.response_forward(self.policy, mb["input_ids"], mb["attention_mask"], mb.prompt_len,
                                                       want_hidden=self.algo.needs_hidden,
@@ -385,8 +414,9 @@ class Trainer(PolicyEvaluator):
             metrics["actor/grad_norm"] = self.optimise(loss, self.actor_opt, self.actor_params,
                                                        "actor+critic" if self.shared_critic else "actor", step)
             if self.critic_opt is not None:
-                closs, cmetrics = self.algo.critic_loss(mb, self.critic, critic_generator)
-                cmetrics["critic/grad_norm"] = self.optimise(closs, self.critic_opt, list(self.critic.parameters()), "critic", step)
+                with self.critic_adapter():  # its backward too: checkpointing recomputes with the active adapter
+                    closs, cmetrics = self.algo.critic_loss(mb, self.critic, critic_generator)
+                    cmetrics["critic/grad_norm"] = self.optimise(closs, self.critic_opt, self.critic_params, "critic", step)
                 metrics.update(cmetrics)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -461,14 +491,15 @@ class Trainer(PolicyEvaluator):
         algorithms, critics and heads hold no random state of their own (`algorithms.base`). Only
         tensors and plain data (numbers, strings, lists, dicts), so the checkpoint loads with
         weights_only=True."""
+        trained = lora.trained_state if self.lora else (lambda module: module.state_dict())
         state: dict[str, Any] = {
-            "policy": self.policy.state_dict(),
+            "policy": trained(self.policy),  # under LoRA: its adapters (the critic's adapter too), not the base
             "heads": self.heads.state_dict(),
             "actor_opt": self.actor_opt.state_dict(),
             "rng": rng_state(),
         }
-        if self.critic is not None:  # a shared critic's backbone is saved as the policy
-            state["critic"] = (self.critic.head if self.shared_critic else self.critic).state_dict()
+        if self.critic is not None:  # a shared critic's backbone (or a LoRA critic's adapter) is saved as the policy
+            state["critic"] = trained(self.critic_module())
         if self.critic_opt is not None:
             state["critic_opt"] = self.critic_opt.state_dict()
         for name, obj in (("algo", self.algo), ("noise", self.noise)):
@@ -476,12 +507,18 @@ class Trainer(PolicyEvaluator):
                 state[name] = obj.state_dict()
         return state
 
+    def critic_module(self) -> nn.Module:
+        """The critic's part that a checkpoint holds: the head alone when its backbone is the policy's."""
+        on_policy_base = self.shared_critic or isinstance(self.critic, lora.LoraCritic)
+        return self.critic.head if on_policy_base else self.critic
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.policy.load_state_dict(state["policy"])
+        load = lora.load_trained_state if self.lora else (lambda module, s: module.load_state_dict(s))
+        load(self.policy, state["policy"])
         self.heads.load_state_dict(state["heads"])
         self.actor_opt.load_state_dict(state["actor_opt"])
         if self.critic is not None:
-            (self.critic.head if self.shared_critic else self.critic).load_state_dict(state["critic"])
+            load(self.critic_module(), state["critic"])
         if self.critic_opt is not None:
             self.critic_opt.load_state_dict(state["critic_opt"])
         for name, obj in (("algo", self.algo), ("noise", self.noise)):
