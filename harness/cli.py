@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--name", default=None, help="the row's name in the report (default: base, or the cell's algo-eval)")
     ev.add_argument("--out", default="runs/eval", help="run store the rows go to: <out>/<suite>/<name>/none/seed<k>/ (default: runs/eval)")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model.*, train.*, eval.*, suite.* keys, as for run")
+    ev.add_argument("--retest", type=int, default=0, metavar="R",
+                    help="test-retest: R final scores of the model, each under other evaluation seeds; prints their sd, writes nothing")
     ev.add_argument("--lm-eval", default="", metavar="TASKS",
                     help="comma list of lm-eval tasks run on the same loaded model (harness_gsm8k: GSM8K from --data-dir, offline)")
     ev.add_argument("--lm-eval-include", default=None, metavar="DIR", help="a folder of your own lm-eval task YAML files")
@@ -361,12 +363,38 @@ def cmd_eval(args) -> int:
     for flag, key in (("id", "suite.id"), ("ood", "suite.ood")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
+    if args.retest:
+        return retest_command(args, overrides)
     lm_tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
     folder = run_eval(args.model, args.suite, overrides, Path(args.out), seed=args.seed, name=args.name, data_dir=args.data_dir,
                       eval_limit=args.eval_limit, lm_eval_tasks=lm_tasks, lm_eval_include=args.lm_eval_include,
                       lm_eval_gen_kwargs=args.lm_eval_gen_kwargs, lm_eval_max_length=args.lm_eval_max_length,
                       cache_dir=Path(args.cache_dir) if args.cache_dir else None)
     print(f"wrote {folder}")
+    return 0
+
+
+def retest_command(args, overrides: dict[str, str]) -> int:
+    """`harness eval --retest R`: the test-retest sd of one policy's score (harness.evaluation.retest)."""
+    from harness.evaluation import retest
+
+    if args.lm_eval:
+        raise HarnessError("--retest and --lm-eval do not go together (--retest evaluates the suite's benchmarks only)")
+    if args.data_dir is not None:  # as run_eval: the suites that read files take it
+        import dataclasses
+
+        from harness.evaluation import cell_config
+        from tasks import SUITES
+
+        options = SUITES.get(args.suite or (cell_config(args.model) or {}).get("suite", "arith")).Options
+        if "data_dir" in {f.name for f in dataclasses.fields(options)}:
+            overrides = {"suite.data_dir": args.data_dir, **overrides}
+    result = retest(args.model, args.suite, overrides, args.retest, seed=args.seed, eval_limit=args.eval_limit,
+                    cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    for role, r in result.items():
+        print(f"{role:3s} final score {100 * r['mean']:.2f} %: test-retest sd {100 * r['sd']:.2f} points over "
+              f"{r['repeats']} repeats (each the mean of {r['final_evals']} evaluation(s) at k={r['k']}); "
+              f"one evaluation's sd {100 * r['sd_one_evaluation']:.2f} points")
     return 0
 
 
