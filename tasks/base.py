@@ -45,6 +45,11 @@ class Suite:
         """Clean reward of one response: 1.0 correct, 0.0 wrong (a verifier, never noisy)."""
         raise NotImplementedError
 
+    def warmstart_problems(self) -> list[Problem]:
+        """The problems a supervised warm start trains on: the train split, unless a suite gives its
+        warm start more (a base model has seen more than RL trains on)."""
+        return self.train_problems()
+
     def sft_target(self, problem: Problem) -> str:
         """The response text a supervised warm start trains on."""
         return problem.answer

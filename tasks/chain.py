@@ -58,6 +58,7 @@ class ChainOptions:
     ood_steps: int = field(default=1, metadata={"doc": "OOD chains are max_steps+1 .. max_steps+ood_steps long"})
     step_error: float = field(default=0.35, metadata={"doc": "probability that a step of a warm-start target is off by one (later steps continue from it)"})
     n_train: int = field(default=4000, metadata={"doc": "training problems"})
+    warmstart_long: int = field(default=400, metadata={"doc": "problems of the OOD lengths in the warm start's data only (never in RL training)"})
     n_eval: int = field(default=200, metadata={"doc": "problems per evaluation split (ID and OOD)"})
 
     def validate(self) -> None:
@@ -66,6 +67,8 @@ class ChainOptions:
                                f"got {self.max_steps} and {self.ood_steps}")
         if not 0 <= self.step_error < 1:
             raise HarnessError(f"suite.step_error must lie in [0, 1), got {self.step_error}")
+        if self.warmstart_long < 0:
+            raise HarnessError(f"suite.warmstart_long must be >= 0, got {self.warmstart_long}")
         if self.n_train < 1 or self.n_eval < 1:
             raise HarnessError("suite.n_train and suite.n_eval must be positive")
 
@@ -116,7 +119,7 @@ class ChainSuite(Suite):
     Options = ChainOptions
     # The suite's evaluation: k samples a problem at the rollout temperature (avg@k), the final score
     # the mean of the last evaluations; room for the OOD chains' longer answers.
-    run_defaults = {"train.max_new_tokens": "6", "eval.k": "8", "eval.temperature": "1.0", "eval.final_evals": "2",
+    run_defaults = {"model.warmstart_steps": "3000", "train.max_new_tokens": "6", "eval.k": "8", "eval.temperature": "1.0", "eval.final_evals": "2",
                     "eval.max_new_tokens": "8"}
 
     def __init__(self, options: ChainOptions, seed: int):
@@ -128,9 +131,14 @@ class ChainSuite(Suite):
         self._id_eval = draw_problems(rng, id_lengths, o.n_eval, slots, set())
         self._train = draw_problems(rng, id_lengths, o.n_train, slots, {p.id for p in self._id_eval})
         self._ood_eval = draw_problems(rng, ood_lengths, o.n_eval, slots, set())
+        self._long = draw_problems(rng, ood_lengths, o.warmstart_long, slots, {p.id for p in self._ood_eval})
 
     def train_problems(self) -> list[Problem]:
         return self._train
+
+    def warmstart_problems(self) -> list[Problem]:
+        """The train split and `warmstart_long` longer chains (OOD lengths, none of the OOD split's)."""
+        return self._train + self._long
 
     def eval_benchmarks(self) -> list[Benchmark]:
         return [

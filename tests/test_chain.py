@@ -83,7 +83,8 @@ def test_registered_with_its_evaluation_defaults():
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_steps=0), dict(ood_steps=0), dict(max_steps=15, ood_steps=6),
-                                    dict(step_error=1.0), dict(step_error=-0.1), dict(n_eval=0), dict(n_train=0)])
+                                    dict(step_error=1.0), dict(step_error=-0.1), dict(n_eval=0), dict(n_train=0),
+                                    dict(warmstart_long=-1)])
 def test_bad_options(kwargs):
     with pytest.raises(HarnessError):
         ChainOptions(**kwargs).validate()
@@ -92,3 +93,14 @@ def test_bad_options(kwargs):
 def test_too_many_problems_asked_is_an_error():
     with pytest.raises(HarnessError, match="too few problems"):
         ChainSuite(ChainOptions(max_steps=1, ood_steps=1, n_train=100, n_eval=50), seed=0)
+
+
+def test_the_warm_start_sees_a_few_longer_chains_that_rl_never_trains_on():
+    suite = ChainSuite(ChainOptions(), seed=0)
+    train, ood = suite.train_problems(), suite.eval_benchmarks()[1].problems
+    extra = suite.warmstart_problems()[len(train):]
+    assert suite.warmstart_problems()[:len(train)] == train
+    assert len(extra) == 400 and {p.meta["steps"] for p in extra} == {5}
+    assert not {p.id for p in extra} & {p.id for p in ood}
+    assert all(p.meta["steps"] <= 4 for p in train)  # RL trains on ID lengths only
+    assert len(ChainSuite(ChainOptions(warmstart_long=0), seed=0).warmstart_problems()) == len(train)
