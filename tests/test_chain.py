@@ -56,9 +56,10 @@ def test_grader_is_exact_match_on_the_whole_trace():
     assert suite.extract_answer(" 4159\n") == "4159" and suite.extract_answer("is 4") is None
 
 
-def test_warm_start_targets_are_in_format_and_off_by_one_at_the_step_error_rate():
-    suite = ChainSuite(ChainOptions(step_error=0.3), seed=0)
-    steps = wrong = 0
+def test_warm_start_targets_are_in_format_and_off_by_one_at_the_rate_of_their_addend():
+    suite = ChainSuite(ChainOptions(small_error=0.1, large_error=0.5), seed=0)
+    steps = {False: 0, True: 0}
+    wrong = {False: 0, True: 0}
     for p in suite.train_problems():
         target = suite.sft_target(p)
         assert suite.in_format(target, p) and target[0] == str(p.meta["start"])
@@ -66,10 +67,10 @@ def test_warm_start_targets_are_in_format_and_off_by_one_at_the_step_error_rate(
         for j, a in enumerate(p.meta["addends"]):
             step = (digits[j + 1] - digits[j] - a) % 10  # later steps continue from the written digit
             assert step in (0, 1, 9)
-            steps += 1
-            wrong += step != 0
-    assert 0.28 < wrong / steps < 0.32
-    clean = ChainSuite(ChainOptions(step_error=0.0), seed=0)
+            steps[a >= 5] += 1
+            wrong[a >= 5] += step != 0
+    assert 0.08 < wrong[False] / steps[False] < 0.12 and 0.47 < wrong[True] / steps[True] < 0.53
+    clean = ChainSuite(ChainOptions(small_error=0.0, large_error=0.0), seed=0)
     assert all(clean.sft_target(p) == p.answer for p in clean.train_problems())
 
 
@@ -83,7 +84,7 @@ def test_registered_with_its_evaluation_defaults():
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_steps=0), dict(ood_steps=0), dict(max_steps=15, ood_steps=6),
-                                    dict(step_error=1.0), dict(step_error=-0.1), dict(n_eval=0), dict(n_train=0),
+                                    dict(large_error=1.0), dict(small_error=-0.1), dict(n_eval=0), dict(n_train=0),
                                     dict(warmstart_long=-1)])
 def test_bad_options(kwargs):
     with pytest.raises(HarnessError):
