@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--name", default=None, help="the row's name in the report (default: base, or the cell's algo-eval)")
     ev.add_argument("--out", default="runs/eval", help="run store the rows go to: <out>/<suite>/<name>/none/seed<k>/ (default: runs/eval)")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model.*, train.*, eval.*, suite.* keys, as for run")
+    ev.add_argument("--retest", type=int, default=0, metavar="R",
+                    help="test-retest: R final scores of the model, each under other evaluation seeds; prints their sd")
+    ev.add_argument("--retest-into", default=None, metavar="RUNS",
+                    help="with --retest: also record the sd as RUNS/<suite>/retest.json, the report's test-retest gate")
     ev.add_argument("--lm-eval", default="", metavar="TASKS",
                     help="comma list of lm-eval tasks run on the same loaded model (harness_gsm8k: GSM8K from --data-dir, offline)")
     ev.add_argument("--lm-eval-include", default=None, metavar="DIR", help="a folder of your own lm-eval task YAML files")
@@ -458,6 +462,9 @@ def cmd_list(args) -> int:
     return 0
 
 
+MAX_RETEST = 100  # harness eval --retest R: R final scores of one policy
+
+
 def cmd_eval(args) -> int:
     from harness.config import MAX_SEED, parse_assignments
     from harness.evaluation import run_eval
@@ -470,6 +477,12 @@ def cmd_eval(args) -> int:
         raise HarnessError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
     if args.lm_eval_max_length is not None and not 1 <= args.lm_eval_max_length <= MAX_PROMPT_LEN:
         raise HarnessError(f"--lm-eval-max-length must be in 1..{MAX_PROMPT_LEN}, got {args.lm_eval_max_length}")
+    if args.retest_into is not None and not args.retest:
+        raise HarnessError("--retest-into records a test-retest sd: give --retest R with it")
+    if args.retest:
+        if args.retest > MAX_RETEST:
+            raise HarnessError(f"--retest must be in 2..{MAX_RETEST} (repeats of the final score), got {args.retest}")
+        return retest_command(args, overrides)
     lm_tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
     try:
         folder = run_eval(args.model, args.suite, overrides, Path(args.out), seed=args.seed, name=args.name,
@@ -483,6 +496,48 @@ def cmd_eval(args) -> int:
         return 130
     print(f"wrote {folder}")
     return 0
+
+
+def retest_command(args, overrides: dict[str, str]) -> int:
+    """`harness eval --retest R`: the test-retest sd of one policy's score (harness.evaluation.retest)."""
+    from harness import store
+    from harness.evaluation import cell_config, retest
+
+    if args.lm_eval:
+        raise HarnessError("--retest and --lm-eval do not go together (--retest evaluates the suite's benchmarks only)")
+    if args.data_dir is not None:  # as run_eval: the suites that read files take it
+        import dataclasses
+
+        from tasks import SUITES
+
+        options = SUITES.get(args.suite or (cell_config(args.model) or {}).get("suite", "arith")).Options
+        if "data_dir" in {f.name for f in dataclasses.fields(options)}:
+            overrides = {"suite.data_dir": args.data_dir, **overrides}
+    if args.retest_into is not None:
+        store.check_out_dir(Path(args.retest_into))  # before the evaluations: a run store or a new folder
+    result = retest(args.model, args.suite, overrides, args.retest, seed=args.seed, eval_limit=args.eval_limit,
+                    cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    for role, r in result.items():
+        print(f"{role:3s} final score {100 * r['mean']:.2f} %: test-retest sd {100 * r['sd']:.2f} points over "
+              f"{r['repeats']} repeats (each the mean of {r['final_evals']} evaluation(s) at k={r['k']}); "
+              f"one evaluation's sd {100 * r['sd_one_evaluation']:.2f} points")
+    if args.retest_into is not None:
+        record_retest(Path(args.retest_into), args.suite or (cell_config(args.model) or {}).get("suite", "arith"), result)
+    return 0
+
+
+def record_retest(runs: Path, suite: str, result: dict) -> None:
+    """RUNS/<suite>/retest.json for the report's gate (reports/validity.py): the larger of the ID and OOD
+    test-retest sds (the gate holds only if both do), with the repeats and each role's figures."""
+    from harness import store
+    from reports.validity import RETEST_FILE
+
+    store.claim_store(runs)
+    path = runs / suite / RETEST_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    store.atomic_write_json(path, {"sd": max(r["sd"] for r in result.values()),
+                                   "repeats": min(r["repeats"] for r in result.values()), "roles": result})
+    print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,6 +117,12 @@ class EvalConfig:
     max_new_tokens: int = field(default=0, metadata={"doc": "evaluation response length limit (0: train.max_new_tokens)"})  # 0: the same as train.max_new_tokens
     limit: int = field(default=0, metadata={"doc": "at most this many problems per benchmark (0: all)"})  # 0: every problem of each benchmark
     batch_size: int = field(default=256, metadata={"doc": "prompts per evaluation generation batch"})
+    # The report's final score of a cell: the mean of its last this many evaluations after step 0
+    # (reports.load); 1 is the last evaluation alone. The chain suite's default is 2.
+    final_evals: int = field(default=1, metadata={"doc": "the final score is the mean of the last this many evaluations (after step 0)"})
+    # Mixed into every evaluation sample's stream (seed, "eval", step, benchmark, problem, sample):
+    # another value draws other samples of the same policy (harness eval --retest)
+    sample_seed: int = field(default=0, metadata={"doc": "evaluation sampling stream: another value draws other samples (test-retest)"})
 
 
 @dataclass
@@ -347,6 +353,7 @@ def validate_core(cfg: RunConfig) -> None:
         "train.dist_timeout": t.dist_timeout,
         "eval.k": cfg.eval.k,
         "eval.batch_size": cfg.eval.batch_size,
+        "eval.final_evals": cfg.eval.final_evals,
         "model.warmstart_batch": cfg.model.warmstart_batch,
         "model.hidden_size": cfg.model.hidden_size,
         "model.intermediate_size": cfg.model.intermediate_size,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 from harness import fast_llama, store
 from harness.config import EvalConfig, ModelConfig, RunConfig, TrainConfig, apply_section_overrides, set_dataclass_field
 from harness.errors import HarnessError
-from harness.rollout import generate
+from harness.rollout import PerRow, generate
 from harness.seeding import torch_generator
 from tasks import SUITES
 from tasks.base import Benchmark, Problem
@@ -79,12 +80,17 @@ class PolicyEvaluator:
         return rows
 
     def eval_correct(self, bench: Benchmark, problems: list[Problem], step: int, max_new: int) -> list[list[int]]:
+        """Grades `[problem][sample]` of k samples per problem. Sample j of a problem draws from its own
+        stream (seed, "eval", eval.sample_seed, step, benchmark, problem id, j): a problem's samples do
+        not depend on the batch they were generated in, nor on the other problems or the worker."""
         e = self.cfg.eval
-        repeated = [p for p in problems for _ in range(e.k)]
-        gen = torch_generator(self.cfg.seed, "eval", step, bench.name)
+        repeated = [(p, j) for p in problems for j in range(e.k)]
         grades: list[int] = []
         for start in range(0, len(repeated), e.batch_size):
-            chunk = repeated[start:start + e.batch_size]
+            chunk = [p for p, _ in repeated[start:start + e.batch_size]]
+            gen = None if e.temperature == 0 else PerRow([
+                torch_generator(self.cfg.seed, "eval", e.sample_seed, step, bench.name, p.id, j)
+                for p, j in repeated[start:start + e.batch_size]])
             roll = self.rollout([self.encode(p) for p in chunk], max_new_tokens=max_new,
                             eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
                             temperature=e.temperature, top_p=e.top_p, generator=gen)
@@ -247,3 +253,41 @@ def run_eval(model: str, suite: str | None, overrides: dict[str, str], out: Path
     for row in lm_rows:
         print(f"lm-eval {row['task']:20s} {row['metric']:28s} {row['value']:.4f}  (n={row['n_samples']})")
     return folder
+
+
+def retest(model: str, suite: str | None, overrides: dict[str, str], repeats: int, seed: int = 0,
+           eval_limit: int | None = None, cache_dir: Path | None = None, progress: bool = False) -> dict[str, dict[str, float]]:
+    """Test-retest of the score of one fixed policy: `repeats` final scores, each the mean of
+    `eval.final_evals` evaluations, every evaluation with its own `eval.sample_seed` (0, 1, ...), so
+    only the evaluation's dice differ. Returns, per role, the mean and the standard deviation (ddof 1)
+    over the repeats of the final score, and the sd of one evaluation (over all repeats x evaluations).
+    With greedy decoding every evaluation is the same and both sds are 0."""
+    if repeats < 2:
+        raise HarnessError(f"--retest needs at least 2 repeats to measure a standard deviation, got {repeats}")
+    cfg, _ = eval_config(model, suite, overrides, seed, eval_limit)
+    evaluation = ModelEvaluation(cfg, cache_dir, progress)
+    evaluation.eval_responses = None
+    m = cfg.eval.final_evals
+    single: dict[str, list[float]] = {}
+    finals: dict[str, list[float]] = {}
+    for r in range(repeats):
+        window: dict[str, list[float]] = {}
+        for i in range(m):
+            evaluation.cfg.eval.sample_seed = r * m + i
+            for role, value in role_scores(evaluation.evaluate(0)).items():
+                window.setdefault(role, []).append(value)
+                single.setdefault(role, []).append(value)
+        for role, values in window.items():
+            finals.setdefault(role, []).append(sum(values) / len(values))
+    return {role: {"mean": statistics.fmean(finals[role]), "sd": statistics.stdev(finals[role]),
+                   "sd_one_evaluation": statistics.stdev(single[role]), "repeats": repeats, "final_evals": m,
+                   "k": cfg.eval.k} for role in finals}
+
+
+def role_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean primary metric (accuracy or avg@k) over each role's benchmarks: {"ID": .., "OOD": ..}."""
+    out: dict[str, list[float]] = {}
+    for row in rows:
+        if row["metric"] == "accuracy" or row["metric"].startswith("avg@"):
+            out.setdefault(row["role"], []).append(row["value"])
+    return {role: sum(v) / len(v) for role, v in out.items()}

@@ -238,7 +238,7 @@ def build_tiny_warmstart(cfg: ModelConfig, suite: "Suite", seed: int, path: Path
     tokenizer = byte_tokenizer()
     seed_everything(seed, "model-init")
     model = tiny_llama(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    examples = [(suite.format_prompt(p, tokenizer), suite.sft_target(p)) for p in suite.train_problems()]
+    examples = [(suite.format_prompt(p, tokenizer), suite.sft_target(p)) for p in suite.warmstart_problems()]
     if cfg.warmstart_steps > 0:
         supervised_warmstart(model, tokenizer, examples, cfg, seed, progress)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ class RowsOf:
     def rand(self, n: int) -> torch.Tensor:
         assert n == len(range(self.batch)[self.rows]), (n, self.batch, self.rows)
         self.draws += 1
-        return torch.rand(self.batch, 1, generator=self.generator)[self.rows]
+        return uniforms(self.generator, self.batch)[self.rows]
 
     def rand_block(self, n: int, tokens: int) -> torch.Tensor:
         """`[tokens, n, 1]`: the draws of `tokens` tokens at once (`uniform_block`)."""
@@ -84,13 +84,30 @@ class RowsOf:
     def skip(self, draws: int) -> None:
         """Advance the generator by `draws` more draws of the whole batch (the tokens other ranks sampled)."""
         for _ in range(draws):
-            torch.rand(self.batch, 1, generator=self.generator)
+            uniforms(self.generator, self.batch)
         self.draws += max(draws, 0)
+
+
+class PerRow:
+    """One generator per row: row i's t-th token is drawn from `generators[i]` alone, so a row's sample
+    is fixed by its own stream (e.g. keyed by problem and sample index), whatever else is in the batch,
+    its order or the batch size. `seeds(n)` gives one seed per row for samplers that take seeds (vLLM)."""
+
+    def __init__(self, generators: list[torch.Generator]):
+        self.generators = generators
+
+    def rand(self, n: int) -> torch.Tensor:
+        assert n == len(self.generators), (n, len(self.generators))
+        return torch.cat([torch.rand(1, 1, generator=g) for g in self.generators])
+
+    def seeds(self, n: int) -> list[int]:
+        assert n == len(self.generators), (n, len(self.generators))
+        return [int(torch.randint(0, 2**31 - 1, (1,), generator=g)) for g in self.generators]
 
 
 def uniforms(generator, n: int) -> torch.Tensor:
     """`[n, 1]` U[0, 1) draws for one sampled token per row."""
-    if isinstance(generator, RowsOf):
+    if isinstance(generator, (RowsOf, PerRow)):
         return generator.rand(n)
     return torch.rand(n, 1, generator=generator)
 

@@ -193,7 +193,8 @@ class VLLMRollout:
                  temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None) -> Rollout:
         """One response per prompt. Each request gets its own seed drawn from `generator`, so that the G
         copies of a prompt sample independently and a run is reproducible from the global seed."""
-        seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist()
+        seeds = (generator.seeds(len(prompts)) if hasattr(generator, "seeds")  # rollout.PerRow: a stream per row
+                 else torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist())
         outputs = self.engine.generate(prompts, max_tokens=max_new_tokens, temperature=temperature,
                                        top_p=top_p if temperature > 0 else 1.0, seeds=seeds, stop_token_ids=[eos_id])
         roll = pack_rollout(prompts, outputs, pad_id, max_new_tokens)

@@ -1,6 +1,7 @@
 """The report's numbers as pandas frames, from a ``RunStore``.
 
-Scores (fractions in [0, 1]) of a finished cell at its last evaluation step, per benchmark, and
+Scores (fractions in [0, 1]) of a finished cell over its final window (its last ``eval.final_evals``
+evaluations, ``reports.load``), per benchmark, and
 averaged: ``ID AVG`` / ``OOD AVG`` = mean over the suite's ID / OOD benchmarks, ``ALL AVG`` = mean
 over ALL the suite's benchmarks (not the mean of ID AVG and OOD AVG). An average needs every
 benchmark of its set; a group that lacks one gets no value (a dash in the tables).

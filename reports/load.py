@@ -10,11 +10,13 @@ A *cell* is one ``seed<k>`` directory at that depth holding ``status.json`` or `
 Scores. Each benchmark's *primary metric* at an evaluation step is ``accuracy`` (one sample per
 problem) or, when the evaluation drew k > 1 samples, ``avg@k``; pass@k rows are not scores here.
 Several primary rows of one benchmark at one step (e.g. two decoding settings) are averaged first,
-so each benchmark counts once. A cell's *final* score is read at its LAST evaluation step, never
-at an earlier one: a benchmark whose value there is missing or NaN has no final score for that
-seed, a cell whose last evaluation is NaN on every benchmark, or whose last evaluation comes before
-the last training step (``steps`` of ``status.json``), is not scored at all, and ``RunStore.cells``
-says why in its ``issue`` column. Values are fractions in [0, 1].
+so each benchmark counts once. A cell's *final* score is the mean of its last m evaluations after
+step 0, m being the cell's ``eval.final_evals`` (config.json; 1 when absent: the last evaluation
+alone), or fewer when the cell has fewer; the window always ends at the LAST evaluation step: a
+benchmark whose value there (or anywhere in the window) is missing or NaN has no final score for
+that seed, a cell whose last evaluation is NaN on every benchmark, or whose last evaluation comes
+before the last training step (``steps`` of ``status.json``), is not scored at all, and
+``RunStore.cells`` says why in its ``issue`` column. Values are fractions in [0, 1].
 
 ``eval_problems.jsonl`` (optional, one object per (evaluation step, benchmark, problem)) holds
 per-problem results for the paired bootstrap::
@@ -122,6 +124,33 @@ def _metric_rows(path: Path) -> list[dict]:
     return rows
 
 
+def final_evals_of(cell: Path) -> int:
+    """The cell's `eval.final_evals` from its config.json (1 without one, or for a config that predates it)."""
+    path = cell / "config.json"
+    if not path.exists():
+        return 1
+    section = store.read_json(path).get("eval")
+    value = section.get("final_evals", 1) if isinstance(section, dict) else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise store.StoreError(f"{str(path)!r}: eval.final_evals must be a positive integer, got {value!r}")
+    return value
+
+
+def final_steps(steps, m: int) -> list[int]:
+    """The evaluation steps a final score averages: the last `m` after step 0 (the last step alone
+    when it is step 0). `steps`: the cell's evaluation steps."""
+    ordered = sorted(set(int(s) for s in steps))
+    if not ordered:
+        return []
+    trained = [s for s in ordered if s > 0]
+    return trained[-m:] if trained else ordered[-1:]
+
+
+def window_mean(frame: pd.DataFrame, keys: list[str], column: str) -> pd.DataFrame:
+    """`column` averaged over the steps of each `keys` group, NaN when any of them is NaN."""
+    return frame.groupby(keys, as_index=False, sort=False)[column].agg(lambda v: v.mean(skipna=False))
+
+
 def primary_scores(rows: list[dict]) -> pd.DataFrame:
     """Eval rows -> one row per (step, role, benchmark) with the primary metric's value
     (accuracy, else avg@k), duplicate rows of a benchmark averaged (NaN when all of them are NaN).
@@ -172,7 +201,7 @@ class RunStore:
 
     def __init__(self, runs_dir: Path):
         runs_dir = Path(runs_dir)
-        cells, evals, metrics, problems = [], [], [], []
+        cells, evals, metrics, problems, windows = [], [], [], [], []
         for cell in sorted(runs_dir.glob("*/*/*/seed*")) if runs_dir.is_dir() else []:
             match = _SEED_DIR.fullmatch(cell.name)
             if not (cell.is_dir() and match and ((cell / "eval.jsonl").exists() or (cell / "status.json").exists())):
@@ -184,13 +213,15 @@ class RunStore:
                 scores = primary_scores(_eval_rows(cell / "eval.jsonl"))
                 m = pd.DataFrame(_metric_rows(cell / "metrics.jsonl"))
                 p = _checked_rows(cell / "eval_problems.jsonl", PROBLEM_KEYS)
+                m_final = final_evals_of(cell)
             except (ValueError, TypeError) as exc:  # one cell's corrupt files never hold the report hostage
                 reason = str(exc) if isinstance(exc, HarnessError) else f"{str(cell)!r}: {type(exc).__name__}: {exc}"
                 cells.append({**key, "state": CORRUPT, "step": None, "id_acc": math.nan, "ood_acc": math.nan,
-                              "reason": reason, "issue": "", "path": str(cell)})
+                              "reason": reason, "issue": "", "path": str(cell), "final_steps": ""})
                 continue
             last = int(scores["step"].max()) if len(scores) else None
-            final = scores[scores["step"] == last]
+            window = final_steps(scores["step"], m_final)
+            final = window_mean(scores[scores["step"].isin(window)], ["role", "benchmark"], "value")
 
             def role_mean(role: str) -> float:
                 values = final.loc[final["role"] == role, "value"]
@@ -200,8 +231,10 @@ class RunStore:
             reason = str(status.get("reason", "")) if state == "failed" else ""
             issue = final_issue(scores, last, status.get("steps")) if state == "done" else ""
             cells.append({**key, "state": state, "step": last, "id_acc": role_mean("ID"),
-                          "ood_acc": role_mean("OOD"), "reason": reason, "issue": issue, "path": str(cell)})
+                          "ood_acc": role_mean("OOD"), "reason": reason, "issue": issue, "path": str(cell),
+                          "final_steps": ",".join(map(str, window))})
             evals.append(scores.assign(**key))
+            windows += [{**key, "step": step} for step in window]
             if "step" in m:
                 metrics.append(m.assign(**key))
             if p:
@@ -216,6 +249,8 @@ class RunStore:
         self.problems = (pd.concat(problems, ignore_index=True) if problems
                          else pd.DataFrame(columns=keys + list(PROBLEM_KEYS)))
         self.problems["problem"] = self.problems["problem"].astype(str)
+        # The evaluation steps each cell's final score averages (`final_steps`): keys + step.
+        self.final_windows = pd.DataFrame(windows, columns=keys + ["step"])
 
     def corrupt(self) -> pd.DataFrame:
         """Cells skipped because a file of theirs is unreadable, with the reason."""
@@ -228,14 +263,20 @@ class RunStore:
         unscorable = c["issue"].str.contains("NaN on every|missing|no evaluation", regex=True)
         return c[c["state"].eq("done") & c["step"].notna() & ~unscorable]
 
+    def final_windows_of_done(self) -> pd.DataFrame:
+        """The final-score steps of finished, scorable cells: suite, algo, noise, seed, step."""
+        done = self.done()[["suite", "algo", "noise", "seed"]]
+        return self.final_windows.merge(done, on=["suite", "algo", "noise", "seed"])
+
     def final_scores(self) -> pd.DataFrame:
-        """Finished cells' primary scores at their last evaluation step (NaN values left out:
-        that benchmark has no final score for that seed): suite, algo, noise, seed, role,
-        benchmark, value."""
-        done = self.done()[["suite", "algo", "noise", "seed", "step"]]
-        merged = self.evals.merge(done, on=["suite", "algo", "noise", "seed", "step"])
+        """Finished cells' final primary scores, the mean over each cell's final steps (module doc;
+        NaN values left out: that benchmark has no final score for that seed): suite, algo, noise,
+        seed, role, benchmark, value."""
+        keys = ["suite", "algo", "noise", "seed"]
+        merged = self.evals.merge(self.final_windows_of_done(), on=[*keys, "step"])
+        merged = window_mean(merged, [*keys, "role", "benchmark"], "value")
         merged = merged[merged["value"].notna()]
-        return merged[["suite", "algo", "noise", "seed", "role", "benchmark", "value"]]
+        return merged[["suite", "algo", "noise", "seed", "role", "benchmark", "value"]].reset_index(drop=True)
 
     def initial_scores(self) -> pd.DataFrame:
         """Finished cells' primary scores at step 0 (the initial model, before training):
@@ -246,9 +287,15 @@ class RunStore:
         return merged[["suite", "algo", "noise", "seed", "role", "benchmark", "value"]]
 
     def final_problems(self) -> pd.DataFrame:
-        """Per-problem scores of finished cells at their last evaluation step."""
-        done = self.done()[["suite", "algo", "noise", "seed", "step"]]
-        return self.problems.merge(done, on=["suite", "algo", "noise", "seed", "step"])
+        """Per-problem scores of finished cells, averaged over each cell's final steps (the step
+        column is the last of them): suite, algo, noise, seed, step, role, benchmark, problem, score."""
+        keys = ["suite", "algo", "noise", "seed"]
+        merged = self.problems.merge(self.final_windows_of_done(), on=[*keys, "step"])
+        if merged.empty:
+            return merged
+        by = [*keys, "role", "benchmark", "problem"]
+        out = merged.groupby(by, as_index=False, sort=False).agg(step=("step", "max"), score=("score", "mean"))
+        return out[[*keys, *PROBLEM_KEYS]]
 
 
 def collect_final_scores(runs_dir: Path) -> pd.DataFrame:

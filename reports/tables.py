@@ -278,7 +278,8 @@ def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 METHODS = (
-    "Final score = each finished run's primary metric (accuracy, or avg@k) at its last evaluation. "
+    "Final score = each finished run's primary metric (accuracy, or avg@k) averaged over its last eval.final_evals "
+    "evaluations after step 0 (the last evaluation alone when that is 1). "
     "ID AVG / OOD AVG = mean over the suite's ID / OOD benchmarks; ALL AVG = mean over all its benchmarks. "
     "The unit of every interval and test is a seed: one trained policy with all its benchmarks, never "
     "resampled apart. A number over several benchmarks uses the seeds that have all of them; the seeds column "

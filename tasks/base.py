@@ -67,6 +67,11 @@ class Suite:
         answer = self.extract_answer(response)
         return answer, float(answer is not None and self.answer_correct(answer, problem))
 
+    def warmstart_problems(self) -> list[Problem]:
+        """The problems a supervised warm start trains on: the train split, unless a suite gives its
+        warm start more (a base model has seen more than RL trains on)."""
+        return self.train_problems()
+
     def sft_target(self, problem: Problem) -> str:
         """The response text a supervised warm start trains on."""
         return problem.answer

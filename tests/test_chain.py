@@ -1,0 +1,107 @@
+"""The chain suite: layout, splits, seeding, grader, the warm-start targets' error rate."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from harness.errors import HarnessError
+from tasks import SUITES
+from tasks.chain import ChainOptions, ChainSuite, make_problem, running_sums
+
+
+def test_problem_layout_and_trace():
+    p = make_problem(4, [7, 3, 5], slots=6)
+    assert p.prompt == "4:735...=" and p.answer == "4149" and p.meta["steps"] == 3
+    assert running_sums(9, [9, 9]) == [9, 8, 7]
+    # Every prompt has the same width and ends in at least one '.' (6 slots: 4 + 1 OOD + 1).
+    suite = ChainSuite(ChainOptions(), seed=0)
+    widths = {len(p.prompt) for b in suite.eval_benchmarks() for p in b.problems} | {len(p.prompt) for p in suite.train_problems()}
+    assert widths == {9}
+    assert all(p.prompt.endswith(".=") for b in suite.eval_benchmarks() for p in b.problems)
+
+
+def test_splits_are_disjoint_graded_and_ood_is_longer():
+    suite = ChainSuite(ChainOptions(), seed=0)
+    train = suite.train_problems()
+    bench = {b.name: b for b in suite.eval_benchmarks()}
+    assert len(train) == 4000 and len({p.id for p in train}) == 4000
+    assert not {p.id for p in train} & {p.id for p in bench["chain_id"].problems}
+    assert bench["chain_id"].role == "ID" and bench["chain_ood"].role == "OOD"
+    # ID: 50 problems of each length 1..4; training: every length, the 50 other L=1 problems only.
+    assert collections.Counter(p.meta["steps"] for p in bench["chain_id"].problems) == {1: 50, 2: 50, 3: 50, 4: 50}
+    train_lengths = collections.Counter(p.meta["steps"] for p in train)
+    assert set(train_lengths) == {1, 2, 3, 4} and train_lengths[1] == 50
+    assert {p.meta["steps"] for p in bench["chain_ood"].problems} == {5} and len(bench["chain_ood"].problems) == 200
+    for p in [*train, *bench["chain_id"].problems, *bench["chain_ood"].problems]:
+        assert p.answer == "".join(map(str, running_sums(p.meta["start"], list(p.meta["addends"]))))
+        assert p.prompt.startswith(f"{p.meta['start']}:{''.join(map(str, p.meta['addends']))}.")
+
+
+def test_splits_are_fixed_by_the_seed():
+    a, b, c = (ChainSuite(ChainOptions(), seed=s) for s in (0, 0, 1))
+    assert [p.id for p in a.train_problems()] == [p.id for p in b.train_problems()]
+    assert [p.id for p in a.train_problems()] != [p.id for p in c.train_problems()]
+    assert [a.sft_target(p) for p in a.train_problems()] == [b.sft_target(p) for p in b.train_problems()]
+
+
+def test_grader_is_exact_match_on_the_whole_trace():
+    suite = ChainSuite(ChainOptions(), seed=0)
+    p = make_problem(4, [7, 3, 5], slots=6)
+    assert suite.grade(" 4149 ", p) == 1.0
+    assert suite.grade("4159", p) == 0.0  # a wrong middle step fails, even though...
+    assert suite.grade("4139", p) == 0.0
+    assert suite.grade("9", p) == 0.0 and suite.grade("41490", p) == 0.0 and suite.grade("", p) == 0.0
+    assert suite.in_format("4159", p) and not suite.in_format("415", p) and not suite.in_format("4 1 4 9", p)
+    assert suite.extract_answer(" 4159\n") == "4159" and suite.extract_answer("is 4") is None
+
+
+def test_warm_start_targets_are_in_format_and_off_by_one_at_the_rate_of_their_addend():
+    suite = ChainSuite(ChainOptions(small_error=0.1, large_error=0.5), seed=0)
+    steps = {False: 0, True: 0}
+    wrong = {False: 0, True: 0}
+    for p in suite.train_problems():
+        target = suite.sft_target(p)
+        assert suite.in_format(target, p) and target[0] == str(p.meta["start"])
+        digits = [int(d) for d in target]
+        for j, a in enumerate(p.meta["addends"]):
+            step = (digits[j + 1] - digits[j] - a) % 10  # later steps continue from the written digit
+            assert step in (0, 1, 9)
+            steps[a >= 5] += 1
+            wrong[a >= 5] += step != 0
+    assert 0.08 < wrong[False] / steps[False] < 0.12 and 0.47 < wrong[True] / steps[True] < 0.53
+    clean = ChainSuite(ChainOptions(small_error=0.0, large_error=0.0), seed=0)
+    assert all(clean.sft_target(p) == p.answer for p in clean.train_problems())
+
+
+def test_registered_with_its_evaluation_defaults():
+    cls = SUITES.get("chain")
+    assert cls is ChainSuite
+    assert cls.run_defaults["eval.k"] == "8" and cls.run_defaults["eval.temperature"] == "1.0"
+    assert int(cls.run_defaults["eval.final_evals"]) >= 2
+    # The OOD answers (L + 2 tokens with EOS) fit the evaluation's length limit.
+    assert int(cls.run_defaults["eval.max_new_tokens"]) >= ChainOptions().max_steps + ChainOptions().ood_steps + 2
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_steps=0), dict(ood_steps=0), dict(max_steps=15, ood_steps=6),
+                                    dict(large_error=1.0), dict(small_error=-0.1), dict(n_eval=0), dict(n_train=0),
+                                    dict(warmstart_long=-1)])
+def test_bad_options(kwargs):
+    with pytest.raises(HarnessError):
+        ChainOptions(**kwargs).validate()
+
+
+def test_too_many_problems_asked_is_an_error():
+    with pytest.raises(HarnessError, match="too few problems"):
+        ChainSuite(ChainOptions(max_steps=1, ood_steps=1, n_train=100, n_eval=50), seed=0)
+
+
+def test_the_warm_start_sees_a_few_longer_chains_that_rl_never_trains_on():
+    suite = ChainSuite(ChainOptions(), seed=0)
+    train, ood = suite.train_problems(), suite.eval_benchmarks()[1].problems
+    extra = suite.warmstart_problems()[len(train):]
+    assert suite.warmstart_problems()[:len(train)] == train
+    assert len(extra) == 400 and {p.meta["steps"] for p in extra} == {5}
+    assert not {p.id for p in extra} & {p.id for p in ood}
+    assert all(p.meta["steps"] <= 4 for p in train)  # RL trains on ID lengths only
+    assert len(ChainSuite(ChainOptions(warmstart_long=0), seed=0).warmstart_problems()) == len(train)
