@@ -100,6 +100,11 @@ class PerRow:
         assert n == len(self.generators), (n, len(self.generators))
         return torch.cat([torch.rand(1, 1, generator=g) for g in self.generators])
 
+    def rand_block(self, n: int, tokens: int) -> torch.Tensor:
+        """`[tokens, n, 1]`: each row's next `tokens` draws from its own generator, in order."""
+        assert n == len(self.generators), (n, len(self.generators))
+        return torch.stack([torch.rand(tokens, 1, generator=g) for g in self.generators], dim=1)
+
     def seeds(self, n: int) -> list[int]:
         assert n == len(self.generators), (n, len(self.generators))
         return [int(torch.randint(0, 2**31 - 1, (1,), generator=g)) for g in self.generators]
@@ -116,7 +121,7 @@ def uniform_block(generator, n: int, tokens: int) -> torch.Tensor:
     """`[tokens, n, 1]` U[0, 1) draws for `tokens` tokens of n rows at once: row t is the draw
     `uniforms` would give token t (the CPU generator fills a tensor in order), so a rollout samples the
     same tokens either way; only the generator ends `tokens` draws on, whatever the response length."""
-    if isinstance(generator, RowsOf):
+    if isinstance(generator, (RowsOf, PerRow)):
         return generator.rand_block(n, tokens)
     return torch.rand(tokens, n, 1, generator=generator)
 

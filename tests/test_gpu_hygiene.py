@@ -16,7 +16,7 @@ from harness.config import ModelConfig
 from harness.errors import HarnessError
 from harness.grid import build_cells
 from harness.models import tiny_llama
-from harness.rollout import RowsOf, generate, uniform_block
+from harness.rollout import PerRow, RowsOf, generate, uniform_block
 from tests.conftest import FAST
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,16 +60,19 @@ def tiny_model():
     return tiny_llama(ModelConfig(), 40, 0, 1, 2).eval()
 
 
-@pytest.mark.parametrize("rows", [None, slice(2, 5)])
+@pytest.mark.parametrize("rows", [None, slice(2, 5), "per-row"])
 def test_noise_drawn_ahead_samples_the_same_tokens(monkeypatch, rows):
     """On an accelerator the rollout draws every token's uniforms at once (one copy to the device, the
     end checked every few tokens): the same tokens and log-probs as the per-token draws of the CPU."""
     model, prompts = tiny_model(), [[3, 4, 5], [6, 7], [8, 9, 10, 11], [3, 4, 5], [12]]
-    prompts = prompts if rows is None else prompts[rows]
+    prompts = prompts[rows] if isinstance(rows, slice) else prompts
 
     def sample():
         gen = torch.Generator().manual_seed(7)
-        gen = gen if rows is None else RowsOf(gen, 5, rows)
+        if rows == "per-row":  # the evaluation's sampler: a generator per problem and sample
+            gen = PerRow([torch.Generator().manual_seed(100 + i) for i in range(len(prompts))])
+        elif rows is not None:
+            gen = RowsOf(gen, 5, rows)
         return generate(model, prompts, max_new_tokens=12, eos_id=2, pad_id=0, temperature=1.0, generator=gen)
 
     per_token = sample()
@@ -87,6 +90,9 @@ def test_uniform_block_is_the_per_token_draws():
     assert torch.equal(block, torch.stack([rollout.uniforms(gen, 4) for _ in range(6)]))
     rows = RowsOf(torch.Generator().manual_seed(3), 4, slice(1, 3))
     assert torch.equal(uniform_block(rows, 2, 6), block[:, 1:3]) and rows.draws == 6
+    per_row = uniform_block(PerRow([torch.Generator().manual_seed(s) for s in (5, 6)]), 2, 6)
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    assert torch.equal(per_row, torch.stack([rollout.uniforms(PerRow(gens), 2) for _ in range(6)]))
 
 
 @pytest.mark.slow
