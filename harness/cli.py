@@ -234,21 +234,13 @@ def run_command(args, overrides: dict[str, str]) -> int:
     from harness.grid import build_cells, default_algos, default_workers, parse_algos, parse_seeds, run_grid
     from harness.launch import NodeLaunch, check_nodes
     from harness.tracking import parse_backends
+    from harness.tune import run_flag_overrides
 
     algos = parse_algos(args.algos) if args.algos is not None else default_algos()
     with_trust(args, overrides)
     check_at_most("--workers", args.workers, MAX_WORKERS)
     check_at_most("--ckpt-every", args.ckpt_every, MAX_STEPS)
-    if args.rollout:
-        overrides["train.rollout"] = args.rollout
-    if args.nproc is not None:
-        overrides["train.nproc"] = str(args.nproc)
-    if args.nnodes is not None:
-        overrides["train.nnodes"] = str(args.nnodes)
-    for flag, key in (("data_dir", "suite.data_dir"), ("train_data", "suite.train"), ("id", "suite.id"),
-                      ("ood", "suite.ood")):
-        if getattr(args, flag) is not None:
-            overrides[key] = getattr(args, flag)
+    overrides = run_flag_overrides(args, overrides)
     cells = build_cells(
         suite=args.suite, algos=algos, noise=args.noise, seeds=parse_seeds(args.seeds), out=Path(args.out),
         model=args.model, steps=args.steps, eval_limit=args.eval_limit, overrides=overrides,

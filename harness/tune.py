@@ -274,7 +274,7 @@ def file_options(args: argparse.Namespace, run_parser: argparse.ArgumentParser, 
 # ---- the command --------------------------------------------------------------------------------
 
 def run_flag_overrides(args: argparse.Namespace, overrides: dict[str, str]) -> dict[str, str]:
-    """The config keys `harness run`'s flags set (as `harness.cli.run_command` does)."""
+    """The config keys `harness run`'s flags set, over `overrides` (a copy): used by `harness run` and `harness tune`."""
     out = dict(overrides)
     if args.rollout:
         out["train.rollout"] = args.rollout
