@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
+from tqdm.std import tqdm as tqdm_std
 
 from algorithms import ALGOS
 from harness import store
@@ -555,6 +556,10 @@ def _worker_main(cell: Cell, cache_dir, ckpt_every: int, grid_pid: int, conn) ->
     the whole process group) marks the cell interrupted and ends the worker quietly."""
     threading.Thread(target=_die_with, args=(grid_pid,), daemon=True).start()
     InterruptOnce().install()
+    # tqdm's default lock is a multiprocessing lock, in a forkserver child a named semaphore that the
+    # resource tracker must clean up when the worker is killed (and then warns, after the grid's last
+    # line); a worker shares no progress bar with other processes, so a thread lock is enough.
+    tqdm_std.set_lock(threading.RLock())  # on the base class: every tqdm class of the worker gets it
     try:
         conn.send(run_cell(cell, cache_dir, ckpt_every, progress=False))
         conn.close()

@@ -300,6 +300,34 @@ def test_default_workers_one_per_core_only_for_tiny_cpu_cells(tmp_path, monkeypa
     assert default_workers(gpu) == 1
 
 
+def test_a_killed_worker_fails_only_its_cell_and_leaves_nothing_for_the_resource_tracker(tmp_path, cache_dir):
+    """The out-of-memory killer's SIGKILL of one worker: its cell fails with one line naming the signal, the
+    other cell finishes, and no multiprocessing resource of the dead worker is left for the resource tracker
+    to warn about after the grid's last line (tqdm's default lock is such a named semaphore)."""
+    out = tmp_path / "runs"
+    args = [*grid_args(out, cache_dir, 40, "ppo,grpo", "--ckpt-every", "2"), "--workers", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *args], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    victim = CELLS[1]
+    deadline = time.time() + 180
+    while not store.latest_checkpoint(out / victim):
+        assert proc.poll() is None and time.time() < deadline, "the cell never reached a checkpoint"
+        time.sleep(0.05)
+    os.kill(status(out, victim)["pid"], signal.SIGKILL)
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    text = stdout.decode() + stderr.decode()
+    assert proc.returncode != 0, text
+    assert status(out, victim)["state"] == "failed" and "killed by signal 9" in status(out, victim)["reason"]
+    assert status(out, CELLS[0])["state"] == "done"
+    assert "resource_tracker" not in text and "leaked" not in text and "Traceback" not in text, text
+    assert [line for line in stderr.decode().splitlines() if line.strip()] == [], stderr.decode()
+
+
 # ---- interrupts ------------------------------------------------------------------------------------
 
 
