@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.base import ALGOS, Batch
+from algorithms.base import Batch, register, register_variant
 from algorithms.common import (RISK_ADV_MODES, explained_variance, gae, grad_shares, masked_corr, masked_mean, masked_whiten,
-                               register_variant, risk_adjusted_gae)
+                               risk_adjusted_gae)
 from algorithms.critics import CRITICS
 from algorithms.distributional import (crps, cvar_lower, cvar_upper, interval_coverage, lower_tail_gap, reward_std_cap,
                                        tail_curvature)
@@ -445,7 +445,7 @@ class DFPOOptions(PPOOptions):
             raise HarnessError("dfpo needs a flow-matching term: keep use_cfm, or use_anchor with anchor_mode=bcfm")
 
 
-@ALGOS.register("dfpo")
+@register
 class DFPO(PPO):
     name = "dfpo"
     description = ("flow-matching distributional critic (one-step Euler samples, coupled-noise GAE), "
