@@ -24,12 +24,12 @@ from pathlib import Path
 import pandas as pd
 
 from harness.errors import HarnessError
-from reports import analysis
+from reports import analysis, sections
 from reports.analysis import SuiteReport
 from reports.answers import answers
 from reports.load import RunStore
 from reports.render import render_latex, render_markdown
-from reports.sections import METHODS, SECTIONS, analyse, draw_figures, suite_blocks
+from reports.sections import METHODS, analyse, draw_figures, suite_blocks
 
 FORMATS = ("md", "tex", "csv", "png", "pdf")
 MARKER = ".harness-report"
@@ -48,7 +48,7 @@ def write_csv(reports: list[SuiteReport], store: RunStore, folder: Path) -> None
         frames = [f for f in frames if not f.empty]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
-    for section in SECTIONS:
+    for section in sections.SECTIONS:
         for name, frame, with_suite in section.csv:
             cat(frame, with_suite).to_csv(folder / name, index=False)
 
