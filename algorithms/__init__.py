@@ -1,4 +1,5 @@
-"""Algorithms: the registry, shared tensor math (`common`), critics, one module per algorithm.
+"""Algorithms: the registry, shared tensor math (`common`), the PPO-clip actor and its shared options
+(`clip`), critics, one module per algorithm.
 
 Every module of this package is imported here, so an algorithm registers itself by being a
 module with a class decorated `@register` (`algorithms.base`; it registers the class under its
