@@ -453,8 +453,6 @@ def check_lora(cfg: RunConfig) -> None:
         raise HarnessError(f"model.lora_critic must be adapter or copy, got {m.lora_critic!r}")
     if m.lora_save not in ("adapter", "merged"):
         raise HarnessError(f"model.lora_save must be adapter or merged, got {m.lora_save!r}")
-    if t.world_size > 1:
-        raise HarnessError("model.lora_rank > 0 runs in one process for now (train.nproc=1, train.nnodes=1)")
     if t.rollout == "vllm":
         raise HarnessError("model.lora_rank > 0 needs train.rollout=hf (the vLLM backend does not load adapters yet)")
     from harness.lora import check_available

@@ -98,7 +98,6 @@ def test_lora_critic_copy_trains_its_own_adapter_on_a_frozen_copy(tmp_path, cach
     ("model.lora_targets= , ", "model.lora_targets must name at least one module"),
     ("model.lora_critic=twin", "model.lora_critic must be adapter or copy"),
     ("model.lora_save=both", "model.lora_save must be adapter or merged"),
-    ("train.nproc=2", "model.lora_rank > 0 runs in one process"),
 ])
 def test_bad_lora_options_are_one_line_errors(setting, message, tmp_path, capsys):
     code = main(["run", "--suite", "arith", "--algos", "grpo", "--noise", "none", "--seeds", "1", "--steps", "1",
@@ -208,3 +207,121 @@ def test_lora_critic_adapter_under_gradient_checkpointing_gets_the_same_gradient
     assert all(g.abs().max() > 0 for g in grads[0].values())
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---- two ranks (FSDP2 on the CPU with gloo, harness.sharded) ------------------------------------------
+
+SHARDED_STEPS, SHARDED_CKPT = 3, 2  # checkpoint at step 2; the stopped run ends at the start of step 3
+
+
+def sharded_cell(algo: str, out, steps: int = SHARDED_STEPS):
+    from harness.grid import build_cells
+
+    sets = {**test_resume.SMALL, **LORA, "train.nproc": "2", "train.lr": "1e-2", "train.critic_lr": "1e-2"}
+    cell = build_cells("arith", [algo], "flip0.5", [0], out, steps=steps,
+                       overrides={k: v for k, v in sets.items() if k.split(".")[0] in (*test_resume.SECTIONS, algo)})[0]
+    cell.path.mkdir(parents=True, exist_ok=True)
+    return cell
+
+
+def full_parameters(module) -> dict[str, torch.Tensor]:
+    """Every parameter of a sharded module, gathered whole (a collective: every rank calls it)."""
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in module.named_parameters()}
+
+
+def sharded_ranks(algos: list[str], out: str, cache_dir: str) -> None:
+    """Each rank of a 2-rank group, for every algorithm: a LoRA cell run straight through 3 steps (which
+    parameters moved; the reference's log-probs), then the same cell stopped at step 3 and resumed from its
+    step-2 checkpoint. Rank 0 leaves what it saw in `out/<algo>.json`."""
+    import json
+    from pathlib import Path
+
+    from harness import distributed
+    from harness.sharded import ShardedTrainer
+
+    world = distributed.init("cpu", 300)
+    for algo in algos:
+        cell = sharded_cell(algo, Path(out) / "straight" / algo)
+        trainer = ShardedTrainer(cell.cfg, cell.path, cache_dir=Path(cache_dir), progress=False)
+        modules = {"policy": trainer.policy, "heads": trainer.heads}
+        if trainer.critic is not None:
+            modules["critic"] = trainer.critic
+        before = {k: full_parameters(m) for k, m in modules.items()}
+        trainer.run(ckpt_every=SHARDED_CKPT)
+        after = {k: full_parameters(m) for k, m in modules.items()}
+        moved = {k: {n: not torch.equal(before[k][n], after[k][n]) for n in before[k]} for k in modules}
+
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            with trainer.reference_context():
+                reference, _, _ = trainer.response_forward(trainer.reference_model(), ids, mask, 3)
+            adapted, _, _ = trainer.response_forward(trainer.policy, ids, mask, 3)
+            base_model, _ = load_policy(cell.cfg.model, trainer.suite, cell.cfg.seed, Path(cache_dir), "cpu",
+                                        progress=False)
+            base, _, _ = forward_response(base_model.eval(), ids, mask, 3)
+
+        cell = sharded_cell(algo, Path(out) / "resumed" / algo)
+        stopped = ShardedTrainer(cell.cfg, cell.path, cache_dir=Path(cache_dir), progress=False)
+        stopped.train_step = lambda step, run=stopped.train_step: run(step) if step < SHARDED_STEPS else 1 / 0
+        try:
+            stopped.run(ckpt_every=SHARDED_CKPT)
+        except ZeroDivisionError:
+            pass
+        resumed = ShardedTrainer(cell.cfg, cell.path, cache_dir=Path(cache_dir), progress=False)
+        resumed.run(ckpt_every=SHARDED_CKPT)
+        if world.main:
+            (Path(out) / f"{algo}.json").write_text(json.dumps({
+                "moved": moved, "start_step": resumed.start_step,
+                "reference_vs_base": (reference - base).abs().max().item(),
+                "adapted_vs_base": (adapted - base).abs().max().item()}))
+        distributed.barrier(world)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, cache_dir):
+    """Every registered algorithm with LoRA as 2 ranks, in one launch (a launch costs seconds)."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    out = tmp_path_factory.mktemp("lora-sharded")
+    Trainer(sharded_cell("grpo", out / "warm", steps=1).cfg, out / "warm", cache_dir=cache_dir, progress=False)  # the warm start, once
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, rdzv_backend="c10d", rdzv_endpoint="localhost:0",
+                          run_id="lora-sharded", max_restarts=0, monitor_interval=0.1, start_method="spawn")
+    elastic_launch(config, sharded_ranks)(ALGOS.names(), str(out), str(cache_dir))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ALGOS.names())
+def test_lora_on_two_ranks_trains_only_adapters_and_heads_and_resumes_exactly(algo, sharded):
+    import json
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from tests.test_training import strip_timing
+
+    seen = json.loads((sharded / f"{algo}.json").read_text())
+    policy = seen["moved"]["policy"]
+    base = [n for n in policy if "lora_" not in n]
+    adapter = [n for n in policy if f"lora_B.{lora.POLICY_ADAPTER}." in n]
+    assert base and not any(policy[n] for n in base), "the base must stay frozen"
+    assert adapter and all(policy[n] for n in adapter), "every policy adapter's B must train"
+    assert all(seen["moved"]["heads"].values())
+    if "critic" in seen["moved"]:
+        critic = seen["moved"]["critic"]
+        assert all(v for n, v in critic.items() if n.startswith("head.")), "the critic head must train"
+        assert not any(v for n, v in critic.items() if "lora_" not in n and not n.startswith("head."))
+        critic_adapter = [n for n in critic if f"lora_B.{lora.CRITIC_ADAPTER}." in n]
+        assert critic_adapter and all(critic[n] for n in critic_adapter), "the critic adapter must train"
+    # The reference (adapters off, sharded) is the base model; the adapted policy is not.
+    assert seen["reference_vs_base"] < 1e-5 < seen["adapted_vs_base"]
+
+    assert seen["start_step"] == SHARDED_CKPT
+    straight, resumed = (next((sharded / kind / algo).rglob("metrics.jsonl")).parent for kind in ("straight", "resumed"))
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        expected, got = strip_timing(straight / name), strip_timing(resumed / name)
+        assert len(got) == len(expected) > 0 and got == expected
+    # The DCP checkpoint holds the adapters, heads and their optimiser states, no frozen base weight.
+    keys = FileSystemReader(str(next((resumed / "ckpt").iterdir()) / "dcp")).read_metadata().state_dict_metadata
+    assert any("lora_B" in k for k in keys)
+    assert not any(part in k for k in keys for part in ("base_layer", "embed_tokens", "layernorm"))
