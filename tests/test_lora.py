@@ -156,6 +156,32 @@ def test_lora_save_model_writes_the_adapter_and_a_merged_model_that_eval_loads(t
     assert (tmp_path / "evals" / "arith" / "ppo-model" / "flip0.2" / "seed0" / "eval.jsonl").is_file()
 
 
+def test_merged_weights_are_the_plain_models_names_with_the_policy_adapter_merged(tmp_path, cache_dir):
+    """What the vLLM backend syncs under LoRA (and a GGUF model's safetensors copy holds): the plain model's
+    state dict names exactly, the policy's adapter merged, the critic's adapter left out; loaded into the
+    plain model it computes the adapted policy's log-probs."""
+    trainer = make_trainer("ppo", tmp_path, cache_dir, noise="flip0.5", **LORA)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # distinct non-zero adapters (at B = 0 the merge would be the base)
+        for name, p in trainer.policy.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * (0.3 if ".default." in name else 3.0))
+    plain, _ = load_policy(trainer.cfg.model, trainer.suite, trainer.cfg.seed, cache_dir, "cpu", progress=False)
+    weights = dict(lora.merged_weights(trainer.policy))
+    assert list(weights) == list(plain.state_dict())
+    base = {n: t.clone() for n, t in plain.state_dict().items()}
+    plain.load_state_dict(weights, strict=True)
+    assert not torch.equal(plain.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+                           base["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(plain.state_dict()["model.norm.weight"], base["model.norm.weight"])
+    ids, mask = torch.tensor([[5, 6, 7, 8, 9, 10, 11]]), torch.ones(1, 7, dtype=torch.long)
+    with torch.no_grad():
+        want, _, _ = forward_response(trainer.policy, ids, mask, 3)
+        got, _, _ = forward_response(plain.eval(), ids, mask, 3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert dict(lora.merged_weights(plain)).keys() == weights.keys()  # no adapters: the state dict as it is
+
+
 @pytest.mark.parametrize("algo, critic", [(a, "adapter") for a in ALGOS.names()] + [("ppo", "copy")])
 def test_plan_counts_the_lora_trainers_bytes_exactly(algo, critic, tmp_path, cache_dir):
     """`harness plan` under LoRA: the shared base, the adapters, their Adam states, heads and critic
@@ -211,13 +237,14 @@ def test_lora_critic_adapter_under_gradient_checkpointing_gets_the_same_gradient
 
 # ---- two ranks (FSDP2 on the CPU with gloo, harness.sharded) ------------------------------------------
 
-SHARDED_STEPS, SHARDED_CKPT = 3, 2  # checkpoint at step 2; the stopped run ends at the start of step 3
+SHARDED_STEPS, SHARDED_CKPT = 3, 2  # a checkpoint at step 2, from which a copy of the cell resumes step 3
 
 
 def sharded_cell(algo: str, out, steps: int = SHARDED_STEPS):
     from harness.grid import build_cells
 
-    sets = {**test_resume.SMALL, **LORA, "train.nproc": "2", "train.lr": "1e-2", "train.critic_lr": "1e-2"}
+    sets = {**test_resume.SMALL, **LORA, "suite.n_eval": "4", "train.nproc": "2", "train.lr": "1e-2",
+            "train.critic_lr": "1e-2"}
     cell = build_cells("arith", [algo], "flip0.5", [0], out, steps=steps,
                        overrides={k: v for k, v in sets.items() if k.split(".")[0] in (*test_resume.SECTIONS, algo)})[0]
     cell.path.mkdir(parents=True, exist_ok=True)
@@ -231,9 +258,11 @@ def full_parameters(module) -> dict[str, torch.Tensor]:
 
 def sharded_ranks(algos: list[str], out: str, cache_dir: str) -> None:
     """Each rank of a 2-rank group, for every algorithm: a LoRA cell run straight through 3 steps (which
-    parameters moved; the reference's log-probs), then the same cell stopped at step 3 and resumed from its
-    step-2 checkpoint. Rank 0 leaves what it saw in `out/<algo>.json`."""
+    parameters moved; the reference's log-probs), whose folder is copied as it stands at its step-2
+    checkpoint (a run stopped there); the copy then resumes in a fresh trainer. Rank 0 leaves what it saw
+    in `out/<algo>.json`."""
     import json
+    import shutil
     from pathlib import Path
 
     from harness import distributed
@@ -242,7 +271,17 @@ def sharded_ranks(algos: list[str], out: str, cache_dir: str) -> None:
     world = distributed.init("cpu", 300)
     for algo in algos:
         cell = sharded_cell(algo, Path(out) / "straight" / algo)
+        stopped = Path(out) / "resumed" / algo / cell.path.relative_to(Path(out) / "straight" / algo)
         trainer = ShardedTrainer(cell.cfg, cell.path, cache_dir=Path(cache_dir), progress=False)
+        save = trainer.save_checkpoint
+
+        def save_and_copy(step, summary, save=save, cell=cell, stopped=stopped):
+            save(step, summary)
+            if step == SHARDED_CKPT and world.main:
+                shutil.copytree(cell.path, stopped)
+            distributed.barrier(world)
+
+        trainer.save_checkpoint = save_and_copy
         modules = {"policy": trainer.policy, "heads": trainer.heads}
         if trainer.critic is not None:
             modules["critic"] = trainer.critic
@@ -261,14 +300,7 @@ def sharded_ranks(algos: list[str], out: str, cache_dir: str) -> None:
                                         progress=False)
             base, _, _ = forward_response(base_model.eval(), ids, mask, 3)
 
-        cell = sharded_cell(algo, Path(out) / "resumed" / algo)
-        stopped = ShardedTrainer(cell.cfg, cell.path, cache_dir=Path(cache_dir), progress=False)
-        stopped.train_step = lambda step, run=stopped.train_step: run(step) if step < SHARDED_STEPS else 1 / 0
-        try:
-            stopped.run(ckpt_every=SHARDED_CKPT)
-        except ZeroDivisionError:
-            pass
-        resumed = ShardedTrainer(cell.cfg, cell.path, cache_dir=Path(cache_dir), progress=False)
+        resumed = ShardedTrainer(cell.cfg, stopped, cache_dir=Path(cache_dir), progress=False)
         resumed.run(ckpt_every=SHARDED_CKPT)
         if world.main:
             (Path(out) / f"{algo}.json").write_text(json.dumps({
