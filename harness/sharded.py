@@ -6,6 +6,9 @@ Every rank runs the same step on the same data; only the heavy parts are divided
   and sharded with `fully_shard` per decoder layer and at the root (`distributed.shard`), which moves
   each rank's shards to the device, before the optimisers are built, so each rank holds 1/N of every
   parameter, gradient and Adam state on the device and no unsharded copy but the rollout replica.
+- **LoRA** (`model.lora_rank > 0`, harness.lora): the policy's frozen base and its adapters are sharded
+  together; a LoRA critic (its own adapter on the policy's base) is not sharded again: its states run as
+  a forward method of the policy's root unit (`lora_critic_states`). Checkpoints hold only what trains.
 - **Forwards.** Each rank runs its contiguous share of a batch's rows through a sharded module;
   the outputs (log-probs, entropies, hidden states, critic states) are all-gathered with autograd.
   The algorithm's advantages and losses then run unchanged and identically on every rank, and
