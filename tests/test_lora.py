@@ -216,13 +216,15 @@ def clean_reward_gain(out) -> float:
 @pytest.mark.slow
 def test_lora_gains_at_least_half_of_what_full_fine_tuning_gains(tmp_path, cache_dir):
     """GRPO on the clean arith testbed, the same budget (80 steps x 16 prompts x 4 samples, lr 3e-4) from the
-    same warm start: LoRA at rank 8 gains at least half the clean reward full fine-tuning gains."""
+    same warm start: LoRA at rank 8 gains at least half the clean reward full fine-tuning gains. Measured (CPU,
+    torch 2.13): full fine-tuning +0.028, LoRA +0.052; one seed, and a window's mean has a standard error of
+    about 0.014, so the bar on full fine-tuning's own gain is low (it only keeps the ratio from being vacuous)."""
     gains = {}
     for name, sets in (("full", []), ("lora", ["--set", "model.lora_rank=8"])):
         assert main([*LEARN_ARGS, *sets, "--out", str(tmp_path / name), "--cache-dir", str(cache_dir)]) == 0
         gains[name] = clean_reward_gain(tmp_path / name)
     print(f"clean reward gain, steps 1-10 -> 71-80: full fine-tuning {gains['full']:+.3f}, LoRA r=8 {gains['lora']:+.3f}")
-    assert gains["full"] > 0.02, gains  # full fine-tuning learns here: a bar that means something
+    assert gains["full"] > 0.01, gains  # full fine-tuning learns here: the ratio below means something
     assert gains["lora"] >= 0.5 * gains["full"], gains
 
 
