@@ -438,7 +438,7 @@ def check_rollout_correction(t: TrainConfig) -> None:
 
 def check_lora(cfg: RunConfig) -> None:
     """The `model.lora_*` options (inert while `model.lora_rank` is 0, the default)."""
-    m, t = cfg.model, cfg.train
+    m = cfg.model
     if m.lora_rank < 0:
         raise HarnessError(f"model.lora_rank must be >= 0 (0: off), got {m.lora_rank}")
     if m.lora_rank == 0:
