@@ -241,6 +241,25 @@ def test_lora_adapter_count_by_hand():
     assert m["actor_adam"] == 2 * 4 * 3 * per_layer + 4 * 3 * 7 * 2 and m["reference"] == 0
 
 
+@pytest.mark.parametrize("algo, adapters", [("ppo", 2), ("grpo", 1)])
+def test_lora_plan_with_two_ranks_shards_what_trains_and_replicates_the_adapted_policy(algo, adapters):
+    """`--nproc 2` under LoRA: the adapters' gradients (dim 0: r = 4, or 32 and 48) split exactly in two; the rollout replica is the whole adapted policy: the base and every adapter (the policy's,
+    and with a critic the critic's), 3 layers x 1984 adapter elements each (`test_lora_adapter_count_by_hand`),
+    float32 here."""
+    from harness.plan import lora_module_bytes, model_config, shard_bytes, unique_params
+    from tests.test_plan import SMALL, algorithm, configs
+
+    (one,), (two,) = configs(algo, 1, sets={**SMALL, **LORA}), configs(algo, 2, sets={**SMALL, **LORA})
+    m1, m2 = (lora_module_bytes(cfg, algorithm(cfg), model_config(cfg)) for cfg in (one, two))
+    assert 2 * m2["actor_grads"] == m1["actor_grads"] > 0
+    # the critic's scalar head (weight 1 x 32, bias 1: dim 0 of size 1) stays whole on each rank
+    assert 2 * m2["critic_grads"] - m1["critic_grads"] == (4 * (32 + 1) if adapters == 2 else 0)
+    assert (m1["critic_grads"] > 0) == (adapters == 2)
+    assert m2["policy"] < m1["policy"] and m2["policy_full"] == m1["policy_full"]
+    base = shard_bytes(unique_params(m2["policy_model"]), 1)
+    assert m2["replica"] == base + adapters * 3 * 1984 * 4
+
+
 def test_lora_critic_adapter_under_gradient_checkpointing_gets_the_same_gradients(tmp_path, cache_dir):
     """Checkpointing recomputes the critic's forward in its backward: with the critic's adapter active
     (not the policy's), so the critic's gradients equal those without checkpointing. The adapters get
