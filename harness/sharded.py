@@ -186,6 +186,7 @@ class ShardedTrainer(Trainer):
         self.replica = copy.deepcopy(self.policy).to(precision.generation_dtype(self.cfg))
         if on_meta:  # filled by the first refresh
             allocate(self.replica, self.device)
+            self.replica.tie_weights()  # allocation gives tied tensors storage of their own
         else:
             self.replica.to(self.device)
         self.replica.requires_grad_(False).eval()
