@@ -86,6 +86,8 @@ def _measure(cfg, steps: int, cache_dir: str | None) -> dict[str, Any]:
     from harness.trainer import Trainer
 
     cfg.train.steps = steps
+    if cfg.model.lora_rank > 0:  # the library's code is not the trainer's memory: loaded before the baseline
+        import peft  # noqa: F401
     with tempfile.TemporaryDirectory() as cell:
         before = rss_bytes()
         trainer = Trainer(cfg, Path(cell), cache_dir=Path(cache_dir) if cache_dir else None, progress=False)
