@@ -9,8 +9,11 @@ Every rank runs the same step on the same data; only the heavy parts are divided
   loaded from rank 0's state dict one tensor at a time (`set_model_state_dict` with
   `broadcast_from_rank0`), each rank keeping its shard; rank 0 then drops its copy. So before the
   optimisers are built each rank holds 1/N of every parameter, gradient and Adam state and no
-  unsharded copy but the rollout replica. The heads are built whole (small) from the seed. Under
-  LoRA the modules are built in host memory on every rank and sharded from there.
+  unsharded copy but the rollout replica. The heads are built whole (small) from the seed.
+- **LoRA** (`model.lora_rank > 0`, harness.lora): the modules are built in host memory on every rank
+  and sharded from there; the policy's frozen base and its adapters are sharded together; a LoRA
+  critic (its own adapter on the policy's base) is not sharded again: its states run as a forward
+  method of the policy's root unit (`lora_critic_states`). Checkpoints hold only what trains.
 - **Forwards.** Each rank runs its contiguous share of a batch's rows through a sharded module;
   the outputs (log-probs, entropies, hidden states, critic states) are all-gathered with autograd.
   The algorithm's advantages and losses then run unchanged and identically on every rank, and
@@ -43,7 +46,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
-from harness import distributed, fast_llama, precision, store
+from harness import distributed, fast_llama, lora, precision, store
 from harness.precision import DTYPES
 from harness.rollout import Rollout, RowsOf, draws_ahead, generate, merge_rollouts
 from harness.trainer import Trainer, rng_state, set_rng_state
@@ -204,9 +207,12 @@ class ShardedTrainer(Trainer):
         if self.reference is not None:
             distributed.shard(self.reference, list(decoder(self.reference).layers), mp, offload=t.reference_offload)
         if self.critic is not None:
-            distributed.shard(self.critic.backbone, list(self.critic.backbone.layers), mp)
+            if isinstance(self.critic, lora.LoraCritic):
+                states = self.lora_critic_states()
+            else:
+                distributed.shard(self.critic.backbone, list(self.critic.backbone.layers), mp)
+                states = self.critic.states  # each rank its rows; the states of all rows on every rank
             distributed.shard(self.critic.head, [], "off")
-            states = self.critic.states  # each rank its rows; the states of all rows on every rank
 
             def sharded_states(input_ids, attention_mask, prompt_len):
                 rows = self.world.rows(len(input_ids))
@@ -219,6 +225,17 @@ class ShardedTrainer(Trainer):
             distributed.shard(head, [], "off")
         if on_meta:
             self.load_weights()
+
+    def lora_critic_states(self):
+        """A LoRA critic's states (its adapter on the policy's base, `harness.lora.LoraCritic`) as a forward
+        method of the sharded policy: its backbone is the policy's decoder, whose embeddings and final norm
+        are in the policy's root unit, which FSDP gathers only around the root's forward methods."""
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        critic = self.critic
+        self.policy.lora_critic_states = functools.partial(lora.LoraCritic.states, critic)
+        register_fsdp_forward_method(self.policy, "lora_critic_states")
+        return self.policy.lora_critic_states
 
     def response_forward(self, model, input_ids, attention_mask, prompt_len: int, **kwargs):
         rows, n = self.world.rows(len(input_ids)), len(input_ids)
@@ -281,10 +298,15 @@ class ShardedTrainer(Trainer):
             out["critic"] = (self.critic, self.critic_opt)
         return out
 
+    def dcp_options(self) -> StateDictOptions:
+        """Under LoRA a checkpoint holds only what trains (adapters and heads; the frozen base is rebuilt
+        from the model), so loading leaves the frozen entries as they are."""
+        return StateDictOptions(ignore_frozen_params=self.lora, strict=not self.lora)
+
     def dcp_state(self) -> dict[str, Any]:
         state = {}
         for name, (module, opt) in self.stateful().items():
-            model_sd, optim_sd = get_state_dict(module, opt)
+            model_sd, optim_sd = get_state_dict(module, opt, options=self.dcp_options())
             state[name] = {"model": model_sd, "optim": optim_sd}
         return state
 
@@ -330,7 +352,8 @@ class ShardedTrainer(Trainer):
         state = self.dcp_state()
         dcp.load(state, checkpoint_id=str(path / "dcp"))
         for name, (module, opt) in self.stateful().items():
-            set_state_dict(module, opt, model_state_dict=state[name]["model"], optim_state_dict=state[name]["optim"])
+            set_state_dict(module, opt, model_state_dict=state[name]["model"], optim_state_dict=state[name]["optim"],
+                           options=self.dcp_options())
         for name, obj in (("algo", self.algo), ("noise", self.noise)):
             if name in record:
                 obj.load_state_dict(record[name])
