@@ -135,7 +135,7 @@ def outside_inference_mode(fn):
 
 
 class ShardedTrainer(Trainer):
-    build_on_cpu = True  # fully_shard moves each rank's shards to the device: no unsharded copy there
+    build_on_cpu = True  # rank 0 reads the weights into host memory (under LoRA every rank builds there): no unsharded copy on the device
 
     def __init__(self, cfg, cell: Path, cache_dir: Path | None = None, progress: bool = True):
         self.world = distributed.World.current()
