@@ -66,4 +66,7 @@ def build_critic(kind: str, policy: nn.Module, options: dict, shared: bool = Fal
     if not shared:
         backbone = copy.deepcopy(backbone).requires_grad_(True)
     head = head_cls(policy.config.hidden_size, **options)
-    return Critic(backbone, head).to(next(policy.parameters()).device)
+    device = next(policy.parameters()).device
+    if device.type == "meta":  # a policy whose weights are loaded later (harness.sharded): the head keeps its initial values
+        return Critic(backbone, head)
+    return Critic(backbone, head).to(device)

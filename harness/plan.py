@@ -47,12 +47,13 @@ what is counted here:
   rows of prompt_len + eval.max_new_tokens); with `train.rollout=vllm` (one rank only) vLLM takes
   `GPU_MEMORY_UTILIZATION` of the device instead and the trainer the rest.
 
-- **Start-up** (N > 1): every rank builds its modules whole in host memory (the policy and critic
-  backbone in the masters' dtype, the reference in `model.dtype`: a note gives the bytes), then
-  `fully_shard` moves each FSDP unit to the device and shards it, so the device holds the shards
-  built so far, the replica (`model.dtype`) and one unit unsharded, at most the root (embeddings,
-  final norm, output layer) of the policy or critic. With N = 1 the modules are built on the device:
-  the persistent part.
+- **Start-up** (N > 1, harness.sharded): rank 0 reads the policy once into host memory (its state
+  dict in the masters' dtype: a note gives the bytes, `Plan.host_weights`; on a CPU cell, where the
+  device is host memory, rank 0 holds it beside its start-up); every module is built on the meta device, sharded, allocated
+  (its shards and the replica) and filled from rank 0 one tensor at a time, so the device holds the
+  shards, the replica and one full tensor in the masters' dtype (the largest) being broadcast.
+  Under LoRA every rank still builds its modules whole in host memory. With N = 1 the modules are
+  built on the device: the persistent part.
 
 - **LoRA** (`model.lora_rank` = r > 0, harness.lora): the base is held once, frozen, in `model.dtype`;
   the trained parameters are the adapters, r * (in + out) float32 values per targeted linear layer,
@@ -178,6 +179,7 @@ class Plan:
     activations: dict[bool, int] = field(default_factory=dict)  # checkpointing on/off -> activation bytes
     vllm_bytes: int = 0
     notes: list[str] = field(default_factory=list)
+    host_weights: int = 0  # N > 1: the weights rank 0 reads into host memory at start-up, then frees
 
     @property
     def peak(self) -> int:
@@ -347,9 +349,11 @@ def plan_cell(cfg, prompt_len: int, device_bytes: int) -> Plan:
         plan.persistent["critic optimiser"] = m["critic_adam"]
     if n > 1:
         plan.persistent["rollout replica"] = m["replica"]
-    if n > 1:
+    if n > 1 and cfg.model.lora_rank > 0:
         host = m["policy_full"] + m["reference_full"] + m["critic_full"]
         plan.notes.append(f"start-up: {host / GiB:.2f} GiB of unsharded modules per rank in host memory")
+    elif n > 1:
+        plan.notes.append(f"start-up: rank 0 reads the weights once, {m['policy_full'] / GiB:.2f} GiB in host memory")
 
     mixed = compute_precision(t) == "bf16"
     b = 2 if mixed else DTYPE_BYTES[master_dtype(cfg)]
@@ -377,10 +381,13 @@ def plan_cell(cfg, prompt_len: int, device_bytes: int) -> Plan:
         root = m["policy_numel"] - sum(p.numel() for layer in decoder_layers for p in layer.parameters())
         reduce_b = 4 if mixed else DTYPE_BYTES[master_dtype(cfg)]
         plan.update["FSDP buffers"] = (root + 2 * layer_params) * b + layer_params * reduce_b
-        master_b = DTYPE_BYTES[master_dtype(cfg)]
         plan.startup = {"modules sharded, and the replica": sum(v for k, v in plan.persistent.items()
-                                                                if "gradients" not in k and "optimiser" not in k),
-                        "one unit before sharding": root * master_b}
+                                                                if "gradients" not in k and "optimiser" not in k)}
+        if cfg.model.lora_rank > 0:  # built whole in host memory, each FSDP unit moved to the device as it is sharded
+            plan.startup["one unit before sharding"] = root * DTYPE_BYTES[master_dtype(cfg)]
+        else:  # built on the meta device, filled from rank 0 one full tensor at a time
+            plan.startup["one tensor broadcast"] = m["largest_tensor"]
+        plan.host_weights = m["policy_full"] if cfg.model.lora_rank == 0 else 0
     kv_b = DTYPE_BYTES[cfg.model.dtype]
     train_kv = kv_cache_bytes(config, math.ceil(t.prompts_per_step * t.group_size / n), seq, kv_b)
     eval_kv = kv_cache_bytes(config, math.ceil(cfg.eval.batch_size / n),

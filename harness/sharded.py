@@ -2,13 +2,18 @@
 
 Every rank runs the same step on the same data; only the heavy parts are divided:
 
-- **Modules.** Policy, reference, critic (backbone and head) and extra heads are built in host memory
-  and sharded with `fully_shard` per decoder layer and at the root (`distributed.shard`), which moves
-  each rank's shards to the device, before the optimisers are built, so each rank holds 1/N of every
-  parameter, gradient and Adam state on the device and no unsharded copy but the rollout replica.
-- **LoRA** (`model.lora_rank > 0`, harness.lora): the policy's frozen base and its adapters are sharded
-  together; a LoRA critic (its own adapter on the policy's base) is not sharded again: its states run as
-  a forward method of the policy's root unit (`lora_critic_states`). Checkpoints hold only what trains.
+- **Modules.** Rank 0 reads the policy's weights into host memory once (one full copy, its state
+  dict) and sends the others the model with its parameters on the meta device (no storage). Policy,
+  reference, critic backbone and replica are built from it on the meta device, sharded with
+  `fully_shard` per decoder layer and at the root (`distributed.shard`), allocated (`to_empty`) and
+  loaded from rank 0's state dict one tensor at a time (`set_model_state_dict` with
+  `broadcast_from_rank0`), each rank keeping its shard; rank 0 then drops its copy. So before the
+  optimisers are built each rank holds 1/N of every parameter, gradient and Adam state and no
+  unsharded copy but the rollout replica. The heads are built whole (small) from the seed.
+- **LoRA** (`model.lora_rank > 0`, harness.lora): the modules are built in host memory on every rank
+  and sharded from there; the policy's frozen base and its adapters are sharded together; a LoRA
+  critic (its own adapter on the policy's base) is not sharded again: its states run as a forward
+  method of the policy's root unit (`lora_critic_states`). Checkpoints hold only what trains.
 - **Forwards.** Each rank runs its contiguous share of a batch's rows through a sharded module;
   the outputs (log-probs, entropies, hidden states, critic states) are all-gathered with autograd.
   The algorithm's advantages and losses then run unchanged and identically on every rank, and
@@ -38,9 +43,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
 from harness import distributed, fast_llama, lora, precision, store
+from harness.precision import DTYPES
 from harness.rollout import Rollout, RowsOf, draws_ahead, generate, merge_rollouts
 from harness.trainer import Trainer, rng_state, set_rng_state
 
@@ -61,6 +68,57 @@ def group_share(prompts: list[list[int]], world: distributed.World) -> slice:
     return slice(bounds[mine[0]], bounds[mine[-1] + 1])
 
 
+def parameters_to_meta(model: nn.Module) -> None:
+    """Replace every parameter of `model` by one of the same shape and dtype on the meta device (no
+    storage), in place; a parameter shared by two modules (tied embeddings) stays shared. Buffers
+    (the rotary frequencies, not in the state dict) keep their values."""
+    meta: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                if id(param) not in meta:
+                    meta[id(param)] = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+                module._parameters[name] = meta[id(param)]
+
+
+def meta_model(config, dtype: torch.dtype, buffers: dict[str, torch.Tensor], trust_remote_code: bool = False) -> nn.Module:
+    """The causal LM of `config` with its parameters in `dtype` on the meta device and its buffers set
+    from `buffers` (rank 0's, by name: the rotary frequencies, which are in no state dict)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    for name, value in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = value
+    return model
+
+
+def allocate(module: nn.Module, device: str | torch.device) -> None:
+    """Give `module`'s meta parameters (sharded or not) uninitialised storage on `device`
+    (`to_empty`), keeping its buffers' values (`to_empty` would leave them uninitialised too)."""
+    buffers = dict(module.named_buffers())
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            buffer.copy_(buffers[name])
+
+
+def load_from_rank0(module: nn.Module, state: dict[str, torch.Tensor] | None) -> None:
+    """Fill the (allocated, sharded) `module` from rank 0's full state dict `state` (None on the other
+    ranks): one tensor at a time rank 0 broadcasts it and every rank copies its shard, cast to the
+    module's dtype (`set_model_state_dict` with `broadcast_from_rank0`)."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(module, dict(state) if state is not None else {}, options=options)  # a copy: it is updated in place
+
+
+def substate(state: dict[str, torch.Tensor] | None, prefix: str) -> dict[str, torch.Tensor] | None:
+    """The entries of `state` under `prefix.`, without it (a submodule's state dict)."""
+    if state is None:
+        return None
+    return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
 def outside_inference_mode(fn):
     """`fn` run under no_grad instead of inference mode: FSDP gathers a module's parameters into
     buffers it reuses, and buffers made under inference mode cannot be written by a later training
@@ -77,12 +135,49 @@ def outside_inference_mode(fn):
 
 
 class ShardedTrainer(Trainer):
-    build_on_cpu = True  # fully_shard moves each rank's shards to the device: no unsharded copy there
+    build_on_cpu = True  # rank 0 reads the weights into host memory (under LoRA every rank builds there): no unsharded copy on the device
 
     def __init__(self, cfg, cell: Path, cache_dir: Path | None = None, progress: bool = True):
         self.world = distributed.World.current()
+        self.full_state = None  # rank 0, until the sharded modules are loaded: the policy's weights
         super().__init__(cfg, cell, cache_dir, progress and self.world.main)
         self.rollout = self.sharded_rollout
+
+    # ---- building (called by Trainer.__init__) -----------------------------------------------
+
+    def build_policy(self, cache_dir: Path | None, progress: bool, dtype: str):
+        """Rank 0 loads the policy into host memory, keeps its state dict (the one full copy, until
+        `load_weights`) and moves its parameters to the meta device; every other rank receives that
+        meta model and the tokenizer from rank 0 and reads no weights. Under LoRA every rank loads it."""
+        if self.cfg.model.lora_rank > 0:
+            return super().build_policy(cache_dir, progress, dtype)
+        sent = [None, None, None]
+        if self.world.main:
+            model, tokenizer = super().build_policy(cache_dir, progress, dtype)
+            self.full_state = model.state_dict()
+            parameters_to_meta(model)
+            sent = [model.config, tokenizer, dict(model.named_buffers())]
+        dist.broadcast_object_list(sent, src=0)
+        if self.world.main:
+            return model, tokenizer
+        config, tokenizer, buffers = sent
+        return meta_model(config, DTYPES[dtype], buffers, self.cfg.model.trust_remote_code), tokenizer
+
+    def load_weights(self) -> None:
+        """Allocate the sharded policy, reference and critic backbone (built on the meta device) and
+        load rank 0's weights into them; rank 0 then frees its full copy."""
+        t, state = self.cfg.train, self.full_state
+        allocate(self.policy, self.device)
+        load_from_rank0(self.policy, state)
+        if self.reference is not None:
+            allocate(self.reference, "cpu" if t.reference_offload else self.device)
+            load_from_rank0(self.reference, state)
+        if self.critic is not None:
+            decoder = fast_llama.decoder_of(self.policy)
+            prefix = next(name for name, module in self.policy.named_modules() if module is decoder)
+            allocate(self.critic.backbone, self.device)
+            load_from_rank0(self.critic.backbone, substate(state, prefix))
+        self.full_state = None
 
     # ---- sharding (called by Trainer.__init__ before the optimisers) -------------------------
 
@@ -90,10 +185,16 @@ class ShardedTrainer(Trainer):
         t = self.cfg.train
         # The rollout replica: a plain copy of the policy in the generation dtype, model.dtype (keeping the
         # fast path where it is on); refreshed from the float32 masters, cast tensor by tensor.
-        self.replica = copy.deepcopy(self.policy).to(self.device, precision.generation_dtype(self.cfg))
+        on_meta = next(self.policy.parameters()).is_meta  # built on the meta device (`build_policy`)
+        self.replica = copy.deepcopy(self.policy).to(precision.generation_dtype(self.cfg))
+        if on_meta:  # filled by the first refresh
+            allocate(self.replica, self.device)
+            self.replica.tie_weights()  # allocation gives tied tensors storage of their own
+        else:
+            self.replica.to(self.device)
         self.replica.requires_grad_(False).eval()
         fast_llama.enable(self.replica, t.fast_model)  # auto decides on the replica's own device
-        self.replica_stale = False
+        self.replica_stale = on_meta
         modules = [self.policy, self.reference, self.critic.backbone if self.critic is not None else None]
         for module in modules:
             if module is not None:
@@ -122,6 +223,8 @@ class ShardedTrainer(Trainer):
             self.critic.forward = outside_inference_mode(self.critic.forward)
         for head in self.heads.values():
             distributed.shard(head, [], "off")
+        if on_meta:
+            self.load_weights()
 
     def lora_critic_states(self):
         """A LoRA critic's states (its adapter on the policy's base, `harness.lora.LoraCritic`) as a forward

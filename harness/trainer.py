@@ -98,9 +98,8 @@ class Trainer(PolicyEvaluator):
         # model.dtype is what generates and what is frozen.
         # Under LoRA (harness.lora) the base is frozen in model.dtype and only float32 adapters train.
         self.lora = cfg.model.lora_rank > 0
-        self.policy, self.tokenizer = load_policy(cfg.model, self.suite, cfg.seed, cache_dir,
-                                                  "cpu" if self.build_on_cpu else self.device, progress,
-                                                  dtype=cfg.model.dtype if self.lora else precision.master_dtype(cfg))
+        self.policy, self.tokenizer = self.build_policy(cache_dir, progress,
+                                                        cfg.model.dtype if self.lora else precision.master_dtype(cfg))
         self.policy.eval()  # no dropout: rollout and update see the same function
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(self.policy)  # before the critic copies the backbone: it inherits it
@@ -348,6 +347,12 @@ class Trainer(PolicyEvaluator):
             order = torch.randperm(size, generator=torch_generator(self.cfg.seed, "minibatch", step, epoch))
             out += [index.to(self.device) for index in order.chunk(t.num_minibatches)]
         return out
+
+    def build_policy(self, cache_dir: Path | None, progress: bool, dtype: str):
+        """The policy model and its tokenizer, with its weights, in `dtype` (the sharded trainer builds it
+        on the meta device and loads the weights after sharding)."""
+        return load_policy(self.cfg.model, self.suite, self.cfg.seed, cache_dir,
+                           "cpu" if self.build_on_cpu else self.device, progress, dtype=dtype)
 
     def distribute(self) -> None:
         """Hook between building the modules and their optimisers; the sharded trainer

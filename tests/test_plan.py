@@ -58,18 +58,20 @@ def test_bfloat16_halves_the_frozen_copies_but_trained_masters_stay_float32():
 
 
 def test_sharded_start_up_and_replica_refresh():
-    """With N > 1 the modules are built in host memory and FSDP2 moves each unit's shards to the device:
-    the device's start-up holds the shards, the replica (model.dtype) and one unsharded unit; the replica
-    refresh gathers one float32 tensor at a time (the largest: Qwen3-8B's embedding or output layer)."""
-    (cfg,) = configs("ppo", 8, "Qwen/Qwen3-8B", sets={"model.dtype": "bfloat16", "train.mixed_precision": "bf16"})
+    """With N > 1 the modules are built on the meta device, sharded, and filled from rank 0 one tensor
+    at a time: the device's start-up holds the shards, the replica (model.dtype) and one full float32
+    tensor; the replica refresh gathers one float32 tensor at a time (the largest: Qwen3-8B's embedding
+    or output layer). Rank 0 holds the float32 weights once in host memory (counted on a CPU cell)."""
+    sets = {"model.dtype": "bfloat16", "train.mixed_precision": "bf16"}
+    (cfg,) = configs("ppo", 8, "Qwen/Qwen3-8B", sets=sets)
     plan = plan_cell(cfg, 768, 80 * GiB)
-    assert plan.rollout["replica refresh"] == 151936 * 4096 * 4
+    largest = 151936 * 4096 * 4
+    assert plan.rollout["replica refresh"] == largest
     assert plan.persistent["rollout replica"] == 2 * 8_190_735_360  # every Qwen3-8B parameter in bf16
-    root = 2 * 151936 * 4096 + 4096  # embeddings, output layer, final norm (untied)
-    assert plan.startup["one unit before sharding"] == 4 * root
-    assert plan.startup["modules sharded, and the replica"] == sum(
-        plan.persistent[k] for k in ("parameters", "reference", "critic", "rollout replica"))
-    assert any(note.startswith("start-up: ") and "host memory" in note for note in plan.notes)
+    assert plan.startup == {"one tensor broadcast": largest, "modules sharded, and the replica": sum(
+        plan.persistent[k] for k in ("parameters", "reference", "critic", "rollout replica"))}
+    assert f"start-up: rank 0 reads the weights once, {4 * 8_190_735_360 / GiB:.2f} GiB in host memory" in plan.notes
+    assert plan.host_weights == 4 * 8_190_735_360
 
 
 @pytest.mark.parametrize("algo", MISSION_ALGOS)
