@@ -88,7 +88,7 @@ def peak_rss_mib() -> float:
 def resolve_config(algo: str, overrides: dict[str, str], model: str | None = None):
     """The resolved default `arith` configuration of one algorithm on `model` (default: the tiny Llama),
     with `--set` overrides; a real model gets `REAL_MODEL_BENCH` under them."""
-    from harness.grid import build_cells
+    from harness.resolver import build_cells
 
     if (model or overrides.get("model.name", "tiny")) != "tiny":
         overrides = {**REAL_MODEL_BENCH, **overrides}
@@ -408,7 +408,7 @@ def run_bench(steps: int, warmup: int, overrides: dict[str, str], cache_dir: str
     """Print the benchmark; return the speedup (harness steps per second / TRL's), nan without TRL.
     `model`: the tiny Llama by default; `rollout` vllm adds rows with vLLM rollouts on both sides."""
     from algorithms import ALGOS
-    from harness.grid import MISSION_ALGOS
+    from harness.resolver import MISSION_ALGOS
     from harness.models import default_cache_dir, load_policy
     from tasks import SUITES
 

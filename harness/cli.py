@@ -231,8 +231,10 @@ def cmd_run(args, origin=None) -> int:
 
 def run_command(args, overrides: dict[str, str]) -> int:
     from harness.config import MAX_STEPS
-    from harness.grid import build_cells, default_algos, default_workers, parse_algos, parse_seeds, run_grid
-    from harness.launch import NodeLaunch, check_nodes
+    from harness.cell import NodeLaunch
+    from harness.grid import default_workers, run_grid
+    from harness.launch import check_nodes
+    from harness.resolver import build_cells, default_algos, parse_algos, parse_seeds
     from harness.tracking import parse_backends
     from harness.tune import run_flag_overrides
 
@@ -290,7 +292,7 @@ def cmd_tune(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
 
 def cmd_status(args) -> int:
     from harness import store
-    from harness.grid import grid_status
+    from harness.status import grid_status
 
     rows = grid_status(Path(args.out))
     holder = store.lock_holder(Path(args.out))
@@ -315,7 +317,7 @@ def cmd_report(args) -> int:
     if args.default_runs and not args.tuning:
         raise HarnessError("--default-runs needs --tuning (the tuning store whose tuned grid --runs ran)")
     if args.tuning:
-        from harness.tune import read_plan
+        from harness.tune_plan import read_plan
 
         read_plan(Path(args.tuning))  # not a tuning store: refused before the report is written
     if args.default_runs and not Path(args.default_runs).is_dir():
@@ -359,7 +361,7 @@ def parse_margin(text: str | None) -> float | None:
 def cmd_bench(args) -> int:
     from harness.bench import QUICK, run_bench
     from harness.config import parse_assignments
-    from harness.grid import parse_algos
+    from harness.resolver import parse_algos
 
     steps, warmup, rounds = (QUICK["steps"], QUICK["warmup"], QUICK["rounds"]) if args.quick \
         else (args.steps, args.warmup, args.rounds)
@@ -379,7 +381,7 @@ def plan_configs(args) -> list:
     import tempfile
 
     from harness.config import parse_assignments
-    from harness.grid import build_cells, default_algos, parse_algos
+    from harness.resolver import build_cells, default_algos, parse_algos
 
     overrides = with_trust(args, parse_assignments(args.set))
     overrides["train.nproc"] = str(args.nproc)
@@ -459,7 +461,7 @@ MAX_RETEST = 100  # harness eval --retest R: R final scores of one policy
 
 def cmd_eval(args) -> int:
     from harness.config import MAX_SEED, parse_assignments
-    from harness.evaluation import run_eval
+    from harness.model_eval import run_eval
 
     overrides = with_trust(args, parse_assignments(args.set))
     for flag, key in (("id", "suite.id"), ("ood", "suite.ood")):
@@ -491,9 +493,10 @@ def cmd_eval(args) -> int:
 
 
 def retest_command(args, overrides: dict[str, str]) -> int:
-    """`harness eval --retest R`: the test-retest sd of one policy's score (harness.evaluation.retest)."""
+    """`harness eval --retest R`: the test-retest sd of one policy's score (harness.model_eval.retest)."""
     from harness import store
-    from harness.evaluation import cell_config, retest
+    from harness.model_eval import retest
+    from harness.resolver import cell_config
 
     if args.lm_eval:
         raise HarnessError("--retest and --lm-eval do not go together (--retest evaluates the suite's benchmarks only)")

@@ -120,7 +120,7 @@ def test_every_preset_parses_with_known_options_and_config_keys(name):
 
 
 def test_demo_preset_is_the_default_grid(tmp_path):
-    from harness.grid import build_cells, default_algos, parse_seeds
+    from harness.resolver import build_cells, default_algos, parse_seeds
 
     args, origin = parse(["run", "--preset", "demo"])
     defaults = parse(["run"])[0]
