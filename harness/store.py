@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from harness.errors import HarnessError
+from harness.jsonl import JsonlError, numbered_objects, type_name
 
 
 class StoreError(HarnessError):
@@ -163,11 +164,6 @@ def _read_text(path: Path, limit: int | None = None) -> str:
         raise StoreError(f"{str(path)!r}: not UTF-8 text (byte {exc.start}, line {line})") from None
 
 
-def _type_name(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
-            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
-
-
 def read_json(path: Path, expect: type = dict, keys: Iterable[str] = ()) -> Any:
     """The JSON value of a store file, checked: UTF-8, valid JSON, of type `expect`, holding `keys`
     (when an object). Anything else is a `StoreError` naming the file and what is wrong."""
@@ -178,7 +174,7 @@ def read_json(path: Path, expect: type = dict, keys: Iterable[str] = ()) -> Any:
         what = "empty" if not text.strip() else f"malformed JSON (line {exc.lineno}: {exc.msg})"
         raise StoreError(f"{str(path)!r}: {what}") from None
     if not isinstance(value, expect):
-        raise StoreError(f"{str(path)!r}: expected {_type_name(expect())}, found {_type_name(value)}")
+        raise StoreError(f"{str(path)!r}: expected {type_name(expect())}, found {type_name(value)}")
     missing = [k for k in keys if k not in value] if isinstance(value, dict) else []
     if missing:
         raise StoreError(f"{str(path)!r}: lacks the key(s) {', '.join(missing)}")
@@ -191,19 +187,14 @@ def read_jsonl(path: Path, keys: Iterable[str] = (), upto: int | None = None) ->
     text = _read_text(path, upto)
     keys = tuple(keys)
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"{str(path)!r} line {lineno}: malformed JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise StoreError(f"{str(path)!r} line {lineno}: expected an object, found {_type_name(row)}")
-        missing = [k for k in keys if k not in row]
-        if missing:
-            raise StoreError(f"{str(path)!r} line {lineno}: lacks the key(s) {', '.join(missing)}")
-        rows.append(row)
+    try:
+        for lineno, row in numbered_objects(text.splitlines()):
+            missing = [k for k in keys if k not in row]
+            if missing:
+                raise StoreError(f"{str(path)!r} line {lineno}: lacks the key(s) {', '.join(missing)}")
+            rows.append(row)
+    except JsonlError as exc:
+        raise StoreError(f"{str(path)!r} {exc}") from None
     return rows
 
 
@@ -222,7 +213,7 @@ def read_status(cell: Path) -> dict | None:
         raise StoreError(f"{str(path)!r}: unknown state {status['state']!r} (valid: {', '.join(STATES)})")
     for key, kind in STATUS_TYPES.items():
         if key in status and not (isinstance(status[key], kind) and not isinstance(status[key], bool)):
-            raise StoreError(f"{str(path)!r}: {key!r} must be {_type_name(kind())}, found {_type_name(status[key])}")
+            raise StoreError(f"{str(path)!r}: {key!r} must be {type_name(kind())}, found {type_name(status[key])}")
     return status
 
 
@@ -233,7 +224,7 @@ def read_grid(out: Path) -> list[dict]:
         return []
     cells = read_json(path, dict, ("cells",))["cells"]
     if not isinstance(cells, list):
-        raise StoreError(f"{str(path)!r}: \"cells\" must be a list, found {_type_name(cells)}")
+        raise StoreError(f"{str(path)!r}: \"cells\" must be a list, found {type_name(cells)}")
     for i, cell in enumerate(cells):
         ok = (isinstance(cell, dict) and isinstance(cell.get("path"), str) and isinstance(cell.get("label"), str)
               and (cell.get("steps") is None or type(cell.get("steps")) is int))

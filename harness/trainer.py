@@ -161,6 +161,15 @@ class Trainer:
         """The evaluator's rows at `step` (`PolicyEvaluator.evaluate`)."""
         return self.evaluator.evaluate(step)
 
+    @property
+    def eval_responses(self) -> list[dict[str, Any]] | None:
+        """The evaluator's list of graded responses (None, the default: not collected)."""
+        return self.evaluator.eval_responses
+
+    @eval_responses.setter
+    def eval_responses(self, rows: list[dict[str, Any]] | None) -> None:
+        self.evaluator.eval_responses = rows
+
     # ---- data -------------------------------------------------------------------------------
 
     def step_problems(self, step: int) -> list[Problem]:

@@ -9,7 +9,8 @@ import pytest
 
 from algorithms import ALGOS
 from harness import catalog, runfile
-from harness.cli import build_parser, main, subparser
+from harness.cli import main
+from harness.cli_parser import build_parser, subparser
 from harness.config import RunConfig
 from tasks import SUITES
 from tests.conftest import FAST

@@ -18,7 +18,8 @@ import pytest
 from algorithms import ALGOS
 from algorithms.search import Choice, LogUniform, Uniform, search_space
 from harness import checkpoints, store
-from harness.cli import build_parser, main, subparser
+from harness.cli import main
+from harness.cli_parser import build_parser, subparser
 from harness.errors import HarnessError
 from harness.resolver import build_cells
 from harness.runfile import file_defaults
