@@ -120,12 +120,12 @@ def parse_algos(text: str) -> list[str]:
     return names
 
 
-def resolve_options(options_cls: type, groups: dict[str, dict[str, str]], shared: str, own: str) -> dict[str, Any]:
-    """Options of one algorithm (or the suite): shared keys it has, then its own keys."""
+def resolve_options(options_cls: type, groups: dict[str, dict[str, str]], shared: str, own: str) -> Any:
+    """The typed, validated options of one algorithm (or the suite): shared keys it has, then its own keys."""
     field_names = {f.name for f in dataclasses.fields(options_cls)}
     overrides = {k: v for k, v in groups.get(shared, {}).items() if k in field_names}
     overrides.update(groups.get(own, {}))
-    return dataclasses.asdict(options_dataclass(options_cls, overrides, own))
+    return options_dataclass(options_cls, overrides, own)
 
 
 def algo_sections(own: dict[str, str]) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
@@ -158,7 +158,7 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
     for name in groups:
         if name in ALGOS and name not in algos:
             raise HarnessError(f"--set {name}.* given but {name!r} is not in --algos ({', '.join(algos)})")
-    suite_options = resolve_options(suite_cls.Options, groups, "suite", "suite")
+    suite_options = resolve_options(suite_cls.Options, groups, "suite", "suite")  # typed until the RunConfig
     model_name = model or overrides.get("model.name", "tiny")
     if model_name in MODEL_ALIASES:
         MODEL_ALIASES[model_name]()  # a missing offline model stops the grid before it writes anything
@@ -166,7 +166,7 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
     check_local_model(model_name, trust, weights=check_data)  # so does a local folder that is not there, or a damaged one
     data_check = getattr(suite_cls, "check_data", None) if check_data else None
     if data_check is not None:  # data that cannot be had stops the grid before it writes anything
-        data_check(suite_cls.Options(**suite_options))
+        data_check(suite_options)
     cells = []
     for algo in algos:
         sections, own = algo_sections(groups.get(algo, {}))
@@ -174,7 +174,8 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
         for spec in noise_specs:
             for seed in seeds:
                 cfg = RunConfig(suite=suite, algo=algo, noise=spec.name, seed=seed,
-                                algo_options=algo_options, suite_options=suite_options)
+                                algo_options=dataclasses.asdict(algo_options),
+                                suite_options=dataclasses.asdict(suite_options))
                 if model is not None:
                     cfg.model.name = model
                 if steps is not None:
@@ -190,7 +191,7 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
                 if sections:
                     validate_core(cfg)
                 check_backends(cfg)
-                need = ALGOS.get(algo)(ALGOS.get(algo).Options(**algo_options)).min_group_size()
+                need = ALGOS.get(algo)(algo_options).min_group_size()
                 if cfg.train.group_size < need:
                     raise HarnessError(f"{algo} compares the samples of a group: train.group_size must be >= {need} "
                                        f"(a group of {cfg.train.group_size} trains nothing), got {cfg.train.group_size}")
@@ -244,7 +245,7 @@ def eval_config(model: str, suite: str | None, overrides: dict[str, str], seed: 
         merged = with_real_model_defaults({**getattr(suite_cls, "run_defaults", {}), **overrides}, model)
         groups = split_overrides(merged, [])
         cfg = RunConfig(suite=suite, algo="base", noise="none", seed=seed,
-                        suite_options=resolve_options(suite_cls.Options, groups, "suite", "suite"))
+                        suite_options=dataclasses.asdict(resolve_options(suite_cls.Options, groups, "suite", "suite")))
     cfg.model.name = model
     if eval_limit is not None:
         set_dataclass_field(cfg.eval, "limit", str(eval_limit), "--eval-limit")
