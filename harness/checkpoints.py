@@ -222,3 +222,62 @@ def load_checkpoint(cell: Path, folder: Path, manifest: dict[str, Any], load_sta
     for name, info in manifest["files"].items():
         truncate(Path(cell) / name, int(info["bytes"]))
     return summary
+
+
+# ---- what a one-process trainer's checkpoint holds -------------------------------------------------
+
+def trainer_state(trainer) -> dict[str, Any]:
+    """A one-process trainer's checkpoint state: everything a step depends on that is not rebuilt
+    from the configuration: the trained modules, the optimisers, every global RNG, and any state an
+    algorithm or noise injector keeps
+    (through their own `state_dict`, when they define one). The reference policy is not saved:
+    it is the initial policy, rebuilt from the warm start. The data order and the rollout,
+    noise, minibatch and critic-loss generators are pure functions of (seed, step, ...), and
+    algorithms, critics and heads hold no random state of their own (`algorithms.base`). Only
+    tensors and plain data (numbers, strings, lists, dicts), so the checkpoint loads with
+    weights_only=True."""
+    from harness import lora
+    from harness.seeding import rng_state
+
+    trained = lora.trained_state if trainer.lora else (lambda module: module.state_dict())
+    state: dict[str, Any] = {
+        "policy": trained(trainer.policy),  # under LoRA: its adapters (the critic's adapter too), not the base
+        "heads": trainer.heads.state_dict(),
+        "actor_opt": trainer.actor_opt.state_dict(),
+        "rng": rng_state(),
+    }
+    if trainer.critic is not None:  # a shared critic's backbone (or a LoRA critic's adapter) is saved as the policy
+        state["critic"] = trained(critic_part(trainer))
+    if trainer.critic_opt is not None:
+        state["critic_opt"] = trainer.critic_opt.state_dict()
+    for name, obj in (("algo", trainer.algo), ("noise", trainer.noise)):
+        if hasattr(obj, "state_dict"):
+            state[name] = obj.state_dict()
+    return state
+
+
+def critic_part(trainer):
+    """The critic's part that a checkpoint holds: the head alone when its backbone is the policy's."""
+    from harness import lora
+
+    on_policy_base = trainer.shared_critic or isinstance(trainer.critic, lora.LoraCritic)
+    return trainer.critic.head if on_policy_base else trainer.critic
+
+
+def load_trainer_state(trainer, state: dict[str, Any]) -> None:
+    """Load `trainer_state`'s dict into the trainer's modules, optimisers, RNGs, algorithm and noise."""
+    from harness import lora
+    from harness.seeding import set_rng_state
+
+    load = lora.load_trained_state if trainer.lora else (lambda module, s: module.load_state_dict(s))
+    load(trainer.policy, state["policy"])
+    trainer.heads.load_state_dict(state["heads"])
+    trainer.actor_opt.load_state_dict(state["actor_opt"])
+    if trainer.critic is not None:
+        load(critic_part(trainer), state["critic"])
+    if trainer.critic_opt is not None:
+        trainer.critic_opt.load_state_dict(state["critic_opt"])
+    for name, obj in (("algo", trainer.algo), ("noise", trainer.noise)):
+        if name in state:
+            obj.load_state_dict(state[name])
+    set_rng_state(state["rng"])

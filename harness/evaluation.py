@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from harness.config import RunConfig
-from harness.metrics import is_primary, primary_metric
+from harness.metrics import primary_metric
 from harness.rollout import PerRow
 from harness.seeding import torch_generator
 from tasks.base import Benchmark, Problem
@@ -104,13 +104,3 @@ class PolicyEvaluator:
         """The benchmark's template id (if it has one) and whether the chat template wrapped it."""
         wrap = "chat" if getattr(self.tokenizer, "chat_template", None) else "raw"
         return f"{bench.template}/{wrap}" if bench.template else wrap
-
-
-
-def role_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean primary metric (accuracy or avg@k) over each role's benchmarks: {"ID": .., "OOD": ..}."""
-    out: dict[str, list[float]] = {}
-    for row in rows:
-        if is_primary(row["metric"]):
-            out.setdefault(row["role"], []).append(row["value"])
-    return {role: sum(v) / len(v) for role, v in out.items()}

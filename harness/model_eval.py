@@ -24,7 +24,8 @@ import torch
 from harness import fast_llama, store
 from harness.config import RunConfig
 from harness.errors import HarnessError
-from harness.evaluation import PolicyEvaluator, role_scores
+from harness.evaluation import PolicyEvaluator
+from harness.metrics import role_scores
 from harness.models import check_local_model, load_policy
 from harness.resolver import cell_config, eval_config
 from harness.rollout import generate

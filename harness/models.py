@@ -313,3 +313,26 @@ def enable_gradient_checkpointing(model) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
+
+
+def load_trained_policy(cfg, suite, cache_dir: Path | None, device: str, progress: bool):
+    """The policy a cell trains, `(policy, tokenizer, peft)`: in its master dtype (float32 unless
+    train.master_dtype=model, harness.precision; model.dtype is what generates and what is frozen),
+    in evaluation mode (no dropout: rollout and update see the same function), with gradient
+    checkpointing when asked (before the critic copies the backbone: it inherits it). Under LoRA
+    (harness.lora) the base is frozen in model.dtype, only float32 adapters train, and `peft` is the
+    PeftModel around the policy (the policy stays the HF model, adapted in place by peft; else None)."""
+    from harness import lora, precision
+
+    adapters = cfg.model.lora_rank > 0
+    policy, tokenizer = load_policy(cfg.model, suite, cfg.seed, cache_dir, device, progress,
+                                    dtype=cfg.model.dtype if adapters else precision.master_dtype(cfg))
+    policy.eval()
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+    peft = None
+    if adapters:
+        seed_everything(cfg.seed, "lora-init")
+        peft = lora.wrap(policy, cfg.model)
+        policy.train(cfg.train.gradient_checkpointing)  # the mode above, for the injected layers too
+    return policy, tokenizer, peft

@@ -15,7 +15,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +28,11 @@ from algorithms.common import explained_variance, masked_mean, rollout_correctio
 from harness import checkpoints, fast_llama, lora, precision, store
 from harness.config import RunConfig, resolved_old_logp
 from harness.critics import build_critic
-from harness.models import enable_gradient_checkpointing, load_policy
-from harness.evaluation import PolicyEvaluator, role_scores
+from harness.models import load_trained_policy
+from harness.evaluation import PolicyEvaluator
+from harness.metrics import PhaseTimer, role_scores
 from harness.rollout import forward_response, generate, merge_rollouts
-from harness.seeding import rng_state, seed_everything, set_rng_state, torch_generator
+from harness.seeding import seed_everything, torch_generator
 from harness.tracking import Tracker
 from noise import NoiseContext, parse_noise
 from tasks import SUITES
@@ -73,22 +73,10 @@ class Trainer:
         self.algo = algo_cls(algo_cls.Options(**cfg.algo_options))
         self.noise = parse_noise(cfg.noise)
 
-        # The trained policy in its master dtype (float32 unless train.master_dtype=model, harness.precision);
-        # model.dtype is what generates and what is frozen.
-        # Under LoRA (harness.lora) the base is frozen in model.dtype and only float32 adapters train.
+        # The trained policy in its master dtype, or a frozen base with float32 LoRA adapters (load_trained_policy).
         self.lora = cfg.model.lora_rank > 0
-        self.policy, self.tokenizer = load_policy(cfg.model, self.suite, cfg.seed, cache_dir,
-                                                  "cpu" if self.build_on_cpu else self.device, progress,
-                                                  dtype=cfg.model.dtype if self.lora else precision.master_dtype(cfg))
-        self.policy.eval()  # no dropout: rollout and update see the same function
-        if cfg.train.gradient_checkpointing:
-            enable_gradient_checkpointing(self.policy)  # before the critic copies the backbone: it inherits it
-        # The PeftModel around the policy; `self.policy` stays the HF model, adapted in place by peft.
-        self.peft = None
-        if self.lora:
-            seed_everything(cfg.seed, "lora-init")
-            self.peft = lora.wrap(self.policy, cfg.model)
-            self.policy.train(cfg.train.gradient_checkpointing)  # the mode above, for the injected layers too
+        self.policy, self.tokenizer, self.peft = load_trained_policy(cfg, self.suite, cache_dir,
+                                                                     "cpu" if self.build_on_cpu else self.device, progress)
         # Before the reference and critic copies, which inherit the setting.
         self.fast_model = fast_llama.enable(self.policy, cfg.train.fast_model)
         # One process: the policy samples itself, under autocast in model.dtype when its masters differ.
@@ -482,50 +470,6 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a step depends on that is not rebuilt from the configuration: the trained
-        modules, the optimisers, every global RNG, and any state an algorithm or noise injector keeps
-        (through their own `state_dict`, when they define one). The reference policy is not saved:
-        it is the initial policy, rebuilt from the warm start. The data order and the rollout,
-        noise, minibatch and critic-loss generators are pure functions of (seed, step, ...), and
-        algorithms, critics and heads hold no random state of their own (`algorithms.base`). Only
-        tensors and plain data (numbers, strings, lists, dicts), so the checkpoint loads with
-        weights_only=True."""
-        trained = lora.trained_state if self.lora else (lambda module: module.state_dict())
-        state: dict[str, Any] = {
-            "policy": trained(self.policy),  # under LoRA: its adapters (the critic's adapter too), not the base
-            "heads": self.heads.state_dict(),
-            "actor_opt": self.actor_opt.state_dict(),
-            "rng": rng_state(),
-        }
-        if self.critic is not None:  # a shared critic's backbone (or a LoRA critic's adapter) is saved as the policy
-            state["critic"] = trained(self.critic_module())
-        if self.critic_opt is not None:
-            state["critic_opt"] = self.critic_opt.state_dict()
-        for name, obj in (("algo", self.algo), ("noise", self.noise)):
-            if hasattr(obj, "state_dict"):
-                state[name] = obj.state_dict()
-        return state
-
-    def critic_module(self) -> nn.Module:
-        """The critic's part that a checkpoint holds: the head alone when its backbone is the policy's."""
-        on_policy_base = self.shared_critic or isinstance(self.critic, lora.LoraCritic)
-        return self.critic.head if on_policy_base else self.critic
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        load = lora.load_trained_state if self.lora else (lambda module, s: module.load_state_dict(s))
-        load(self.policy, state["policy"])
-        self.heads.load_state_dict(state["heads"])
-        self.actor_opt.load_state_dict(state["actor_opt"])
-        if self.critic is not None:
-            load(self.critic_module(), state["critic"])
-        if self.critic_opt is not None:
-            self.critic_opt.load_state_dict(state["critic_opt"])
-        for name, obj in (("algo", self.algo), ("noise", self.noise)):
-            if name in state:
-                obj.load_state_dict(state[name])
-        set_rng_state(state["rng"])
-
     # The single-process checkpoint: `ckpt/step<k>/state.pt` and its `manifest.json` (store.py).
 
     def save_checkpoint(self, step: int, summary: dict[str, float]) -> None:
@@ -533,14 +477,15 @@ class Trainer:
         the manifest with its checksum and the byte lengths and checksums of metrics.jsonl and
         eval.jsonl, so a resume verifies them and cuts off lines written after it."""
         checkpoints.write_checkpoint(self.cell, step, {"step": step, "summary": summary, "config": self.cfg.to_dict(),
-                                                       **self.state_dict()})
+                                                       **checkpoints.trainer_state(self)})
 
     def restore_checkpoint(self, folder: Path) -> int:
         """Load the checkpoint in `folder` (verified by `checkpoints.verify_checkpoint`), truncate the
         JSONL files to it; return its step. A state that does not load with weights_only=True
         (anything but tensors and plain data: it could run code) is refused with a HarnessError."""
         manifest = checkpoints.verify_checkpoint(self.cell, folder)
-        self.resumed_summary = checkpoints.load_checkpoint(self.cell, folder, manifest, self.load_state_dict)
+        self.resumed_summary = checkpoints.load_checkpoint(self.cell, folder, manifest,
+                                                           lambda state: checkpoints.load_trainer_state(self, state))
         self.step = manifest["step"]
         return manifest["step"]
 
@@ -553,20 +498,3 @@ class Trainer:
 def summarise(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Mean of the primary metric over the benchmarks of each role: {"ID_accuracy": .., "OOD_accuracy": ..}."""
     return {f"{role}_accuracy": value for role, value in role_scores(rows).items()}
-
-
-class PhaseTimer:
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self._name = ""
-        self._start = 0.0
-
-    def __call__(self, name: str) -> "PhaseTimer":
-        self._name = name
-        return self
-
-    def __enter__(self):
-        self._start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.seconds[self._name] = self.seconds.get(self._name, 0.0) + time.perf_counter() - self._start
