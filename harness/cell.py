@@ -53,7 +53,6 @@ class Cell:
         return f"{self.cfg.suite}/{self.cfg.algo}/{self.cfg.noise}/seed{self.cfg.seed}"
 
 
-
 def say(message: str) -> None:
     """A progress line that survives progress bars, worker processes and Ray's log forwarding."""
     tqdm.write(message, file=sys.stdout)
@@ -85,7 +84,6 @@ def write_error(cell: Cell, exc: OSError) -> str | None:
     if exc.errno in DISK_ERRORS or (exc.errno in PERMISSION_ERRORS and inside):
         return f"cannot write {'the run store' if inside else 'a file'}: {store.os_error_message(exc)}"
     return None
-
 
 
 def begin_cell(cell: Cell) -> tuple[dict[str, Any], tuple[int, Path] | None]:
@@ -180,7 +178,6 @@ def close_tracker(tracker: Tracker | None, state: str) -> None:
         tracker.close(state)
     except Exception as exc:  # noqa: BLE001
         say(f"tracking: closing the tracked runs failed: {type(exc).__name__}: {exc}")
-
 
 
 def read_status_or_none(cell: Cell) -> dict[str, Any]:

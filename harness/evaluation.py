@@ -27,8 +27,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-
-
 class PolicyEvaluator:
     """Clean-grader evaluation of a policy, sampled through `rollout` (prompts -> `Rollout`, e.g. a
     partial of `harness.rollout.generate`), on `benchmarks`. The trainer holds one (`Trainer.evaluator`),

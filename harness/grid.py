@@ -42,7 +42,6 @@ def default_workers(cells: list["Cell"]) -> int:
     return 1
 
 
-
 def write_manifest(out: Path, cells: list[Cell]) -> None:
     """`<out>/grid.json`: every cell any run on this folder asked for, so `harness status` can
     list the pending ones."""
@@ -227,7 +226,6 @@ def _worker_main(cell: Cell, cache_dir, ckpt_every: int, grid_pid: int, conn) ->
         conn.close()
     except KeyboardInterrupt:
         sys.exit(INTERRUPTED_EXIT)
-
 
 
 INTERRUPTED_EXIT = 130  # the shell's code for a process ended by SIGINT

@@ -1,4 +1,5 @@
-"""Run one cell: in this process (`harness.cell.train_cell`), or, a cell of more than one rank (`train.nproc` x `train.nnodes`), and turn how they ended into its status.
+"""Run one cell (`run_cell`): in this process (`harness.cell.train_cell`), or, a cell of more than one
+rank (`train.nproc` x `train.nnodes`), as that many rank processes whose ends become its status:
 
     local   torchrun's own engine (`torch.distributed.launcher.elastic_launch`): N rank processes of
             `python -m harness.launch JOB` on this node; with `train.nnodes` > 1, on each of that
@@ -72,7 +73,6 @@ def run_cell(cell: Cell, cache_dir: Path | None = None, ckpt_every: int = 0, pro
         except OSError:
             pass
         return status
-
 
 
 def run_cell_ranks(cell: Cell, cache_dir: Path | None, ckpt_every: int, progress: bool, backend: str = "local") -> dict:

@@ -49,7 +49,6 @@ class ModelEvaluation(PolicyEvaluator):
                          eval_responses=[])
 
 
-
 def row_folder(out: Path, cfg: RunConfig, name: str) -> Path:
     """Where `harness eval` writes its row, `<out>/<suite>/<name>/<noise>/seed<k>/`, checked before
     anything is loaded or written (`harness.store.check_row_folder`): `out` a run store or a new

@@ -71,10 +71,8 @@ def with_real_model_defaults(overrides: dict[str, str], model: str | None) -> di
     return {"train.threads": str(os.cpu_count() or 1), "train.gradient_checkpointing": "true", **overrides}
 
 
-
 def default_algos() -> list[str]:
     return [name for name in MISSION_ALGOS if name in ALGOS]
-
 
 
 def comma_list(text: str, flag: str) -> list[str]:
@@ -213,7 +211,6 @@ def cell_config(model: str) -> dict[str, Any] | None:
         if isinstance(data, dict) and {"suite", "algo", "noise", "seed", "model", "train", "eval"} <= set(data):
             return data
     return None
-
 
 
 def eval_config(model: str, suite: str | None, overrides: dict[str, str], seed: int = 0,
