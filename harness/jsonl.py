@@ -23,9 +23,10 @@ def type_name(value: Any) -> str:
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
-def numbered_objects(lines: Iterable[bytes | str]) -> Iterator[tuple[int, dict]]:
+def numbered_objects(lines: Iterable[bytes | str], expected: str = "an object") -> Iterator[tuple[int, dict]]:
     """`(line number, object)` for every non-blank line (bytes are decoded as UTF-8); a `JsonlError`
-    at the first line that is not UTF-8 text, not JSON, or not a JSON object."""
+    at the first line that is not UTF-8 text, not JSON, or not a JSON object (`expected <expected>,
+    found <its type>`: the run store says "an object", the benchmark files "a JSON object")."""
     for lineno, raw in enumerate(lines, start=1):
         if isinstance(raw, bytes):
             try:
@@ -39,5 +40,5 @@ def numbered_objects(lines: Iterable[bytes | str]) -> Iterator[tuple[int, dict]]
         except json.JSONDecodeError as exc:
             raise JsonlError(lineno, f"malformed JSON ({exc.msg})") from None
         if not isinstance(row, dict):
-            raise JsonlError(lineno, f"expected a JSON object, found {type_name(row)}")
+            raise JsonlError(lineno, f"expected {expected}, found {type_name(row)}")
         yield lineno, row

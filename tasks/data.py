@@ -191,7 +191,7 @@ def read_jsonl_rows(path: Path, name: str) -> Rows:
     """The objects of a .jsonl benchmark file, each line checked; errors give the true line number."""
     with open(path, "rb") as fh:
         try:
-            return [row for _, row in numbered_objects(fh)]
+            return [row for _, row in numbered_objects(fh, expected="a JSON object")]
         except JsonlError as exc:
             raise HarnessError(f"benchmark {name}: {str(path)!r} {exc}") from None
 

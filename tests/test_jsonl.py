@@ -16,8 +16,8 @@ def test_objects_come_with_their_true_line_numbers_blank_lines_skipped():
 @pytest.mark.parametrize("bad, message", [
     (b"\xff\n", "line 2: not UTF-8 text"),
     (b"{oops\n", "line 2: malformed JSON (Expecting property name enclosed in double quotes)"),
-    (b"[1, 2]\n", "line 2: expected a JSON object, found a list"),
-    (b'"x"\n', "line 2: expected a JSON object, found a string"),
+    (b"[1, 2]\n", "line 2: expected an object, found a list"),
+    (b'"x"\n', "line 2: expected an object, found a string"),
 ])
 def test_the_first_bad_line_is_named(bad, message):
     with pytest.raises(JsonlError) as info:
@@ -30,7 +30,7 @@ def test_the_store_and_the_benchmark_files_put_their_file_in_front(tmp_path):
     path.write_bytes(b'{"step": 1}\n[1]\n')
     with pytest.raises(store.StoreError) as info:
         store.read_jsonl(path)
-    assert str(info.value) == f"{str(path)!r} line 2: expected a JSON object, found a list"
+    assert str(info.value) == f"{str(path)!r} line 2: expected an object, found a list"
     with pytest.raises(HarnessError) as info:
         read_jsonl_rows(path, "toy")
     assert str(info.value) == f"benchmark toy: {str(path)!r} line 2: expected a JSON object, found a list"
