@@ -147,7 +147,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 if __name__ == "__main__":
     if len(sys.argv) == 2:
         try:
-            result = worker(json.loads(sys.argv[2]))
+            result = worker(json.loads(sys.argv[1]))
         except Exception as exc:  # the driver prints the reason on the row (a vLLM row may not run here)
             print(json.dumps({"failed": f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or [""])[0][:300]}))
             sys.exit(1)
