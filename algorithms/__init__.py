@@ -1,7 +1,9 @@
-"""Algorithms: the registry, shared tensor math (`common`), critics, one module per algorithm.
+"""Algorithms: the registry, shared tensor math (`common`), the PPO-clip actor and its shared options
+(`clip`), critics, one module per algorithm.
 
 Every module of this package is imported here, so an algorithm registers itself by being a
-module with an `@ALGOS.register(name)` class: adding one is one new file.
+module with a class decorated `@register` (`algorithms.base`; it registers the class under its
+`name`): adding one is one new file.
 """
 import importlib
 import pkgutil

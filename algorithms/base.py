@@ -44,6 +44,8 @@ only for an algorithm that declares `supports_rollout_correction`).
 """
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -137,6 +139,47 @@ class Algorithm:
 
 
 ALGOS: Registry[type[Algorithm]] = Registry("algorithm")
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    """Class decorator: register an algorithm in `ALGOS` under its `name`."""
+    ALGOS.add(cls.name, cls)
+    return cls
+
+
+def with_defaults(options: type, **defaults: Any) -> type:
+    """A dataclass deriving from `options` whose listed fields get new defaults, keeping their
+    types, docs and places (an option shared by several algorithms is declared once, each sets its
+    own default). Raises KeyError for a name that is not a field of `options`."""
+    fields = {f.name: f for f in dataclasses.fields(options)}
+    unknown = sorted(set(defaults) - set(fields))
+    if unknown:
+        raise KeyError(f"{options.__name__} has no option {unknown}")
+    hints = typing.get_type_hints(options)
+    derived = dataclasses.make_dataclass(
+        options.__name__,
+        [(k, hints[k], dataclasses.field(default=v, metadata=fields[k].metadata)) for k, v in defaults.items()],
+        bases=(options,),
+    )
+    derived.__module__ = options.__module__
+    return derived
+
+
+def register_variant(base: type[Algorithm], name: str, description: str, paper: str | None = None,
+                     **defaults: Any) -> type[Algorithm]:
+    """Register `name` as the algorithm `base` with other option defaults (an ablation of it, or a
+    named recipe such as Dr. GRPO): an Options subclass whose listed fields get new defaults
+    (`with_defaults`; every field stays overridable with `--set name.KEY=...`), and a `base`
+    subclass with its own name, description and (if given) paper."""
+    options = with_defaults(base.Options, **defaults)
+    options.__name__ = options.__qualname__ = "".join(part.capitalize() for part in name.split("_")) + "Options"
+    options.__module__ = base.__module__
+    attrs = {"name": name, "description": description, "Options": options, "__module__": base.__module__}
+    if paper is not None:
+        attrs["paper"] = paper
+    cls = type(options.__name__[:-len("Options")], (base,), attrs)
+    ALGOS.add(name, cls)
+    return cls
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:

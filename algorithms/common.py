@@ -1,10 +1,8 @@
-"""What the RL algorithms share (spec §0.2, §4, §5): tensor math, the PPO-clip actor, group baselines.
+"""What the RL algorithms share (spec §0.2, §4, §5): tensor math, the PPO-clip losses, group baselines.
 
-Pure functions over tensors, no state, except at the end: the PPO-clip actor (`actor_objective`,
-`check_clip_options`, `ClipActor`), which reads an algorithm's options by their shared field names
-(`clip_low`, `clip_high`, `dual_clip`, `kl_mode`, `kl_coef`, `kl_loss_kind`, `agg_mode`,
-`entropy_coef`), and `register_variant` (an algorithm under another name with other defaults). Algorithm modules import these from here, never from each other. Token-level tensors are
-``[B, T]`` (B sequences, T response positions), right-padded, with a 0/1 ``mask``
+Pure functions over tensors, no state (the PPO-clip actor built on them, with the options it shares,
+is `algorithms.clip`). Algorithm modules import these from here, never from each other. Token-level
+tensors are ``[B, T]`` (B sequences, T response positions), right-padded, with a 0/1 ``mask``
 (float or bool) that is 1 on the generated tokens up to and including EOS.
 
 Positions outside the mask may hold anything, including ``nan`` or ``inf``: every function
@@ -13,12 +11,8 @@ leaks into a result or a gradient.
 """
 from __future__ import annotations
 
-import dataclasses
-import typing
-
 import torch
 
-from algorithms.base import ALGOS, Algorithm, Batch, PolicyForward
 from harness.errors import HarnessError
 
 KL_KINDS = ("k1", "k2", "k3", "low_var_kl")
@@ -472,82 +466,3 @@ def clipped_value_loss(
             "critic/vpred_mean": masked_mean(values, mask).item(),
         }
     return loss, metrics
-
-
-# ---- the PPO-clip actor ----
-
-
-def actor_objective(mb: Batch, fwd: PolicyForward, opts, norm_const: float | None = None
-                    ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO-clip on `mb["advantages"]`, plus a KL-to-reference loss term when `opts.kl_mode == "loss"`
-    and an entropy bonus when `opts.entropy_coef > 0`, every term reduced with `agg_loss(..,
-    opts.agg_mode, norm_const)` (`norm_const` None: seq-mean-token-sum-norm divides by T). The PPO term
-    is weighted by `mb["rollout_weight"]` when the trainer gives it (`train.rollout_correction`)."""
-    mask = mb["response_mask"]
-    loss, metrics = clip_policy_loss(fwd.logp, mb["old_logp"], mb["advantages"], mask, opts.clip_low,
-                                     opts.clip_high, opts.agg_mode, opts.dual_clip, norm_const,
-                                     mb.get("rollout_weight"))
-    if opts.kl_mode == "loss" and opts.kl_coef > 0:
-        kl = agg_loss(kl_penalty(fwd.logp, mb["ref_logp"], opts.kl_loss_kind), mask, opts.agg_mode, norm_const)
-        loss = loss + opts.kl_coef * kl
-        metrics["actor/kl_loss"] = kl.item()
-    if opts.entropy_coef > 0:
-        loss = loss - opts.entropy_coef * agg_loss(fwd.entropy, mask, opts.agg_mode, norm_const)
-    return loss, metrics
-
-
-def check_clip_options(opts) -> None:
-    """Validation shared by every PPO-clip options class."""
-    if opts.clip_low < 0 or opts.clip_high < 0:
-        raise HarnessError(f"clip_low and clip_high must be >= 0, got {opts.clip_low}, {opts.clip_high}")
-    if opts.dual_clip is not None and opts.dual_clip <= 1:
-        raise HarnessError(f"dual_clip must be greater than 1 (or none), got {opts.dual_clip}")
-    if opts.kl_coef < 0 or opts.entropy_coef < 0:
-        raise HarnessError(f"kl_coef and entropy_coef must be >= 0, got {opts.kl_coef}, {opts.entropy_coef}")
-    if opts.agg_mode not in AGG_MODES:
-        raise HarnessError(f"unknown agg_mode {opts.agg_mode!r} (valid: {', '.join(AGG_MODES)})")
-
-
-class ClipActor(Algorithm):
-    """An algorithm whose actor loss is `actor_objective` on its options (PPO, GRPO and its variants,
-    RLOO, REINFORCE++, and PPO's subclasses): the reference is needed for a KL term, the entropy
-    needs a gradient for an entropy bonus. Subclasses supply `advantages` (and a critic's loss)."""
-
-    supports_rollout_correction = True
-
-    def needs_reference(self) -> bool:
-        return self.opts.kl_mode != "none" and self.opts.kl_coef > 0
-
-    def entropy_needs_grad(self) -> bool:
-        return self.opts.entropy_coef > 0
-
-    def loss_norm_const(self) -> float | None:
-        """C of agg_mode seq-mean-token-sum-norm; None: the response width T."""
-        return None
-
-    def actor_loss(self, mb: Batch, fwd: PolicyForward, heads) -> tuple[torch.Tensor, dict[str, float]]:
-        return actor_objective(mb, fwd, self.opts, self.loss_norm_const())
-
-
-# ---- named variants ----
-
-
-def register_variant(base: type[Algorithm], name: str, description: str, **defaults) -> type[Algorithm]:
-    """Register `name` as the algorithm `base` with other option defaults (an ablation of it): an
-    Options subclass whose listed fields get new defaults, keeping their docs (every field stays
-    overridable with `--set name.KEY=...`), and a `base` subclass with its own name and description."""
-    fields = {f.name: f for f in dataclasses.fields(base.Options)}
-    unknown = sorted(set(defaults) - set(fields))
-    if unknown:
-        raise KeyError(f"{base.name} has no option {unknown}")
-    hints = typing.get_type_hints(base.Options)
-    options = dataclasses.make_dataclass(
-        "".join(part.capitalize() for part in name.split("_")) + "Options",
-        [(k, hints[k], dataclasses.field(default=v, metadata=fields[k].metadata)) for k, v in defaults.items()],
-        bases=(base.Options,),
-    )
-    options.__module__ = base.__module__
-    cls = type(options.__name__[:-len("Options")], (base,), {"name": name, "description": description,
-                                                             "Options": options, "__module__": base.__module__})
-    ALGOS.add(name, cls)
-    return cls

@@ -46,9 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.base import ALGOS, Batch
-from algorithms.common import (KL_KINDS, KL_MODES, RISK_ADV_MODES, agg_loss, check_clip_options, explained_variance, gae,
-                               grad_shares, masked_corr, masked_mean, masked_whiten, register_variant, risk_adjusted_gae)
+from algorithms.base import Batch, register, register_variant
+from algorithms.clip import RewardKLOptions
+from algorithms.common import (KL_KINDS, RISK_ADV_MODES, agg_loss, explained_variance, gae, grad_shares, masked_corr,
+                               masked_mean, masked_whiten, risk_adjusted_gae)
 from algorithms.critics import CRITICS
 from algorithms.distributional import (crps, cvar_lower, cvar_upper, interval_coverage, lower_tail_gap, reward_std_cap,
                                        tail_curvature)
@@ -253,20 +254,12 @@ MEAN_SHIFT_TARGETS = ("return", "old")
 
 
 @dataclass
-class DVPOOptions:
-    # PPO part (same names as PPOOptions, so algo.kl_coef etc. apply across algorithms); spec §9 #10
+class DVPOOptions(RewardKLOptions):
+    # PPO part: the shared clip/KL options (algorithms.clip) at the PPO baseline's defaults, KL in the
+    # reward (spec §9 #10), and PPO's names, so algo.kl_coef etc. apply across algorithms
     gamma: float = field(default=1.0, metadata={"doc": "discount factor of GAE"})
     lam: float = field(default=0.95, metadata={"doc": "GAE lambda"})
-    clip_low: float = field(default=0.2, metadata={"doc": "PPO clip range below 1 (ratio >= 1 - clip_low)"})
-    clip_high: float = field(default=0.2, metadata={"doc": "PPO clip range above 1 (ratio <= 1 + clip_high; DAPO clip-higher when larger)"})
-    dual_clip: Optional[float] = field(default=None, metadata={"doc": "dual-clip constant c > 1 for negative advantages (none: off)"})
-    kl_mode: str = field(default="reward", metadata={"doc": "where the KL to the reference goes: reward, loss or none"})  # match the PPO baseline (spec §9 #10)
-    kl_coef: float = field(default=0.05, metadata={"doc": "KL coefficient"})
-    kl_reward_kind: str = field(default="k1", metadata={"doc": "KL estimator in the reward: k1, k2, k3 or abs"})
-    kl_loss_kind: str = field(default="k3", metadata={"doc": "KL estimator in the loss: k1, k2, k3 or abs"})
     whiten_advantages: bool = field(default=True, metadata={"doc": "whiten advantages over the batch"})
-    agg_mode: str = field(default="token-mean", metadata={"doc": "how token losses are reduced to one number (token-mean, seq-mean-token-mean, ...)"})
-    entropy_coef: float = field(default=0.0, metadata={"doc": "entropy bonus coefficient"})
     # critic (spec §2.2, §9 #11)
     n_heads: int = field(default=4, metadata={"doc": "quantile heads of the distributional critic"})
     n_quantiles: int = field(default=200, metadata={"doc": "quantiles per head"})  # "interval density" 200
@@ -294,9 +287,7 @@ class DVPOOptions:
     grad_shares: bool = field(default=True, metadata={"doc": "log each critic loss term's share of the gradient at the head's output (critic/grad_share/<term>)"})
 
     def validate(self) -> None:
-        check_clip_options(self)
-        if self.kl_mode not in KL_MODES:
-            raise HarnessError(f"kl_mode must be one of {', '.join(KL_MODES)}, got {self.kl_mode!r}")
+        super().validate()
         for kind in (self.kl_reward_kind, self.kl_loss_kind):
             if kind not in KL_KINDS:
                 raise HarnessError(f"unknown KL kind {kind!r} (valid: {', '.join(KL_KINDS)})")
@@ -329,7 +320,7 @@ class DVPOOptions:
 DIAG_CRPS_POINTS = 64  # CRPS is O(M^2): it is computed on this many evenly spaced order statistics
 
 
-@ALGOS.register("dvpo")
+@register
 class DVPO(PPO):
     """PPO whose critic is a quantile ensemble; token rewards, KL handling and the actor are PPO's."""
 

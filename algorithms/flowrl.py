@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from algorithms.base import ALGOS, Algorithm, Batch, PolicyForward
+from algorithms.base import Algorithm, Batch, PolicyForward, register
 from algorithms.common import group_advantages, masked_mean
 from algorithms.search import LogUniform
 from harness.errors import HarnessError
@@ -172,7 +172,7 @@ class FlowRLOptions:
             raise HarnessError(f"FlowRL z_layers must be >= 1 and z_dropout in [0, 1), got {self.z_layers}, {self.z_dropout}")
 
 
-@ALGOS.register("flowrl")
+@register
 class FlowRL(Algorithm):
     name = "flowrl"
     description = "trajectory balance to exp(beta r^) pi_ref with a learned log Z(x) head, no critic"

@@ -1,15 +1,13 @@
 """GRPO and its variants Dr. GRPO and DAPO (spec §4)."""
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
-from algorithms.base import ALGOS, Batch, informative_groups
-from algorithms.common import GROUP_SCALES, KL_KINDS, ClipActor, check_clip_options, group_advantages
+from algorithms.base import Batch, informative_groups, register, register_variant, with_defaults
+from algorithms.clip import ClipActor, ClipOptions
+from algorithms.common import GROUP_SCALES, KL_KINDS, group_advantages
 from algorithms.search import Choice
 from harness.errors import HarnessError
 
@@ -31,20 +29,17 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int, facto
 
 
 @dataclass
-class GRPOOptions:
-    clip_low: float = field(default=0.2, metadata={"doc": "PPO clip range below 1 (ratio >= 1 - clip_low)"})
-    clip_high: float = field(default=0.2, metadata={"doc": "PPO clip range above 1 (ratio <= 1 + clip_high; DAPO clip-higher when larger)"})
-    dual_clip: Optional[float] = field(default=None, metadata={"doc": "dual-clip constant c > 1 for negative advantages (none: off)"})
-    kl_mode: str = field(default="loss", metadata={"doc": "where the KL to the reference goes: reward, loss or none"})  # GRPO puts the KL in the loss, not the reward (spec §4.1)
-    kl_coef: float = field(default=0.04, metadata={"doc": "KL coefficient"})  # DeepSeekMath §4.2 (verl's default is 0.001)
-    kl_loss_kind: str = field(default="k3", metadata={"doc": "KL estimator in the loss: k1, k2, k3 or abs"})
+class GRPOOptions(with_defaults(
+    ClipOptions,
+    kl_mode="loss",  # GRPO puts the KL in the loss, not the reward (spec §4.1)
+    kl_coef=0.04,  # DeepSeekMath §4.2 (verl's default is 0.001)
+    agg_mode="seq-mean-token-mean",  # the original 1/|o_i| form (spec §4.4)
+)):
     adv_scale: str = field(default="std", metadata={"doc": "group advantage scale: std (GRPO) or none (Dr. GRPO)"})  # "none" is Dr. GRPO
     adv_eps: float = field(default=1e-6, metadata={"doc": "epsilon added to the group std"})
-    agg_mode: str = field(default="seq-mean-token-mean", metadata={"doc": "how token losses are reduced to one number (token-mean, seq-mean-token-mean, ...)"})  # the original 1/|o_i| form (spec §4.4)
     # C of agg_mode seq-mean-token-sum-norm (Dr. GRPO): "a constant, e.g. the max response length"
     # (spec §0.2, §4.2). 0 stands for train.max_new_tokens, resolved per cell into config.json.  [I]
     agg_norm_const: int = field(default=0, metadata={"doc": "constant C of agg_mode seq-mean-token-sum-norm (0: train.max_new_tokens)"})
-    entropy_coef: float = field(default=0.0, metadata={"doc": "entropy bonus coefficient"})
     dynamic_sampling: bool = field(default=False, metadata={"doc": "DAPO: train only on groups whose training rewards differ"})  # DAPO: train only on groups whose training rewards differ
     max_extra_rounds: int = field(default=4, metadata={"doc": "dynamic sampling: at most this many extra rollout rounds per step"})  # dynamic sampling: at most this many extra rollout rounds per step
     overlong_buffer_len: int = field(default=0, metadata={"doc": "DAPO overlong shaping buffer L_cache (0: off)"})  # DAPO overlong shaping: L_cache; 0 disables
@@ -52,7 +47,7 @@ class GRPOOptions:
     overlong_penalty: float = field(default=1.0, metadata={"doc": "DAPO overlong penalty at L_max"})  # the penalty at L_max
 
     def validate(self) -> None:
-        check_clip_options(self)
+        super().validate()
         if self.agg_norm_const < 0:
             raise HarnessError(f"agg_norm_const must be >= 0 (0: train.max_new_tokens), got {self.agg_norm_const}")
         if self.max_extra_rounds < 0:
@@ -71,7 +66,7 @@ class GRPOOptions:
             raise HarnessError(f"unknown adv_scale {self.adv_scale!r} (valid: {', '.join(GROUP_SCALES)})")
 
 
-@ALGOS.register("grpo")
+@register
 class GRPO(ClipActor):
     name = "grpo"
     description = "group-normalised outcome advantage, PPO-clip, k3 KL loss, no critic"
@@ -115,39 +110,18 @@ class GRPO(ClipActor):
 # ---- named variants: GRPO with other defaults ----
 
 
-def register_grpo_variant(name: str, description: str, paper: str, **defaults) -> type[GRPO]:
-    """Register `name` as GRPO with other option defaults: an Options subclass whose listed fields
-    get new defaults (every field stays overridable with `--set name.KEY=...`), and a GRPO
-    subclass with its own name, description and paper."""
-    hints = typing.get_type_hints(GRPOOptions)
-    unknown = sorted(set(defaults) - set(hints))
-    if unknown:
-        raise KeyError(f"GRPO has no option {unknown}")
-    metadata = {f.name: f.metadata for f in dataclasses.fields(GRPOOptions)}  # the docs stay GRPO's
-    options = dataclasses.make_dataclass(
-        f"{name.capitalize()}Options",
-        [(k, hints[k], dataclasses.field(default=v, metadata=metadata[k])) for k, v in defaults.items()],
-        bases=(GRPOOptions,),
-    )
-    options.__module__ = __name__
-    cls = type(name.capitalize(), (GRPO,), {"name": name, "description": description, "paper": paper,
-                                            "Options": options, "__module__": __name__})
-    ALGOS.add(name, cls)
-    return cls
-
-
 # Dr. GRPO: no std scaling, token sum over a constant (spec §4.2). Spec §4.2 is silent on the KL;
 # the paper's objective has no KL term, so none here (`--set drgrpo.kl_mode=loss` restores it).
-DrGRPO = register_grpo_variant(
-    "drgrpo", "GRPO without std and length normalisation: A = r - group mean, token sum over a constant",
+DrGRPO = register_variant(
+    GRPO, "drgrpo", "GRPO without std and length normalisation: A = r - group mean, token sum over a constant",
     "Liu et al. 2025 (Understanding R1-Zero-Like Training, arXiv 2503.20783)",
     adv_scale="none", agg_mode="seq-mean-token-sum-norm", kl_mode="none", kl_coef=0.0,
 )
 
 # DAPO: clip-higher, token-level loss, no KL, dynamic sampling (spec §4.3); overlong shaping is
 # off unless overlong_buffer_len and overlong_max_len are set.
-DAPO = register_grpo_variant(
-    "dapo", "GRPO with clip-higher (0.2/0.28), token-mean loss, no KL, dynamic sampling of informative groups",
+DAPO = register_variant(
+    GRPO, "dapo", "GRPO with clip-higher (0.2/0.28), token-mean loss, no KL, dynamic sampling of informative groups",
     "Yu et al. 2025 (DAPO, arXiv 2503.14476)",
     clip_low=0.2, clip_high=0.28, agg_mode="token-mean", kl_mode="none", kl_coef=0.0, dynamic_sampling=True,
 )

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from algorithms.base import ALGOS, Batch
+from algorithms.base import Batch, register
 from algorithms.common import gae, masked_mean, masked_whiten
 from algorithms.ppo import PPO
 
 
-@ALGOS.register("ppo_frozen_critic")
+@register
 class FrozenCriticPPO(PPO):
     name = "ppo_frozen_critic"
     description = "PPO with its critic frozen at its zero initialisation (V = 0): the critic's control"

@@ -1,6 +1,6 @@
 """REINFORCE-style baselines without a critic: RLOO and REINFORCE++.
 
-Both update with the PPO-clip surrogate (`algorithms.common.actor_objective`). On the first,
+Both update with the PPO-clip surrogate (`algorithms.clip.actor_objective`). On the first,
 on-policy minibatch the ratio is 1 and the surrogate's gradient is exactly REINFORCE's
 A * grad log pi; the clip only matters for later minibatches and epochs. Plain REINFORCE is
 `--set rloo.clip_low=1 --set rloo.clip_high=1e9` (the clip then never binds).
@@ -8,13 +8,12 @@ A * grad log pi; the clip only matters for later minibatches and epochs. Plain R
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
-from algorithms.base import ALGOS, Batch, outcome_token_rewards
-from algorithms.common import (KL_MODES, ClipActor, check_clip_options, group_advantages, kl_penalty, masked_mean,
-                               masked_sum, masked_whiten)
+from algorithms.base import Batch, outcome_token_rewards, register, with_defaults
+from algorithms.clip import ClipActor, RewardKLOptions
+from algorithms.common import group_advantages, kl_penalty, masked_mean, masked_sum, masked_whiten
 from harness.errors import HarnessError
 
 # ---- pure math ----
@@ -53,25 +52,17 @@ def reward_to_go(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
 # ---- RLOO ----
 
 
+# kl_mode reward as the paper: r(x, y) - kl_coef * sum_t KL_t, before the baseline; kl_coef 0.05, the
+# PPO baseline's coefficient, for a like-for-like comparison
 @dataclass
-class RLOOOptions:
-    clip_low: float = field(default=0.2, metadata={"doc": "PPO clip range below 1 (ratio >= 1 - clip_low)"})
-    clip_high: float = field(default=0.2, metadata={"doc": "PPO clip range above 1 (ratio <= 1 + clip_high; DAPO clip-higher when larger)"})
-    dual_clip: Optional[float] = field(default=None, metadata={"doc": "dual-clip constant c > 1 for negative advantages (none: off)"})
-    kl_mode: str = field(default="reward", metadata={"doc": "where the KL to the reference goes: reward, loss or none"})  # as the paper: r(x, y) - kl_coef * sum_t KL_t, before the baseline
-    kl_coef: float = field(default=0.05, metadata={"doc": "KL coefficient"})  # the PPO baseline's coefficient, for a like-for-like comparison
-    kl_reward_kind: str = field(default="k1", metadata={"doc": "KL estimator in the reward: k1, k2, k3 or abs"})
-    kl_loss_kind: str = field(default="k3", metadata={"doc": "KL estimator in the loss: k1, k2, k3 or abs"})
-    agg_mode: str = field(default="seq-mean-token-sum", metadata={"doc": "how token losses are reduced to one number (token-mean, seq-mean-token-mean, ...)"})  # the response is one action: -A * log pi(y|x) per sequence
-    entropy_coef: float = field(default=0.0, metadata={"doc": "entropy bonus coefficient"})
-
-    def validate(self) -> None:
-        check_clip_options(self)
-        if self.kl_mode not in KL_MODES:
-            raise HarnessError(f"kl_mode must be one of {', '.join(KL_MODES)}, got {self.kl_mode!r}")
+class RLOOOptions(with_defaults(
+    RewardKLOptions,
+    agg_mode="seq-mean-token-sum",  # the response is one action: -A * log pi(y|x) per sequence
+)):
+    pass
 
 
-@ALGOS.register("rloo")
+@register
 class RLOO(ClipActor):
     name = "rloo"
     description = "REINFORCE with a leave-one-out group baseline on the sequence reward (KL in reward), PPO-clip"
@@ -96,33 +87,26 @@ class RLOO(ClipActor):
 # ---- REINFORCE++ ----
 
 
+# kl_mode reward: the token-level KL penalty in the reward (Hu 2025)
 @dataclass
-class ReinforcePPOptions:
+class ReinforcePPOptions(with_defaults(
+    RewardKLOptions,
+    kl_coef=0.01,  # OpenRLHF's init_kl_coef, where REINFORCE++ was released
+)):
     gamma: float = field(default=1.0, metadata={"doc": "discount factor of the token-level returns"})
-    clip_low: float = field(default=0.2, metadata={"doc": "PPO clip range below 1 (ratio >= 1 - clip_low)"})
-    clip_high: float = field(default=0.2, metadata={"doc": "PPO clip range above 1 (ratio <= 1 + clip_high; DAPO clip-higher when larger)"})
-    dual_clip: Optional[float] = field(default=None, metadata={"doc": "dual-clip constant c > 1 for negative advantages (none: off)"})
-    kl_mode: str = field(default="reward", metadata={"doc": "where the KL to the reference goes: reward, loss or none"})  # token-level KL penalty in the reward (Hu 2025)
-    kl_coef: float = field(default=0.01, metadata={"doc": "KL coefficient"})  # OpenRLHF's init_kl_coef, where REINFORCE++ was released
-    kl_reward_kind: str = field(default="k1", metadata={"doc": "KL estimator in the reward: k1, k2, k3 or abs"})
-    kl_loss_kind: str = field(default="k3", metadata={"doc": "KL estimator in the loss: k1, k2, k3 or abs"})
     # REINFORCE++-baseline, the paper's form for G samples per prompt: subtract the group mean
     # score before the KL shaping and the global normalisation. False is plain REINFORCE++, which
     # with no per-prompt baseline fails the unit bandit (tests/test_learning.py): prompts whose
     # samples all fail only see negative advantages and drift to junk rather than to the answer.
     group_baseline: bool = field(default=True, metadata={"doc": "subtract the group mean score (REINFORCE++-baseline)"})
-    agg_mode: str = field(default="token-mean", metadata={"doc": "how token losses are reduced to one number (token-mean, seq-mean-token-mean, ...)"})
-    entropy_coef: float = field(default=0.0, metadata={"doc": "entropy bonus coefficient"})
 
     def validate(self) -> None:
-        check_clip_options(self)
-        if self.kl_mode not in KL_MODES:
-            raise HarnessError(f"kl_mode must be one of {', '.join(KL_MODES)}, got {self.kl_mode!r}")
+        super().validate()
         if not 0 <= self.gamma <= 1:
             raise HarnessError(f"gamma must lie in [0, 1], got {self.gamma}")
 
 
-@ALGOS.register("reinforce_pp")
+@register
 class ReinforcePP(ClipActor):
     name = "reinforce_pp"
     description = ("REINFORCE++(-baseline): group-mean baseline, token KL in the reward, reward-to-go, "

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from algorithms.base import ALGOS, Batch
+from algorithms.base import Batch, register
 from algorithms.common import clipped_value_loss, explained_variance, gae, masked_mean, masked_whiten
 from algorithms.critics import CRITICS
 from algorithms.ppo import PPO, PPOOptions
@@ -63,7 +63,7 @@ class RobustPPOOptions(PPOOptions):
             raise HarnessError(f"n_heads must be >= 1, got {self.n_heads}")
 
 
-@ALGOS.register("robust_ppo")
+@register
 class RobustPPO(PPO):
     name = "robust_ppo"
     description = "PPO with an ensemble of value heads and a min-aggregated (robust Bellman) bootstrap"

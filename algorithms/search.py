@@ -114,7 +114,7 @@ def shared_space(algo_cls: type) -> dict[str, Distribution]:
 
 
 def pinned_by_variant(algo_cls: type, key: str) -> bool:
-    """Whether a named variant (an ablation: `algorithms.common.register_variant`) fixes the option
+    """Whether a named variant (an ablation: `algorithms.base.register_variant`) fixes the option
     of `key` at a default of its own, unlike the class that declared the key's search: the search
     then leaves it alone (`dvpo_risk_off` keeps its risk weight at 0)."""
     section, _, name = key.partition(".")

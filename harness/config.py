@@ -424,14 +424,15 @@ def check_rollout_correction(t: TrainConfig) -> None:
     if t.rollout_correction != "off" and t.old_logp == "rollout":
         raise HarnessError("train.rollout_correction needs train.old_logp=recompute or auto (with the sampler's own "
                            "log-probs as behaviour log-probs there is no mismatch to correct)")
-    if t.rollout_correction != "off" and t.rollout == "vllm":
-        raise HarnessError("train.rollout_correction needs the sampler's log-probs, which train.rollout=vllm does not "
-                           "return yet; use train.rollout=hf or train.rollout_correction=off")
+    if t.rollout_correction != "off" and t.rollout == "vllm" and t.top_p < 1:
+        raise HarnessError(f"train.rollout_correction with train.rollout=vllm needs train.top_p=1 (vLLM's log-probs under "
+                           f"a top-p cut are of the renormalised nucleus, not of the softmax the trainer scores), got "
+                           f"train.top_p={t.top_p}")
 
 
 def check_lora(cfg: RunConfig) -> None:
     """The `model.lora_*` options (inert while `model.lora_rank` is 0, the default)."""
-    m, t = cfg.model, cfg.train
+    m = cfg.model
     if m.lora_rank < 0:
         raise HarnessError(f"model.lora_rank must be >= 0 (0: off), got {m.lora_rank}")
     if m.lora_rank == 0:
@@ -447,7 +448,3 @@ def check_lora(cfg: RunConfig) -> None:
         raise HarnessError(f"model.lora_critic must be adapter or copy, got {m.lora_critic!r}")
     if m.lora_save not in ("adapter", "merged"):
         raise HarnessError(f"model.lora_save must be adapter or merged, got {m.lora_save!r}")
-    if t.world_size > 1:
-        raise HarnessError("model.lora_rank > 0 runs in one process for now (train.nproc=1, train.nnodes=1)")
-    if t.rollout == "vllm":
-        raise HarnessError("model.lora_rank > 0 needs train.rollout=hf (the vLLM backend does not load adapters yet)")

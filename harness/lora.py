@@ -161,6 +161,27 @@ def critic_state(critic: nn.Module) -> dict[str, torch.Tensor]:
             if id(p) in ids and (own is None or own(n))}
 
 
+def merged_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """`model`'s state dict under the plain Hugging Face names, with the policy's adapter merged into each
+    adapted weight (W + (alpha / r) B A, peft's `get_delta_weight`, cast to W's dtype) and the other
+    adapters left out: what vLLM or a safetensors copy loads. A model without adapters: its state dict."""
+    layers = {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    if not layers:
+        return list(model.state_dict().items())
+    out = []
+    for name, tensor in model.state_dict().items():
+        if "lora_" in name:
+            continue
+        owner, found, leaf = name.rpartition(".base_layer.")
+        if found:
+            layer = layers[owner]
+            if leaf == "weight" and POLICY_ADAPTER in layer.lora_A:
+                tensor = tensor + layer.get_delta_weight(POLICY_ADAPTER).to(tensor.dtype)
+            name = f"{owner}.{leaf}"
+        out.append((name, tensor.detach()))
+    return out
+
+
 def merged_copy(peft_model) -> nn.Module:
     """A plain model with the policy's adapter merged into a copy of the base weights."""
     clone = copy.deepcopy(peft_model)

@@ -222,7 +222,9 @@ def safetensors_copy(policy: torch.nn.Module, cache_dir: Path | None, tokenizer=
     config["architectures"] = [type(policy).__name__]  # how vLLM picks its model class
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tied = policy.config.tie_word_embeddings
-    weights = {name: tensor.detach().contiguous().clone() for name, tensor in policy.state_dict().items()
+    from harness.lora import merged_weights  # under LoRA: the plain names, the policy's adapter merged in
+
+    weights = {name: tensor.detach().contiguous().clone() for name, tensor in merged_weights(policy)
                if not (tied and name == "lm_head.weight")}  # tied: the embedding is the output layer
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:

@@ -268,9 +268,12 @@ def lora_adapter_tensors(model: nn.Module, model_cfg) -> list[torch.Tensor]:
 
 
 def lora_module_bytes(cfg, algo, config) -> dict[str, Any]:
-    """`module_bytes` under LoRA (one process): the frozen base once, float32 adapters and heads trained."""
+    """`module_bytes` under LoRA: the frozen base once, float32 adapters and heads trained, all sharded in N
+    (`train.world_size`) like full fine-tuning's modules; the rollout replica (N > 1) is a copy of the
+    adapted policy in the base's dtype: the base and every adapter (harness.sharded)."""
     from algorithms.critics import CRITICS
 
+    n = cfg.train.world_size
     base = meta_model(config, cfg.model.dtype, cfg.model.trust_remote_code)
     base_params = unique_params(base)
     adapter = lora_adapter_tensors(base, cfg.model)
@@ -280,20 +283,22 @@ def lora_module_bytes(cfg, algo, config) -> dict[str, Any]:
         critic_head = CRITICS.get(algo.critic)(hidden, **algo.critic_options()) if algo.critic != "none" else None
     shared = critic_head is not None and cfg.train.critic_backbone == "shared"
     actor = adapter + heads + (list(critic_head.parameters()) if shared else [])
-    out: dict[str, Any] = {"config": config, "policy_model": base, "policy": shard_bytes(base_params + actor, 1),
-                           "policy_numel": sum(p.numel() for p in base_params), "replica": shard_bytes(base_params, 1),
+    adapters = adapter * (2 if critic_head is not None and not shared and cfg.model.lora_critic == "adapter" else 1)
+    replica = shard_bytes(base_params, 1) + shard_bytes(adapters, 1, base_params[0].element_size())
+    out: dict[str, Any] = {"config": config, "policy_model": base, "policy": shard_bytes(base_params + actor, n),
+                           "policy_numel": sum(p.numel() for p in base_params), "replica": replica,
                            "policy_full": shard_bytes(base_params + actor, 1),
                            "largest_tensor": max(shard_bytes([p], 1) for p in base_params),
-                           "heads": 0, "actor_grads": shard_bytes(actor, 1), "actor_adam": adam_bytes(actor, 1),
+                           "heads": 0, "actor_grads": shard_bytes(actor, n), "actor_adam": adam_bytes(actor, n),
                            "reference": 0, "reference_full": 0, "critic_head": critic_head,
                            "adapter_tensors": adapter}
     out["critic"] = out["critic_grads"] = out["critic_adam"] = out["critic_full"] = 0
     if critic_head is not None and not shared:
         trained = lora_adapter_tensors(base, cfg.model) + list(critic_head.parameters())
         copy = unique_params(backbone_of(base)) if cfg.model.lora_critic == "copy" else []
-        out["critic"] = out["critic_full"] = shard_bytes(trained + copy, 1)
-        out["critic_grads"] = shard_bytes(trained, 1)
-        out["critic_adam"] = adam_bytes(trained, 1)
+        out["critic"], out["critic_full"] = shard_bytes(trained + copy, n), shard_bytes(trained + copy, 1)
+        out["critic_grads"] = shard_bytes(trained, n)
+        out["critic_adam"] = adam_bytes(trained, n)
     return out
 
 

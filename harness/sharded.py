@@ -6,6 +6,9 @@ Every rank runs the same step on the same data; only the heavy parts are divided
   and sharded with `fully_shard` per decoder layer and at the root (`distributed.shard`), which moves
   each rank's shards to the device, before the optimisers are built, so each rank holds 1/N of every
   parameter, gradient and Adam state on the device and no unsharded copy but the rollout replica.
+- **LoRA** (`model.lora_rank > 0`, harness.lora): the policy's frozen base and its adapters are sharded
+  together; a LoRA critic (its own adapter on the policy's base) is not sharded again: its states run as
+  a forward method of the policy's root unit (`lora_critic_states`). Checkpoints hold only what trains.
 - **Forwards.** Each rank runs its contiguous share of a batch's rows through a sharded module;
   the outputs (log-probs, entropies, hidden states, critic states) are all-gathered with autograd.
   The algorithm's advantages and losses then run unchanged and identically on every rank, and
@@ -35,9 +38,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from harness import checkpoints, distributed, fast_llama, precision, store
+from harness import checkpoints, distributed, fast_llama, lora, precision, store
 from harness.rollout import Rollout, RowsOf, draws_ahead, generate, merge_rollouts
 from harness.seeding import rng_state, set_rng_state
 from harness.trainer import Trainer
@@ -104,9 +107,12 @@ class ShardedTrainer(Trainer):
         if self.reference is not None:
             distributed.shard(self.reference, list(decoder(self.reference).layers), mp, offload=t.reference_offload)
         if self.critic is not None:
-            distributed.shard(self.critic.backbone, list(self.critic.backbone.layers), mp)
+            if isinstance(self.critic, lora.LoraCritic):
+                states = self.lora_critic_states()
+            else:
+                distributed.shard(self.critic.backbone, list(self.critic.backbone.layers), mp)
+                states = self.critic.states  # each rank its rows; the states of all rows on every rank
             distributed.shard(self.critic.head, [], "off")
-            states = self.critic.states  # each rank its rows; the states of all rows on every rank
 
             def sharded_states(input_ids, attention_mask, prompt_len):
                 rows = self.world.rows(len(input_ids))
@@ -117,6 +123,17 @@ class ShardedTrainer(Trainer):
             self.critic.forward = outside_inference_mode(self.critic.forward)
         for head in self.heads.values():
             distributed.shard(head, [], "off")
+
+    def lora_critic_states(self):
+        """A LoRA critic's states (its adapter on the policy's base, `harness.lora.LoraCritic`) as a forward
+        method of the sharded policy: its backbone is the policy's decoder, whose embeddings and final norm
+        are in the policy's root unit, which FSDP gathers only around the root's forward methods."""
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        critic = self.critic
+        self.policy.lora_critic_states = functools.partial(lora.LoraCritic.states, critic)
+        register_fsdp_forward_method(self.policy, "lora_critic_states")
+        return self.policy.lora_critic_states
 
     def response_forward(self, model, input_ids, attention_mask, prompt_len: int, **kwargs):
         rows, n = self.world.rows(len(input_ids)), len(input_ids)
@@ -179,10 +196,15 @@ class ShardedTrainer(Trainer):
             out["critic"] = (self.critic, self.critic_opt)
         return out
 
+    def dcp_options(self) -> StateDictOptions:
+        """Under LoRA a checkpoint holds only what trains (adapters and heads; the frozen base is rebuilt
+        from the model), so loading leaves the frozen entries as they are."""
+        return StateDictOptions(ignore_frozen_params=self.lora, strict=not self.lora)
+
     def dcp_state(self) -> dict[str, Any]:
         state = {}
         for name, (module, opt) in self.stateful().items():
-            model_sd, optim_sd = get_state_dict(module, opt)
+            model_sd, optim_sd = get_state_dict(module, opt, options=self.dcp_options())
             state[name] = {"model": model_sd, "optim": optim_sd}
         return state
 
@@ -228,7 +250,8 @@ class ShardedTrainer(Trainer):
         state = self.dcp_state()
         dcp.load(state, checkpoint_id=str(path / "dcp"))
         for name, (module, opt) in self.stateful().items():
-            set_state_dict(module, opt, model_state_dict=state[name]["model"], optim_state_dict=state[name]["optim"])
+            set_state_dict(module, opt, model_state_dict=state[name]["model"], optim_state_dict=state[name]["optim"],
+                           options=self.dcp_options())
         for name, obj in (("algo", self.algo), ("noise", self.noise)):
             if name in record:
                 obj.load_state_dict(record[name])

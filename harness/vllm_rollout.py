@@ -13,6 +13,10 @@ the CPU, where `cpu_engine_options` apply). It is anything with two methods (`VL
     generate(prompts: list[list[int]], max_tokens, temperature, top_p, seeds: list[int], stop_token_ids)
         -> list[list[int]]          one response per prompt, in order, EOS included when it ended
     load_weights(weights: list[tuple[str, Tensor]])   Hugging Face parameter names
+
+and optionally `sample(...)` (the same arguments and `logprobs`), which also returns the sampled tokens'
+log-probs: the rollout then carries them (`Rollout.logp`), for the sampler/trainer mismatch metrics and
+`train.rollout_correction`.
 """
 from __future__ import annotations
 
@@ -102,7 +106,9 @@ class VLLMEngine:
 
         options = {"model": model, "dtype": dtype, "seed": seed, "max_model_len": max_model_len,
                    "enable_prefix_caching": True, "skip_tokenizer_init": True,
-                   "trust_remote_code": False}  # the policy was loaded (checked) by transformers without it
+                   "trust_remote_code": False,  # the policy was loaded (checked) by transformers without it
+                   # the sampled tokens' log-probs after temperature (and top-p), not of the raw softmax
+                   "logprobs_mode": "processed_logprobs"}
         if on_cpu_platform():
             options.update(cpu_engine_options())
             if max_model_len:
@@ -118,8 +124,9 @@ class VLLMEngine:
 
     def sample(self, prompts, *, max_tokens, temperature, top_p, seeds, stop_token_ids,
                logprobs: bool = False) -> list[tuple[list[int], list[float] | None]]:
-        """(tokens, the sampled tokens' log-probs or None) per prompt; log-probs are vLLM's raw ones, of the
-        model's softmax before temperature and top-p."""
+        """(tokens, the sampled tokens' log-probs or None) per prompt; log-probs are vLLM's processed ones:
+        of the temperature-scaled softmax (`harness.rollout`'s `Rollout.logp`), renormalised over the top-p
+        nucleus when top_p < 1."""
         from vllm import SamplingParams
 
         params = [SamplingParams(n=1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
@@ -184,8 +191,12 @@ class VLLMRollout:
 
     @torch.no_grad()
     def sync_weights(self, policy: torch.nn.Module) -> int:
-        """Send the policy's parameters and buffers to the engine; returns how many tensors were sent."""
-        weights = [(name, tensor.detach()) for name, tensor in policy.state_dict().items()]
+        """Send the policy's parameters and buffers to the engine; returns how many tensors were sent.
+        Under LoRA (`model.lora_rank > 0`) the weights are the base's with the policy's adapter merged in
+        (`harness.lora.merged_weights`): the engine runs the plain model and needs no LoRA support."""
+        from harness.lora import merged_weights
+
+        weights = [(name, tensor.detach()) for name, tensor in merged_weights(policy)]
         self.engine.load_weights(weights)
         return len(weights)
 
@@ -195,12 +206,31 @@ class VLLMRollout:
         copies of a prompt sample independently and a run is reproducible from the global seed."""
         seeds = (generator.seeds(len(prompts)) if hasattr(generator, "seeds")  # rollout.PerRow: a stream per row
                  else torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist())
-        outputs = self.engine.generate(prompts, max_tokens=max_new_tokens, temperature=temperature,
-                                       top_p=top_p if temperature > 0 else 1.0, seeds=seeds, stop_token_ids=[eos_id])
-        roll = pack_rollout(prompts, outputs, pad_id, max_new_tokens)
-        for name in ("input_ids", "attention_mask", "responses", "response_mask"):
-            setattr(roll, name, getattr(roll, name).to(self.device))
+        options = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p if temperature > 0 else 1.0,
+                   "seeds": seeds, "stop_token_ids": [eos_id]}
+        logps = None
+        if returns_logp(self.engine, temperature, top_p):
+            outputs, logps = zip(*self.engine.sample(prompts, **options, logprobs=True))
+        else:
+            outputs = self.engine.generate(prompts, **options)
+        roll = pack_rollout(prompts, list(outputs), pad_id, max_new_tokens)
+        if logps is not None:  # the sampler's log-probs: the mismatch metrics and corrections (train.rollout_correction)
+            roll.logp = torch.zeros(roll.responses.shape)
+            for row, values in enumerate(logps):
+                values = values[:max_new_tokens]
+                roll.logp[row, :len(values)] = torch.tensor(values, dtype=torch.float32)
+        for name in ("input_ids", "attention_mask", "responses", "response_mask", "logp"):
+            if getattr(roll, name) is not None:
+                setattr(roll, name, getattr(roll, name).to(self.device))
         return roll
+
+
+def returns_logp(engine, temperature: float, top_p: float) -> bool:
+    """Whether a rollout carries the sampler's log-probs (`Rollout.logp`): when sampling (not greedy), with
+    an engine that reports them (`VLLMEngine.sample`), and without a top-p cut, under which vLLM's
+    log-probs are of the renormalised nucleus rather than of the temperature-scaled softmax the trainer
+    scores."""
+    return temperature > 0 and top_p >= 1.0 and callable(getattr(engine, "sample", None))
 
 
 def pack_rollout(prompts: list[list[int]], responses: list[list[int]], pad_id: int, max_new_tokens: int) -> Rollout:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from reports import stats, validity
+from reports import stats
 from reports.load import RunStore, sort_noise
 from reports.seeds import ALPHA, DEFAULT_MARGIN, EQ_COLUMNS, Finals, compare_seeds
 
@@ -342,27 +342,14 @@ def stability_table(suite: Suite, curves: pd.DataFrame) -> pd.DataFrame:
 
 @dataclass
 class SuiteReport:
+    """One suite's analysis: its `Suite` and the frames its report sections computed
+    (`reports.sections.SECTIONS`), by name, each also an attribute (`report.main`)."""
+
     suite: Suite
-    main: pd.DataFrame
-    significance: pd.DataFrame
-    robustness_curve: pd.DataFrame
-    robustness: pd.DataFrame
-    curves: pd.DataFrame
-    stability_curves: pd.DataFrame
-    stability: pd.DataFrame
-    unfinished: pd.DataFrame
-    validity: pd.DataFrame = field(default_factory=pd.DataFrame)  # reports.validity.gates
+    frames: dict[str, pd.DataFrame] = field(default_factory=dict)
 
-
-def analyse(store: RunStore, baseline: str = "ppo", seed: int = 0, margin: float = DEFAULT_MARGIN) -> list[SuiteReport]:
-    out = []
-    for suite in suites(store, baseline):
-        main = main_table(store, suite, seed)
-        curve, auc = robustness_table(store, suite, main, baseline, seed, margin)
-        ev = eval_curves(store, suite)
-        cells = store.cells[store.cells["suite"] == suite.name]
-        unfinished = cells[~(cells["state"].eq("done") & cells["step"].notna()) | cells["issue"].ne("")]
-        out.append(SuiteReport(suite, main, significance_table(store, suite, baseline, seed, margin), curve, auc,
-                               ev, stability_curves(store, suite, ev), stability_table(suite, ev), unfinished,
-                               validity.gates(store, suite, baseline)))
-    return out
+    def __getattr__(self, name: str) -> pd.DataFrame:
+        frames = self.__dict__.get("frames", {})
+        if name in frames:
+            return frames[name]
+        raise AttributeError(f"{type(self).__name__} has no {name!r} (frames: {', '.join(frames)})")

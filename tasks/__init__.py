@@ -1,7 +1,9 @@
 """Task suites: registry, problems and graders.
 
 Every module of this package is imported here, so a suite registers itself by being a module
-with an `@SUITES.register(name)` class.
+with an `@SUITES.register(name)` class: the testbeds `chain` and `arith` each in its own module
+with its problems, the cross-domain suites `math`, `science` and `dialogue` in `suites.py`, built
+from the benchmarks and graders of the `benchmarks` subpackage (one module per domain).
 """
 import importlib
 import pkgutil

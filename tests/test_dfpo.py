@@ -1,4 +1,4 @@
-"""DFPO (algorithms/dfpo.py): each critic-loss term on hand-computed cases, coupled-noise GAE
+"""DFPO (algorithms/dfpo.py, flow_critic.py): each critic-loss term on hand-computed cases, coupled-noise GAE
 against a brute-force loop, the flow critic fitting a bimodal return distribution, and DFPO
 through the training core and the CLI."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 
 from algorithms.base import Batch, PolicyForward
 from algorithms.common import gae
-from algorithms.dfpo import (DFPO, DFPOOptions, FlowHead, anchor_loss, cfm_loss, couple_noise, coupled_gae,
-                             flow_critic_loss, geo_loss, noise_levels, realised_returns, risk_loss, shape_loss,
-                             uncertainty_weight)
+from algorithms.dfpo import DFPO, DFPOOptions
+from algorithms.flow_critic import (FlowHead, anchor_loss, cfm_loss, couple_noise, coupled_gae, flow_critic_loss, geo_loss,
+                                    noise_levels, realised_returns, risk_loss, shape_loss, uncertainty_weight)
 from harness.cli import main
 from harness.config import options_dataclass
 from harness.errors import HarnessError

@@ -1,4 +1,4 @@
-"""SGD dialogue data (tasks/dialogue.py): problems from the shared files, hand-checked prompts and
+"""SGD dialogue data (tasks/benchmarks/dialogue.py): problems from the shared files, hand-checked prompts and
 golds, the act graders, and the converter from the hub's columnar layout (a synthetic fixture)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import HarnessError
-from tasks import dialogue
+from tasks.benchmarks import dialogue
 from tasks.base import Problem
 from tasks.data import BENCHMARKS, GRADERS, DataSources
 

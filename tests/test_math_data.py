@@ -1,4 +1,4 @@
-"""The math benchmarks (tasks.math): real data files, the math-verify grader, boxed extraction.
+"""The math benchmarks (tasks.benchmarks.math): real data files, the math-verify grader, boxed extraction.
 
 Reads the shared data folder (`../shared/data` next to the repository); every test runs, none is
 skipped. The grading table's expectations are what a careful human grader says, written by hand.
@@ -15,7 +15,7 @@ import pytest
 from harness.errors import HarnessError
 from tasks.data import BENCHMARKS, GRADERS, DataSources
 from tasks.base import Problem
-from tasks.math import MATH_PROMPT, clean_gold, extract_answer, extract_boxed, grade_answer
+from tasks.benchmarks.math import MATH_PROMPT, clean_gold, extract_answer, extract_boxed, grade_answer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EVAL_SIZES = {"math500": 500, "aime24": 30, "amc23": 40, "minerva": 272}

@@ -13,7 +13,8 @@ import torch
 from algorithms import ALGOS
 from algorithms.base import Batch, PolicyForward
 from algorithms.common import gae, grad_shares, masked_corr, masked_whiten
-from algorithms.dfpo import DFPO, DFPOOptions, FlowHead, flow_critic_loss, risk_loss, shape_loss
+from algorithms.dfpo import DFPO, DFPOOptions
+from algorithms.flow_critic import FlowHead, flow_critic_loss, risk_loss, shape_loss
 from algorithms.distributional import lower_tail_distortion
 from algorithms.dvpo import (DVPO, DVPOOptions, dvpo_critic_loss, head_consistency, lower_tail_risk, upper_tail_gain)
 from algorithms.distributional import tail_curvature

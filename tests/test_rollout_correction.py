@@ -128,4 +128,6 @@ def test_rollout_correction_options_are_checked(tmp_path):
         cell(tmp_path, "flowrl", **{"train.rollout_correction": "seq-tis"})
     with pytest.raises(HarnessError, match="train.rollout_is_cap must be >= 1"):
         cell(tmp_path, **{"train.rollout_is_cap": "0.5"})
+    with pytest.raises(HarnessError, match="train.rollout_correction with train.rollout=vllm needs train.top_p=1"):
+        cell(tmp_path, **{"train.rollout": "vllm", "train.top_p": "0.9", "train.rollout_correction": "token-tis"})
     assert cell(tmp_path, **{"train.rollout_correction": "seq-mask"}).cfg.train.old_logp == "recompute"

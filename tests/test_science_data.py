@@ -1,4 +1,4 @@
-"""Science QA data (tasks/science.py): GPQA and HLE on synthetic fixtures in their real layouts,
+"""Science QA data (tasks/benchmarks/science.py): GPQA and HLE on synthetic fixtures in their real layouts,
 SimpleQA on the shared file, and the graders on hand-written cases."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import HarnessError
-from tasks import science
+from tasks.benchmarks import science
 from tasks.base import Problem
 from tasks.data import BENCHMARKS, GRADERS, DataSources, read_rows
 

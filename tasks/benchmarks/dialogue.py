@@ -217,7 +217,7 @@ def sgd_problems(rows: Rows, spec: BenchmarkSpec, seed: int) -> list[Problem]:
     schemas = spec.options.get("schemas")
     if schemas is None:
         raise HarnessError(f"benchmark {spec.name}: the SGD service schemas are not loaded; load it with "
-                           "tasks.dialogue.with_schemas(spec, sources) first")
+                           "tasks.benchmarks.dialogue.with_schemas(spec, sources) first")
     records = [hub_dialogue_to_record(r, HUB_ACT_NAMES, HUB_SPEAKER_NAMES) if isinstance(r.get("turns"), dict) else r
                for r in rows]
     return dialogue_problems(records, schemas, spec.options["domain"],

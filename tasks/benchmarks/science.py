@@ -23,7 +23,7 @@ from harness.errors import HarnessError
 from harness.seeding import numpy_rng
 from tasks.base import Problem
 from tasks.data import BenchmarkSpec, Grader, Rows, field_of, register_benchmark, register_grader, stable_fraction
-from tasks.math import extract_boxed as last_boxed
+from tasks.benchmarks.math import extract_boxed as last_boxed
 
 QA_TEMPLATE = "Answer the following question. Put your final answer within \\boxed{{}}.\n\n{question}"
 MC_TEMPLATE = ("Answer the following multiple-choice question. Put the letter of your final answer within "
@@ -180,7 +180,7 @@ def judge_fn() -> JudgeFn:
         source = _judge["source"] or os.environ.get("SIMPLEQA_JUDGE_MODEL", "")
         if not source:
             raise HarnessError("simpleqa_judge-v1 needs a judge model: set $SIMPLEQA_JUDGE_MODEL to a local Hugging "
-                               "Face model folder (or call tasks.science.set_judge), or use normalized_match-v1")
+                               "Face model folder (or call tasks.benchmarks.science.set_judge), or use normalized_match-v1")
         _judge["fn"] = hf_judge(str(source))
     return _judge["fn"]
 
@@ -190,7 +190,7 @@ def hf_judge(model: str, max_new_tokens: int = 8) -> JudgeFn:
     model = str(Path(model).expanduser()) if model.startswith("~") else model
     if model.startswith(("/", ".")) and not Path(model).is_dir():
         raise HarnessError(f"simpleqa_judge-v1: judge model folder {model!r} does not exist ($SIMPLEQA_JUDGE_MODEL "
-                           "or tasks.science.set_judge)")
+                           "or tasks.benchmarks.science.set_judge)")
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
