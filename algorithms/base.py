@@ -23,7 +23,7 @@ and supplies the math:
 - `advantages(batch)`: fills `batch["advantages"]` (and `batch["returns"]` for critics) in place;
 - `actor_loss(mb, fwd, heads)`: the policy loss on a minibatch;
 - `critic_loss(mb, critic, generator)`: the critic loss on a minibatch (critic algorithms only); it
-  receives the critic module (`algorithms.critics.Critic`) so that it can evaluate the head as it
+  receives the critic module (`harness.critics.Critic`) so that it can evaluate the head as it
   needs (`critic.on_batch(mb)` for the head's output, `critic.states(...)` and the head's own
   methods for critics such as a flow field that are queried at sampled points), and a
   `torch.Generator` keyed by (seed, step, minibatch) for any random draw the loss makes.

@@ -82,7 +82,7 @@ class TrainConfig:
     # Ranks per cell (harness.distributed): policy, critic, reference and heads sharded with FSDP2, rows
     # split across ranks; 1 is the single-process trainer, unchanged  [I]
     nproc: int = field(default=1, metadata={"doc": "ranks per cell (FSDP2 under torchrun or Ray Train); 1: one process"})
-    # Nodes of a plain multi-node torchrun (harness.launch.NodeLaunch): nproc ranks on each, one
+    # Nodes of a plain multi-node torchrun (harness.cell.NodeLaunch): nproc ranks on each, one
     # rendezvous per cell; every node runs the same `harness run` with its --node-rank  [I]
     nnodes: int = field(default=1, metadata={"doc": "nodes per cell under plain torchrun (nproc ranks on each); 1: this node only"})
     # Compute precision of the trained modules (harness.precision): bf16 gathered parameters and
@@ -330,6 +330,8 @@ def resolved_old_logp(cfg: RunConfig) -> str:
 
 
 def validate_core(cfg: RunConfig) -> None:
+    """Every model/train/eval value in its range and the combinations that work together, from the
+    configuration alone; what needs an installed backend is `harness.resolver.check_backends`'s."""
     t = cfg.train
     for section in SECTIONS:
         for f in dataclasses.fields(getattr(cfg, section)):
@@ -402,14 +404,6 @@ def validate_core(cfg: RunConfig) -> None:
     check_rollout_correction(t)
     if t.old_logp == "rollout" and t.rollout == "vllm":
         raise HarnessError("train.old_logp=rollout needs train.rollout=hf (vLLM's log-probs are recomputed by the trainer)")
-    if t.rollout == "vllm":
-        from harness.vllm_rollout import check_available
-
-        check_available()
-    if t.world_size > 1:
-        from harness.distributed import check_config
-
-        check_config(cfg)
     check_lora(cfg)
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise HarnessError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
@@ -454,6 +448,3 @@ def check_lora(cfg: RunConfig) -> None:
         raise HarnessError(f"model.lora_critic must be adapter or copy, got {m.lora_critic!r}")
     if m.lora_save not in ("adapter", "merged"):
         raise HarnessError(f"model.lora_save must be adapter or merged, got {m.lora_save!r}")
-    from harness.lora import check_available
-
-    check_available()

@@ -1,5 +1,5 @@
-"""The grid: resolve every cell's configuration up front (bad input fails before anything is
-written), then run the cells (serially, in `--workers` processes, or as Ray tasks), skipping those
+"""The grid's scheduling: given cells whose configurations `harness.resolver.build_cells` resolved
+up front (bad input fails before anything is written), run the cells (serially, in `--workers` processes, or as Ray tasks), skipping those
 already done, resuming unfinished ones from their last checkpoint, and containing failures.
 
 A cell's outcome lives in its status.json, written by the process that ran it:
@@ -12,18 +12,12 @@ A cell's outcome lives in its status.json, written by the process that ran it:
 """
 from __future__ import annotations
 
-import dataclasses
-import errno
-import json
 import multiprocessing
 import os
 import signal
-import socket
 import sys
 import threading
 import time
-import traceback
-from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 from typing import Any
@@ -31,52 +25,13 @@ from typing import Any
 from tqdm.auto import tqdm
 from tqdm.std import tqdm as tqdm_std
 
-from algorithms import ALGOS
-from harness import store
-from harness.config import (SECTIONS, RunConfig, apply_section_overrides, convert, options_dataclass,
-                            resolved_old_logp, set_dataclass_field, split_overrides, validate_core)
+from harness import checkpoints, store
+from harness.cell import Cell, config_change, read_status_or_none, say
+from harness.config import RunConfig
 from harness.errors import HarnessError
-from harness.export import save_model
-from harness.launch import NodeLaunch
-from harness.models import MODEL_ALIASES, check_local_model
+from harness.launch import run_cell
 from harness.signals import InterruptOnce, interrupt_signals
-from harness.tracking import Tracker
-from noise import parse_noise_list
 from tasks import SUITES
-
-# The mission's algorithms, in this order, as far as they are registered.
-MISSION_ALGOS = ("ppo", "grpo", "dvpo", "flowrl", "dfpo")
-
-
-# The spec's head sizes are meant for 8B policies. On the tiny offline model (hidden size 64) a
-# 1024-wide flow head costs 16x PPO's step; 64 wide it costs 1.55x (measured on the default arith
-# configuration). Applied only with --model tiny, only where the user sets nothing else, and
-# written to config.json like every other option.
-TINY_MODEL_OVERRIDES = {"dfpo.flow_width": "64"}
-
-
-def with_tiny_model_overrides(overrides: dict[str, str], algos: list[str], model: str | None) -> dict[str, str]:
-    if (model or overrides.get("model.name", "tiny")) != "tiny":
-        return overrides
-    out = dict(overrides)
-    for key, value in TINY_MODEL_OVERRIDES.items():
-        base, _, name = key.partition(".")
-        for algo in algos:  # the algorithm and its named variants (subclasses, e.g. dfpo_tails_off)
-            if (base in ALGOS and issubclass(ALGOS.get(algo), ALGOS.get(base)) and f"{algo}.{name}" not in out
-                    and f"algo.{name}" not in out):
-                out[f"{algo}.{name}"] = value
-    return out
-
-
-def with_real_model_defaults(overrides: dict[str, str], model: str | None) -> dict[str, str]:
-    """Defaults for a real model, under anything the user sets: one torch thread per core (its cells
-    run one at a time, see `default_workers`, while tiny-model cells run one per core,
-    single-threaded), and gradient checkpointing (the activations of long responses are what fills
-    memory)."""
-    if (model or overrides.get("model.name", "tiny")) == "tiny":
-        return overrides
-    return {"train.threads": str(os.cpu_count() or 1), "train.gradient_checkpointing": "true", **overrides}
-
 
 def default_workers(cells: list["Cell"]) -> int:
     """One worker per core when every cell is a tiny-model CPU cell (single-threaded training, about
@@ -85,300 +40,6 @@ def default_workers(cells: list["Cell"]) -> int:
            and c.cfg.train.world_size == 1 for c in cells):
         return max(1, min(os.cpu_count() or 1, len(cells)))
     return 1
-
-
-def default_algos() -> list[str]:
-    return [name for name in MISSION_ALGOS if name in ALGOS]
-
-
-@dataclass
-class Cell:
-    cfg: RunConfig
-    path: Path
-    log_to: tuple[str, ...] = ()  # tracking backends (harness.tracking)
-    grid: str = ""  # the tracked runs' group
-    save_model: str = "none"  # harness.export.MODES
-    node: NodeLaunch = NodeLaunch()  # this process's node in a multi-node torchrun (train.nnodes > 1)
-
-    @property
-    def label(self) -> str:
-        return f"{self.cfg.suite}/{self.cfg.algo}/{self.cfg.noise}/seed{self.cfg.seed}"
-
-
-def comma_list(text: str, flag: str) -> list[str]:
-    """`"a, b"` -> ["a", "b"]; an empty item (`"a,,b"`, a trailing comma) is refused."""
-    parts = [p.strip() for p in str(text).split(",")]
-    if "" in parts and any(parts):
-        raise HarnessError(f"{flag} has an empty item in {text!r}: ',' must separate two names")
-    return [p for p in parts if p]
-MAX_SEED = 2 ** 63
-MAX_SEED_COUNT = 10_000
-
-
-def parse_seeds(text: str) -> list[int]:
-    """`"3"` -> [0, 1, 2]; `"0,5,7"` -> [0, 5, 7]; `"5,"` -> [5] (a list of one seed, as a grid file's [5])."""
-    text = str(text).strip()
-    one_seed = text.endswith(",") and text.count(",") == 1
-    parts = comma_list(text[:-1] if one_seed else text, "--seeds")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise HarnessError(f"--seeds takes a count (e.g. 2) or a comma list of seeds (e.g. 0,1,5), got {text!r}") from None
-    if len(values) == 1 and "," not in text:
-        if values[0] < 1:
-            raise HarnessError(f"--seeds count must be at least 1, got {values[0]}")
-        if values[0] > MAX_SEED_COUNT:
-            raise HarnessError(f"--seeds count must be at most {MAX_SEED_COUNT}, got {values[0]}")
-        return list(range(values[0]))
-    if not values or any(v < 0 for v in values) or len(set(values)) != len(values):
-        raise HarnessError(f"--seeds list must hold distinct non-negative integers, got {text!r}")
-    if any(v >= MAX_SEED for v in values):
-        raise HarnessError(f"--seeds must be below 2**63 (a seed names a folder and seeds 64-bit streams), got {text!r}")
-    return values
-
-
-def parse_algos(text: str) -> list[str]:
-    names = comma_list(text, "--algos")
-    if not names:
-        raise HarnessError(f"--algos needs at least one algorithm (valid: {', '.join(ALGOS.names())})")
-    for name in names:
-        ALGOS.get(name)
-    if len(set(names)) != len(names):
-        raise HarnessError(f"--algos lists an algorithm twice: {text!r}")
-    return names
-
-
-def resolve_options(options_cls: type, groups: dict[str, dict[str, str]], shared: str, own: str) -> dict[str, Any]:
-    """Options of one algorithm (or the suite): shared keys it has, then its own keys."""
-    field_names = {f.name for f in dataclasses.fields(options_cls)}
-    overrides = {k: v for k, v in groups.get(shared, {}).items() if k in field_names}
-    overrides.update(groups.get(own, {}))
-    return dataclasses.asdict(options_dataclass(options_cls, overrides, own))
-
-
-def algo_sections(own: dict[str, str]) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
-    """Split the `<algo>.*` keys into core keys for that algorithm's cells only (`ppo.train.lr=1e-4`
-    -> {"train": {"lr": "1e-4"}}; what a tuned grid file sets) and the algorithm's own options."""
-    sections: dict[str, dict[str, str]] = {}
-    options: dict[str, str] = {}
-    for key, value in own.items():
-        section, dot, name = key.partition(".")
-        if dot and section in SECTIONS:
-            sections.setdefault(section, {})[name] = value
-        else:
-            options[key] = value
-    return sections, options
-
-
-def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out: Path,
-                model: str | None = None, steps: int | None = None, eval_limit: int | None = None,
-                overrides: dict[str, str] | None = None, check_data: bool = True) -> list[Cell]:
-    """The grid's cells, every configuration resolved and validated; with `check_data`, the suite's
-    benchmarks are also checked to be had (`harness plan` needs no data)."""
-    suite_cls = SUITES.get(suite)
-    noise_specs = parse_noise_list(noise)
-    overrides = {**getattr(suite_cls, "run_defaults", {}), **(overrides or {})}  # the user's --set wins
-    overrides = with_real_model_defaults(with_tiny_model_overrides(overrides, algos, model), model)
-    groups = split_overrides(overrides, ALGOS.names())
-    for key in groups.get("algo", {}):
-        if not any(key in {f.name for f in dataclasses.fields(ALGOS.get(a).Options)} for a in algos):
-            raise HarnessError(f"config key 'algo.{key}' is an option of none of: {', '.join(algos)}")
-    for name in groups:
-        if name in ALGOS and name not in algos:
-            raise HarnessError(f"--set {name}.* given but {name!r} is not in --algos ({', '.join(algos)})")
-    suite_options = resolve_options(suite_cls.Options, groups, "suite", "suite")
-    model_name = model or overrides.get("model.name", "tiny")
-    if model_name in MODEL_ALIASES:
-        MODEL_ALIASES[model_name]()  # a missing offline model stops the grid before it writes anything
-    trust = convert(overrides.get("model.trust_remote_code", "false"), bool, "model.trust_remote_code")
-    check_local_model(model_name, trust, weights=check_data)  # so does a local folder that is not there, or a damaged one
-    data_check = getattr(suite_cls, "check_data", None) if check_data else None
-    if data_check is not None:  # data that cannot be had stops the grid before it writes anything
-        data_check(suite_cls.Options(**suite_options))
-    cells = []
-    for algo in algos:
-        sections, own = algo_sections(groups.get(algo, {}))
-        algo_options = resolve_options(ALGOS.get(algo).Options, {**groups, algo: own}, "algo", algo)
-        for spec in noise_specs:
-            for seed in seeds:
-                cfg = RunConfig(suite=suite, algo=algo, noise=spec.name, seed=seed,
-                                algo_options=algo_options, suite_options=suite_options)
-                if model is not None:
-                    cfg.model.name = model
-                if steps is not None:
-                    if steps < 1:
-                        raise HarnessError(f"--steps must be a positive integer, got {steps}")
-                    cfg.train.steps = steps
-                if eval_limit is not None:
-                    set_dataclass_field(cfg.eval, "limit", str(eval_limit), "--eval-limit")
-                apply_section_overrides(cfg, groups)
-                for section, items in sections.items():  # `<algo>.train.lr`: after the grid-wide keys
-                    for name, text in items.items():
-                        set_dataclass_field(getattr(cfg, section), name, text, f"{algo}.{section}.{name}")
-                if sections:
-                    validate_core(cfg)
-                need = ALGOS.get(algo)(ALGOS.get(algo).Options(**algo_options)).min_group_size()
-                if cfg.train.group_size < need:
-                    raise HarnessError(f"{algo} compares the samples of a group: train.group_size must be >= {need} "
-                                       f"(a group of {cfg.train.group_size} trains nothing), got {cfg.train.group_size}")
-                if cfg.train.rollout_correction != "off" and not ALGOS.get(algo).supports_rollout_correction:
-                    raise HarnessError(f"train.rollout_correction={cfg.train.rollout_correction}: {algo}'s actor loss takes "
-                                       f"no per-token importance weights (the PPO-clip algorithms do); set it to off")
-                cfg.algo_options = ALGOS.get(algo).cell_options(cfg.algo_options, cfg.train)
-                cfg.train.old_logp = resolved_old_logp(cfg)
-                cells.append(Cell(cfg, store.cell_dir(out, suite, algo, spec.name, seed)))
-    return cells
-
-
-def say(message: str) -> None:
-    """A progress line that survives progress bars, worker processes and Ray's log forwarding."""
-    tqdm.write(message, file=sys.stdout)
-    sys.stdout.flush()
-
-
-def config_change(cell: Cell) -> str | None:
-    """Why the cell's config.json does not hold this configuration (None when it does)."""
-    try:
-        written = store.read_json(cell.path / "config.json")
-    except store.StoreError as exc:
-        return f"its config.json is unusable: {str(exc).split(': ', 1)[-1]}"
-    return None if written == json.loads(json.dumps(store._clean(cell.cfg.to_dict()))) else "its configuration changed"
-
-
-def same_config(cell: Cell) -> bool:
-    return config_change(cell) is None
-
-
-# errno values that mean a file cannot be written: a full disk or a read-only one anywhere, a
-# permission refused inside the run store. No cell can run then: the grid stops with one line.
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
-PERMISSION_ERRORS = {errno.EACCES, errno.EPERM}
-
-
-def write_error(cell: Cell, exc: OSError) -> str | None:
-    """The one-line reason when `exc` means the cell's files cannot be written, else None."""
-    inside = exc.filename is not None and Path(str(exc.filename)).resolve().is_relative_to(cell.path.resolve().parents[3])
-    if exc.errno in DISK_ERRORS or (exc.errno in PERMISSION_ERRORS and inside):
-        return f"cannot write {'the run store' if inside else 'a file'}: {store.os_error_message(exc)}"
-    return None
-
-
-def run_cell(cell: Cell, cache_dir: Path | None = None, ckpt_every: int = 0, progress: bool = False,
-             backend: str = "local") -> dict[str, Any]:
-    """Run one cell to the end in this process, resuming from its newest checkpoint that passes
-    verification when its configuration is unchanged; write its status.json; return that status.
-    An exception inside the cell (a non-finite loss, out of memory, a bug) marks it failed and
-    does not propagate, except bad input (`HarnessError`, e.g. a model that cannot load) and a
-    store that cannot be written (full disk, read-only), which the grid stops on. A cell of more
-    than one rank (`train.nproc` x `train.nnodes`) runs as that many (`harness.launch`, torchrun or Ray Train)."""
-    try:
-        if cell.cfg.train.world_size > 1:
-            from harness.launch import run_cell_ranks
-
-            return run_cell_ranks(cell, cache_dir, ckpt_every, progress, backend)
-        return _run_cell(cell, cache_dir, ckpt_every, progress)
-    except OSError as exc:
-        reason = write_error(cell, exc)
-        if reason is None:
-            raise
-        status = {"state": "interrupted", "reason": reason, "fatal": True, "step": store.last_step(cell.path)}
-        try:  # resumed by the next run once there is room; the write itself may fail again
-            store.write_status(cell.path, "interrupted", reason=reason, step=status["step"])
-        except OSError:
-            pass
-        return status
-
-
-def begin_cell(cell: Cell) -> tuple[dict[str, Any], tuple[int, Path] | None]:
-    """Before a cell trains: keep its files when it resumes (unchanged configuration and a
-    checkpoint that passes verification), else start it afresh; say which; write status `running`.
-    Returns the status fields and the checkpoint `(step, folder)` to resume from (None: step 0)."""
-    try:
-        previous = store.read_status(cell.path) or {}
-    except store.StoreError:  # run_grid runs such a cell only when it did not finish
-        previous = {}
-    change = config_change(cell) if cell.path.exists() else "it has no files yet"
-    rejected: list[int] = []
-
-    def reject(step: int, why: str) -> None:
-        rejected.append(step)
-        say(f"cell {cell.label}: the checkpoint at step {step} failed verification and is not used: {why}")
-
-    found = store.usable_checkpoint(cell.path, on_reject=reject) if change is None else None
-    if found is None:
-        reached = store.last_step(cell.path)
-        if reached > 0 or rejected:
-            why = change or ("no checkpoint passed verification" if rejected else "it has no checkpoint")
-            say(f"cell {cell.label}: restarting from step 0 ({why}; it had reached step {reached})")
-        store.reset_cell(cell.path)
-        store.atomic_write_json(cell.path / "config.json", cell.cfg.to_dict())
-    resumed_from = found[0] if found else 0
-    steps = cell.cfg.train.steps
-    if resumed_from:
-        left = steps - resumed_from
-        older = " (the newest that passed verification)" if rejected else ""
-        say(f"cell {cell.label}: resuming from the checkpoint at step {resumed_from} of {steps}{older} "
-            f"({left} step{'s' if left != 1 else ''} left{'; only the final status is written' if left == 0 else ''})")
-    attempt = previous.get("attempt", 0) + 1 if found else 1  # read_status checked it is an integer
-    info = {"resumed_from": resumed_from, "attempt": attempt, "steps": steps, "pid": os.getpid(),
-            "host": socket.gethostname()}
-    store.write_status(cell.path, "running", **info)
-    return info, found
-
-
-def _run_cell(cell: Cell, cache_dir: Path | None, ckpt_every: int, progress: bool) -> dict[str, Any]:
-    from harness.trainer import Trainer
-
-    info, found = begin_cell(cell)
-    resumed_from = info["resumed_from"]
-    trainer = tracker = None
-    try:
-        trainer = Trainer(cell.cfg, cell.path, cache_dir=cache_dir, progress=progress)
-        trainer.tracker = tracker = Tracker(cell.log_to, cell.path, cell.label, cell.grid, cell.cfg.to_dict(), resumed_from)
-        summary = trainer.run(ckpt_every=ckpt_every, resume=found[1] if found else None)
-        if cell.save_model != "none":
-            save_model(trainer, cell.path / "model", with_critic=cell.save_model == "final+critic")
-    except KeyboardInterrupt:
-        step = trainer.step if trainer else resumed_from
-        store.write_status(cell.path, "interrupted", step=step, reason="interrupted", **info)
-        close_tracker(tracker, "interrupted")
-        raise
-    except HarnessError as exc:
-        step = trainer.step if trainer else resumed_from
-        store.write_status(cell.path, "failed", step=step, reason=str(exc), fatal=True, **info)
-        close_tracker(tracker, "failed")
-        return store.read_status(cell.path)
-    except OSError as exc:
-        close_tracker(tracker, "failed")
-        if write_error(cell, exc) is not None:
-            raise
-        return _failed(cell, trainer, resumed_from, exc, info)
-    except Exception as exc:  # noqa: BLE001 - a failing cell must not stop the grid
-        close_tracker(tracker, "failed")
-        return _failed(cell, trainer, resumed_from, exc, info)
-    close_tracker(tracker, "done")
-    store.write_status(cell.path, "done", **summary, **info)
-    store.prune_checkpoints(cell.path)
-    return store.read_status(cell.path)
-
-
-def _failed(cell: Cell, trainer, resumed_from: int, exc: BaseException, info: dict[str, Any]) -> dict[str, Any]:
-    step = trainer.step if trainer else resumed_from
-    reason = f"{type(exc).__name__}: {exc}"
-    if "out of memory" in str(exc).lower() or isinstance(exc, MemoryError):
-        reason = f"out of memory: {reason}"
-    store.write_status(cell.path, "failed", step=step, reason=reason, traceback=traceback.format_exc(), **info)
-    return store.read_status(cell.path)
-
-
-def close_tracker(tracker: Tracker | None, state: str) -> None:
-    """Close a cell's tracked runs; a tracking backend that fails to close does not change the cell's state."""
-    if tracker is None:
-        return
-    try:
-        tracker.close(state)
-    except Exception as exc:  # noqa: BLE001
-        say(f"tracking: closing the tracked runs failed: {type(exc).__name__}: {exc}")
 
 
 def write_manifest(out: Path, cells: list[Cell]) -> None:
@@ -439,7 +100,7 @@ def run_grid(cells: list[Cell], cache_dir: Path | None = None, progress: bool = 
             if lock.stale_pid is not None:
                 say(f"took over the lock of {str(out)!r} left by pid {lock.stale_pid}, which is no longer running")
             for cell in done:
-                store.prune_checkpoints(cell.path)  # a crash between "done" and the clean-up
+                checkpoints.prune_checkpoints(cell.path)  # a crash between "done" and the clean-up
             write_manifest(out, cells)
             if backend == "ray":
                 outcomes = run_ray(todo, cache_dir, ckpt_every, ray_address)
@@ -567,13 +228,6 @@ def _worker_main(cell: Cell, cache_dir, ckpt_every: int, grid_pid: int, conn) ->
         sys.exit(INTERRUPTED_EXIT)
 
 
-def read_status_or_none(cell: Cell) -> dict[str, Any]:
-    try:
-        return store.read_status(cell.path) or {}
-    except store.StoreError:
-        return {}
-
-
 INTERRUPTED_EXIT = 130  # the shell's code for a process ended by SIGINT
 WORKER_GRACE_S = 10.0  # how long an interrupted grid waits for its workers to mark their cells
 
@@ -696,54 +350,3 @@ def run_ray(todo: list[Cell], cache_dir, ckpt_every: int, address: str | None) -
             ray.shutdown()
     return outcomes
 
-
-# ---- harness status ------------------------------------------------------------------------------
-
-def grid_status(out: Path) -> list[dict[str, Any]]:
-    """One row per cell of `out` (those of grid.json and those on disk): label, state (done /
-    running / failed / pending), step reached, total steps, checkpoint step, detail."""
-    out = Path(out)
-    if not out.is_dir():
-        raise HarnessError(f"no run store at {str(out)!r} (give the --out folder of a harness run)")
-    cells: dict[str, dict[str, Any]] = {c["path"]: {"label": c["label"], "steps": c.get("steps")}
-                                         for c in store.read_grid(out)}
-    for status_path in out.glob("*/*/*/seed*/status.json"):
-        rel = status_path.parent.relative_to(out).as_posix()
-        cells.setdefault(rel, {"label": rel, "steps": None})
-    holder = store.lock_holder(out)
-    host = socket.gethostname()
-    rows = []
-    for rel, info in sorted(cells.items()):
-        path = out / rel
-        try:
-            status, unreadable = store.read_status(path) or {}, None
-        except store.StoreError as exc:
-            status, unreadable = {}, str(exc)
-        state = status.get("state")
-        steps = status.get("steps") if type(status.get("steps")) is int else info["steps"]
-        step = store.last_step(path)
-        ckpt = store.latest_checkpoint(path)
-        detail = ""
-        if unreadable:
-            state, detail = "corrupt", unreadable
-        elif state == "done":
-            scores = ", ".join(f"{k} {v:.3f}" for k, v in sorted(status.items())
-                               if k.endswith("_accuracy") and isinstance(v, (int, float)))
-            detail = scores + (f"; resumed from step {status['resumed_from']}" if status.get("resumed_from") else "")
-        elif state == "failed":
-            step = status.get("step", step)
-            detail = status.get("reason", "")
-        elif state == "running" and holder is not None and (
-                status.get("host") != host or store.pid_alive(int(status.get("pid", -1)))):
-            detail = f"pid {status.get('pid')} on {status.get('host')}"
-            if ckpt:
-                detail += f"; checkpoint at step {ckpt[0]}"
-        elif state in ("running", "interrupted"):
-            state = "pending"
-            detail = f"interrupted at step {step}; " + (
-                f"resumes from the checkpoint at step {ckpt[0]}" if ckpt else "restarts from step 0 (no checkpoint)")
-        else:
-            state = "pending"
-        rows.append({"cell": info["label"], "state": state, "step": step, "steps": steps,
-                     "checkpoint": ckpt[0] if ckpt else None, "detail": detail})
-    return rows

@@ -1,4 +1,5 @@
-"""Start a cell of more than one rank (`train.nproc` x `train.nnodes`), and turn how they ended into its status.
+"""Run one cell (`run_cell`): in this process (`harness.cell.train_cell`), or, a cell of more than one
+rank (`train.nproc` x `train.nnodes`), as that many rank processes whose ends become its status:
 
     local   torchrun's own engine (`torch.distributed.launcher.elastic_launch`): N rank processes of
             `python -m harness.launch JOB` on this node; with `train.nnodes` > 1, on each of that
@@ -23,29 +24,14 @@ import tempfile
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness import store
+from harness import checkpoints, store
+from harness.cell import Cell, NodeLaunch, begin_cell, say, train_cell, write_error
 from harness.errors import HarnessError
 
 JOB_DIR = ".ranks"
-
-
-@dataclass(frozen=True)
-class NodeLaunch:
-    """This process's place in a plain multi-node torchrun (`train.nnodes` > 1): every node runs the
-    same `harness run` over a run store on a shared filesystem, with its own `rank`. Node 0, the
-    leader, hosts the rendezvous at `endpoint` (HOST:PORT, reachable from every node), locks the
-    store and writes every status; each cell is one rendezvous, named `run_id` and the cell."""
-    rank: int = 0
-    endpoint: str = ""
-    run_id: str = "harness"
-
-    @property
-    def leader(self) -> bool:
-        return self.rank == 0
 
 
 def check_nodes(nnodes: int, node: NodeLaunch, backend: str, workers: int) -> None:
@@ -65,13 +51,35 @@ def check_nodes(nnodes: int, node: NodeLaunch, backend: str, workers: int) -> No
         raise HarnessError(f"--nnodes {nnodes} runs one cell at a time on every node (--workers 1), got --workers {workers}")
 
 
-def run_cell_ranks(cell, cache_dir: Path | None, ckpt_every: int, progress: bool, backend: str = "local") -> dict:
+def run_cell(cell: Cell, cache_dir: Path | None = None, ckpt_every: int = 0, progress: bool = False,
+             backend: str = "local") -> dict[str, Any]:
+    """Run one cell to the end in this process, resuming from its newest checkpoint that passes
+    verification when its configuration is unchanged; write its status.json; return that status.
+    An exception inside the cell (a non-finite loss, out of memory, a bug) marks it failed and
+    does not propagate, except bad input (`HarnessError`, e.g. a model that cannot load) and a
+    store that cannot be written (full disk, read-only), which the grid stops on. A cell of more
+    than one rank (`train.nproc` x `train.nnodes`) runs as that many (`run_cell_ranks`, torchrun or Ray Train)."""
+    try:
+        if cell.cfg.train.world_size > 1:
+            return run_cell_ranks(cell, cache_dir, ckpt_every, progress, backend)
+        return train_cell(cell, cache_dir, ckpt_every, progress)
+    except OSError as exc:
+        reason = write_error(cell, exc)
+        if reason is None:
+            raise
+        status = {"state": "interrupted", "reason": reason, "fatal": True, "step": store.last_step(cell.path)}
+        try:  # resumed by the next run once there is room; the write itself may fail again
+            store.write_status(cell.path, "interrupted", reason=reason, step=status["step"])
+        except OSError:
+            pass
+        return status
+
+
+def run_cell_ranks(cell: Cell, cache_dir: Path | None, ckpt_every: int, progress: bool, backend: str = "local") -> dict:
     """Run `cell` as `train.nproc` ranks (on each of `train.nnodes` nodes) to the end, resuming like a
     one-process cell; write and return its status. A failing rank fails the cell and nothing else.
     On a node other than the leader: start this node's ranks and return how they ended; the leader
     checks and resets the cell and writes its status."""
-    from harness.grid import begin_cell
-
     results = Path(cell.path) / JOB_DIR  # the ranks' outcome files, on the shared store
     if not cell.node.leader:
         return follow_cell(cell, results, cache_dir, ckpt_every, progress)
@@ -124,8 +132,6 @@ def launch_torchrun(cell, job: Path) -> dict[int, str]:
 
     t = cell.cfg.train
     if t.nnodes > 1:  # the same rendezvous name on every node, one per cell
-        from harness.grid import say
-
         say(rendezvous_line(cell))
         run_id = f"{cell.node.run_id}-{cell.label}".replace("/", "-")  # torchelastic names a log folder with it
         rdzv = {"run_id": run_id, "rdzv_endpoint": cell.node.endpoint,
@@ -194,7 +200,7 @@ def outcome(cell, job: Path, launcher_failures: dict[int, str], info: dict) -> d
     result = job / "result.json"
     if result.exists() and not launcher_failures:
         store.write_status(cell.path, "done", **store.read_json(result), **info)
-        store.prune_checkpoints(cell.path)
+        checkpoints.prune_checkpoints(cell.path)
         return store.read_status(cell.path)
     written = sorted((store.read_json(p) for p in job.glob("failure_rank*.json")), key=lambda f: f["time"])
     silent = {rank: why for rank, why in launcher_failures.items()

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from algorithms.critics import Critic
+from harness.critics import Critic
 from harness.errors import HarnessError
 
 POLICY_ADAPTER = "default"  # peft's own default name: save_pretrained writes it at the folder's top
@@ -116,7 +116,8 @@ def build_critic(kind: str, peft_model, policy: nn.Module, options: dict, model_
     """The critic under LoRA (`train.critic_backbone=separate`): `model.lora_critic=adapter` adds the
     `critic` adapter to the policy's base; `copy` copies the base (with the policy's fresh adapter,
     which becomes the critic's own) and trains only that adapter and the head."""
-    from algorithms.critics import CRITICS, build_critic as build_full
+    from algorithms.critics import CRITICS
+    from harness.critics import build_critic as build_full
 
     device = next(policy.parameters()).device
     if model_cfg.lora_critic == "copy":

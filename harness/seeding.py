@@ -5,8 +5,10 @@ BLAKE2b, so adding a stream never shifts the numbers of another one.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,3 +42,33 @@ def seed_everything(seed: int, *labels: object) -> None:
     random.seed(s)
     np.random.seed(s % (1 << 32))
     torch.manual_seed(s)
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch, numpy, Python (and CUDA) global RNG states as tensors and plain data."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+            "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                       "gauss_next": gauss_next},
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    """Restore `rng_state()`'s states, wherever the checkpoint's tensors were loaded (RNG states are
+    CPU ByteTensors; the CUDA ones are restored only where CUDA is)."""
+    torch.set_rng_state(rng["torch"].cpu())
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    py = rng["python"]
+    random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss_next"]))
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.cpu() for state in rng["cuda"]][:torch.cuda.device_count()])
+
+
+@functools.lru_cache(maxsize=2)  # a step's prompts span at most two epochs
+def epoch_order(seed: int, n: int, epoch: int) -> list[int]:
+    """The train split's seeded order in `epoch`."""
+    return torch.randperm(n, generator=torch_generator(seed, "data-order", epoch)).tolist()

@@ -46,10 +46,11 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
-from harness import distributed, fast_llama, lora, precision, store
+from harness import checkpoints, distributed, fast_llama, lora, precision, store
 from harness.precision import DTYPES
 from harness.rollout import Rollout, RowsOf, draws_ahead, generate, merge_rollouts
-from harness.trainer import Trainer, rng_state, set_rng_state
+from harness.seeding import rng_state, set_rng_state
+from harness.trainer import Trainer
 
 
 def prompt_groups(prompts: list[list[int]]) -> list[int]:
@@ -313,14 +314,14 @@ class ShardedTrainer(Trainer):
     def save_checkpoint(self, step: int, summary: dict[str, float]) -> None:
         """Every rank writes its shards into `ckpt/step<k>.tmp` (DCP) and its RNG states; after a
         barrier rank 0 adds the step's record (`state.pt`) and renames the folder into place."""
-        final = store.checkpoint_dir(self.cell, step)
+        final = checkpoints.checkpoint_dir(self.cell, step)
         tmp = final.with_name(final.name + ".tmp")
         if self.world.main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         distributed.barrier(self.world)
         dcp.save(self.dcp_state(), checkpoint_id=str(tmp / "dcp"))
-        store.save_tensors(rng_state(), tmp / f"rng_rank{self.world.rank}.pt")
+        checkpoints.save_tensors(rng_state(), tmp / f"rng_rank{self.world.rank}.pt")
         distributed.barrier(self.world)
         if self.world.main:
             record = {"step": step, "summary": summary, "config": self.cfg.to_dict(), "world_size": self.world.size,
@@ -328,8 +329,8 @@ class ShardedTrainer(Trainer):
             for name, obj in (("algo", self.algo), ("noise", self.noise)):
                 if hasattr(obj, "state_dict"):
                     record[name] = obj.state_dict()
-            store.save_tensors(record, tmp / store.STATE_FILE)
-            store.atomic_write_json(tmp / store.MANIFEST_FILE, store.checkpoint_manifest(self.cell, tmp, step))
+            checkpoints.save_tensors(record, tmp / checkpoints.STATE_FILE)
+            store.atomic_write_json(tmp / checkpoints.MANIFEST_FILE, checkpoints.checkpoint_manifest(self.cell, tmp, step))
             for path in tmp.rglob("*"):
                 if path.is_file():
                     with open(path, "rb") as fh:
@@ -337,15 +338,15 @@ class ShardedTrainer(Trainer):
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             store.fsync_dir(final.parent)
-            store.prune_checkpoints(self.cell, keep=final)
+            checkpoints.prune_checkpoints(self.cell, keep=final)
         distributed.barrier(self.world)
 
     def restore_latest(self) -> int:
-        found = store.usable_checkpoint(self.cell)
+        found = checkpoints.usable_checkpoint(self.cell)
         if found is None:
             return 0
         step, path = found
-        record = torch.load(path / store.STATE_FILE, map_location="cpu", weights_only=True)
+        record = torch.load(path / checkpoints.STATE_FILE, map_location="cpu", weights_only=True)
         if record["world_size"] != self.world.size:
             raise RuntimeError(f"checkpoint {path} was written by {record['world_size']} ranks, this cell has "
                                f"{self.world.size}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from harness.errors import HarnessError
+from harness.jsonl import JsonlError, numbered_objects, type_name
 
 
 class StoreError(HarnessError):
@@ -164,11 +164,6 @@ def _read_text(path: Path, limit: int | None = None) -> str:
         raise StoreError(f"{str(path)!r}: not UTF-8 text (byte {exc.start}, line {line})") from None
 
 
-def _type_name(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
-            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
-
-
 def read_json(path: Path, expect: type = dict, keys: Iterable[str] = ()) -> Any:
     """The JSON value of a store file, checked: UTF-8, valid JSON, of type `expect`, holding `keys`
     (when an object). Anything else is a `StoreError` naming the file and what is wrong."""
@@ -179,7 +174,7 @@ def read_json(path: Path, expect: type = dict, keys: Iterable[str] = ()) -> Any:
         what = "empty" if not text.strip() else f"malformed JSON (line {exc.lineno}: {exc.msg})"
         raise StoreError(f"{str(path)!r}: {what}") from None
     if not isinstance(value, expect):
-        raise StoreError(f"{str(path)!r}: expected {_type_name(expect())}, found {_type_name(value)}")
+        raise StoreError(f"{str(path)!r}: expected {type_name(expect())}, found {type_name(value)}")
     missing = [k for k in keys if k not in value] if isinstance(value, dict) else []
     if missing:
         raise StoreError(f"{str(path)!r}: lacks the key(s) {', '.join(missing)}")
@@ -192,19 +187,14 @@ def read_jsonl(path: Path, keys: Iterable[str] = (), upto: int | None = None) ->
     text = _read_text(path, upto)
     keys = tuple(keys)
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"{str(path)!r} line {lineno}: malformed JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise StoreError(f"{str(path)!r} line {lineno}: expected an object, found {_type_name(row)}")
-        missing = [k for k in keys if k not in row]
-        if missing:
-            raise StoreError(f"{str(path)!r} line {lineno}: lacks the key(s) {', '.join(missing)}")
-        rows.append(row)
+    try:
+        for lineno, row in numbered_objects(text.splitlines()):
+            missing = [k for k in keys if k not in row]
+            if missing:
+                raise StoreError(f"{str(path)!r} line {lineno}: lacks the key(s) {', '.join(missing)}")
+            rows.append(row)
+    except JsonlError as exc:
+        raise StoreError(f"{str(path)!r} {exc}") from None
     return rows
 
 
@@ -223,7 +213,7 @@ def read_status(cell: Path) -> dict | None:
         raise StoreError(f"{str(path)!r}: unknown state {status['state']!r} (valid: {', '.join(STATES)})")
     for key, kind in STATUS_TYPES.items():
         if key in status and not (isinstance(status[key], kind) and not isinstance(status[key], bool)):
-            raise StoreError(f"{str(path)!r}: {key!r} must be {_type_name(kind())}, found {_type_name(status[key])}")
+            raise StoreError(f"{str(path)!r}: {key!r} must be {type_name(kind())}, found {type_name(status[key])}")
     return status
 
 
@@ -234,7 +224,7 @@ def read_grid(out: Path) -> list[dict]:
         return []
     cells = read_json(path, dict, ("cells",))["cells"]
     if not isinstance(cells, list):
-        raise StoreError(f"{str(path)!r}: \"cells\" must be a list, found {_type_name(cells)}")
+        raise StoreError(f"{str(path)!r}: \"cells\" must be a list, found {type_name(cells)}")
     for i, cell in enumerate(cells):
         ok = (isinstance(cell, dict) and isinstance(cell.get("path"), str) and isinstance(cell.get("label"), str)
               and (cell.get("steps") is None or type(cell.get("steps")) is int))
@@ -355,180 +345,6 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-
-
-def checkpoint_dir(cell: Path, step: int) -> Path:
-    return Path(cell) / "ckpt" / f"step{step:08d}"
-
-
-# A single-process checkpoint is `ckpt/step<k>/state.pt` (torch.save of tensors and plain data:
-# it loads with weights_only=True, so it cannot run code) and `ckpt/step<k>/manifest.json`:
-# the format, the step, the size and SHA-256 of state.pt, and the byte length and SHA-256 of the
-# prefix of each JSONL file it covers. Everything is verified before the checkpoint is used.
-CHECKPOINT_FORMAT = 1
-STATE_FILE = "state.pt"
-MANIFEST_FILE = "manifest.json"
-CHECKPOINTED_FILES = ("metrics.jsonl", "eval.jsonl")
-KEEP_CHECKPOINTS = 2  # the newest and the one before, to fall back to when the newest is corrupt
-
-
-class CheckpointInvalid(Exception):
-    """A checkpoint that failed verification; the message says why."""
-
-
-def sha256_of(path: Path, size: int | None = None) -> str:
-    """SHA-256 of a file's first `size` bytes (the whole file when None)."""
-    digest, left = hashlib.sha256(), size
-    with open(path, "rb") as fh:
-        while left is None or left > 0:
-            chunk = fh.read(1 << 20 if left is None else min(1 << 20, left))
-            if not chunk:
-                break
-            digest.update(chunk)
-            if left is not None:
-                left -= len(chunk)
-    return digest.hexdigest()
-
-
-class _WholeWrites:
-    """A file for torch.save that writes every byte or raises, remembering the OSError: torch's
-    zip writer turns a failed write (a full disk) into a bare RuntimeError."""
-
-    def __init__(self, fh):
-        self.fh, self.error = fh, None
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        try:
-            while len(view):
-                view = view[os.write(self.fh.fileno(), view):]
-        except OSError as exc:
-            self.error = exc
-            raise
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-
-def save_tensors(obj: Any, path: Path) -> None:
-    """`torch.save(obj, path)`; a failed write is an OSError naming `path`."""
-    import torch
-
-    with naming(path), open(path, "wb", buffering=0) as fh:
-        writer = _WholeWrites(fh)
-        try:
-            torch.save(obj, writer)
-        except RuntimeError:
-            if writer.error is not None:
-                raise writer.error from None
-            raise
-
-
-def checkpoint_manifest(cell: Path, folder: Path, step: int) -> dict[str, Any]:
-    """The manifest of a checkpoint whose state.pt is written in `folder`, covering the cell's
-    JSONL files as they are now."""
-    state = Path(folder) / STATE_FILE
-    files = {}
-    for name in CHECKPOINTED_FILES:
-        path = Path(cell) / name
-        files[name] = {"bytes": file_size(path), "sha256": sha256_of(path) if path.exists() else sha256_of_bytes(b"")}
-    return {"format": CHECKPOINT_FORMAT, "step": step,
-            "state": {"file": STATE_FILE, "bytes": state.stat().st_size, "sha256": sha256_of(state)}, "files": files}
-
-
-def sha256_of_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def verify_checkpoint(cell: Path, folder: Path) -> dict[str, Any]:
-    """The manifest of `folder` once state.pt and every JSONL prefix it covers match their
-    checksums and every covered line is a JSON object; `CheckpointInvalid` otherwise."""
-    folder = Path(folder)
-    try:
-        manifest = read_json(folder / MANIFEST_FILE, dict, ("format", "step", "state", "files"))
-    except StoreError as exc:
-        raise CheckpointInvalid(f"its {MANIFEST_FILE} is unusable ({str(exc).split(': ', 1)[-1]})") from None
-    if manifest["format"] != CHECKPOINT_FORMAT:
-        raise CheckpointInvalid(f"unknown checkpoint format {manifest['format']!r} (this harness reads {CHECKPOINT_FORMAT})")
-    if manifest["step"] != int(folder.name[4:]):
-        raise CheckpointInvalid(f"its manifest is for step {manifest['step']!r}")
-    try:
-        state, files = manifest["state"], manifest["files"]
-        expected = [(folder / STATE_FILE, int(state["bytes"]), str(state["sha256"]), False)]
-        expected += [(Path(cell) / name, int(files[name]["bytes"]), str(files[name]["sha256"]), True)
-                     for name in CHECKPOINTED_FILES]
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointInvalid(f"its {MANIFEST_FILE} lacks sizes or checksums") from None
-    for path, size, digest, prefix in expected:
-        have = file_size(path)
-        if not path.exists() and size > 0:
-            raise CheckpointInvalid(f"{path.name} is missing")
-        if have < size or (not prefix and have != size):
-            raise CheckpointInvalid(f"{path.name} has {have} bytes, the checkpoint recorded {size}")
-        if (sha256_of(path, size) if path.exists() else sha256_of_bytes(b"")) != digest:
-            what = f"its first {size} bytes do" if prefix else "it does"
-            raise CheckpointInvalid(f"{path.name}: {what} not match the checkpoint's checksum")
-        if prefix and path.exists():
-            try:
-                read_jsonl(path, upto=size)
-            except StoreError as exc:
-                raise CheckpointInvalid(str(exc)) from None
-    return manifest
-
-
-def checkpoints(cell: Path) -> list[tuple[int, Path]]:
-    """`(step, folder)` of every checkpoint folder of a cell holding a state and a manifest, newest first."""
-    found = []
-    for path in (Path(cell) / "ckpt").glob("step*"):
-        if path.is_dir() and path.name[4:].isdigit() and (path / STATE_FILE).is_file() \
-                and (path / MANIFEST_FILE).is_file():
-            found.append((int(path.name[4:]), path))
-    return sorted(found, reverse=True)
-
-
-def latest_checkpoint(cell: Path) -> tuple[int, Path] | None:
-    """`(step, folder)` of the newest checkpoint of a cell (not verified), or None."""
-    found = checkpoints(cell)
-    return found[0] if found else None
-
-
-def usable_checkpoint(cell: Path, on_reject=None) -> tuple[int, Path] | None:
-    """The newest checkpoint that passes `verify_checkpoint`, or None. Each one rejected on the
-    way is handed to `on_reject(step, reason)` and removed."""
-    bad = [p for p in (Path(cell) / "ckpt").glob("step*")
-           if p.is_dir() and p.name[4:].isdigit() and (p / STATE_FILE).exists() and not (p / MANIFEST_FILE).exists()]
-    for path in sorted(bad, reverse=True):  # a state without a manifest: no checksum to trust
-        if on_reject is not None:
-            on_reject(int(path.name[4:]), f"it has no {MANIFEST_FILE} (written by an older harness, or incomplete)")
-        shutil.rmtree(path)
-    for step, path in checkpoints(cell):
-        try:
-            verify_checkpoint(cell, path)
-        except CheckpointInvalid as exc:
-            if on_reject is not None:
-                on_reject(step, str(exc))
-            shutil.rmtree(path)
-            continue
-        return step, path
-    return None
-
-
-def prune_checkpoints(cell: Path, keep: Path | None = None) -> None:
-    """Remove the checkpoints of a cell except `keep` and the one before it (all of them when `keep`
-    is None)."""
-    root = Path(cell) / "ckpt"
-    if not root.exists():
-        return
-    kept = []
-    if keep is not None:
-        older = [p for s, p in checkpoints(cell) if p != keep and s < int(Path(keep).name[4:])]
-        kept = [Path(keep), *older[:KEEP_CHECKPOINTS - 1]]
-    for path in root.iterdir():
-        if path not in kept:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    if keep is None:
-        root.rmdir()
 
 
 def file_size(path: Path) -> int:

@@ -15,12 +15,9 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import random
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -28,14 +25,14 @@ from tqdm.auto import tqdm
 from algorithms import ALGOS
 from algorithms.base import Batch, PolicyForward
 from algorithms.common import explained_variance, masked_mean, rollout_correction, rollout_mismatch
-from algorithms.critics import build_critic
-from harness import fast_llama, lora, precision, store
+from harness import checkpoints, fast_llama, lora, precision, store
 from harness.config import RunConfig, resolved_old_logp
-from harness.models import load_policy
-from harness.errors import HarnessError
+from harness.critics import build_critic
+from harness.models import load_policy, load_trained_policy
 from harness.evaluation import PolicyEvaluator
+from harness.metrics import PhaseTimer, summarise
 from harness.rollout import forward_response, generate, merge_rollouts
-from harness.seeding import seed_everything, torch_generator
+from harness.seeding import epoch_order, seed_everything, torch_generator
 from harness.tracking import Tracker
 from noise import NoiseContext, parse_noise
 from tasks import SUITES
@@ -46,33 +43,9 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def enable_gradient_checkpointing(model) -> None:
-    """Recompute each layer's activations in the backward pass instead of keeping them (exact, and
-    about a third slower): a 135M model's update on 16 rows of 750 tokens otherwise keeps ~14 GiB.
-    transformers checkpoints only in training mode, so the model goes to training mode, which is
-    the same function as evaluation mode only without dropout: a model with dropout is refused."""
-    dropout = {k: v for k, v in model.config.to_dict().items() if "dropout" in k and isinstance(v, float) and v > 0}
-    if dropout:
-        raise HarnessError(f"train.gradient_checkpointing needs a model without dropout (rollout and update must "
-                           f"compute the same function); this one has {dropout}")
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise HarnessError(f"train.gradient_checkpointing: {type(model).__name__} does not support it; set it to false")
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24; the old name is deprecated
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.train()
-
-
-@functools.lru_cache(maxsize=2)  # a step's prompts span at most two epochs
-def epoch_order(seed: int, n: int, epoch: int) -> list[int]:
-    """The train split's seeded order in `epoch`."""
-    return torch.randperm(n, generator=torch_generator(seed, "data-order", epoch)).tolist()
-
-
-class Trainer(PolicyEvaluator):
-    """One cell's training; its ID/OOD evaluation is `PolicyEvaluator`'s (harness.evaluation)."""
+class Trainer:
+    """One cell's training; its ID/OOD evaluation is the `PolicyEvaluator` it holds (`self.evaluator`,
+    harness.evaluation), which samples through whatever `self.rollout` is at the time."""
 
     # Where the modules are built before `distribute`: the cell's device; the sharded trainer builds
     # them in host memory and FSDP2 moves only each rank's shards to the device.
@@ -94,21 +67,10 @@ class Trainer(PolicyEvaluator):
         self.algo = algo_cls(algo_cls.Options(**cfg.algo_options))
         self.noise = parse_noise(cfg.noise)
 
-        # The trained policy in its master dtype (float32 unless train.master_dtype=model, harness.precision);
-        # model.dtype is what generates and what is frozen.
-        # Under LoRA (harness.lora) the base is frozen in model.dtype and only float32 adapters train.
+        # The trained policy in its master dtype, or a frozen base with float32 LoRA adapters (load_trained_policy).
         self.lora = cfg.model.lora_rank > 0
-        self.policy, self.tokenizer = self.build_policy(cache_dir, progress,
-                                                        cfg.model.dtype if self.lora else precision.master_dtype(cfg))
-        self.policy.eval()  # no dropout: rollout and update see the same function
-        if cfg.train.gradient_checkpointing:
-            enable_gradient_checkpointing(self.policy)  # before the critic copies the backbone: it inherits it
-        # The PeftModel around the policy; `self.policy` stays the HF model, adapted in place by peft.
-        self.peft = None
-        if self.lora:
-            seed_everything(cfg.seed, "lora-init")
-            self.peft = lora.wrap(self.policy, cfg.model)
-            self.policy.train(cfg.train.gradient_checkpointing)  # the mode above, for the injected layers too
+        self.policy, self.tokenizer, self.peft = load_trained_policy(
+            cfg, lambda dtype: self.build_policy(cache_dir, progress, dtype))
         # Before the reference and critic copies, which inherit the setting.
         self.fast_model = fast_llama.enable(self.policy, cfg.train.fast_model)
         # One process: the policy samples itself, under autocast in model.dtype when its masters differ.
@@ -162,12 +124,33 @@ class Trainer(PolicyEvaluator):
                                                 fused=True)
 
         self.train_set = self.suite.train_problems()
-        self.benchmarks = self.suite.eval_benchmarks()
-        self.prompt_cache: dict[str, list[int]] = {}
+        # `self.rollout` looked up at each call: the sharded trainer replaces it after this constructor
+        self.evaluator = PolicyEvaluator(cfg, self.suite, self.tokenizer, lambda *a, **k: self.rollout(*a, **k),
+                                         self.suite.eval_benchmarks())
         self.step = 0  # the step in progress (or the last one done); a failed cell reports it
         self.start_step = 0
         self.resumed_summary: dict[str, float] = {}
         self.tracker = Tracker()  # the grid sets the cell's tracked runs (--log-to)
+
+    def encode(self, problem: Problem) -> list[int]:
+        """A problem's prompt token ids (cached; the evaluator's cache serves training prompts too)."""
+        return self.evaluator.encode(problem)
+
+    def decode(self, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        return self.evaluator.decode(responses, mask)
+
+    def evaluate(self, step: int) -> list[dict[str, Any]]:
+        """The evaluator's rows at `step` (`PolicyEvaluator.evaluate`)."""
+        return self.evaluator.evaluate(step)
+
+    @property
+    def eval_responses(self) -> list[dict[str, Any]] | None:
+        """The evaluator's list of graded responses (None, the default: not collected)."""
+        return self.evaluator.eval_responses
+
+    @eval_responses.setter
+    def eval_responses(self, rows: list[dict[str, Any]] | None) -> None:
+        self.evaluator.eval_responses = rows
 
     # ---- data -------------------------------------------------------------------------------
 
@@ -487,137 +470,26 @@ class Trainer(PolicyEvaluator):
 
     # ---- checkpoints ------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a step depends on that is not rebuilt from the configuration: the trained
-        modules, the optimisers, every global RNG, and any state an algorithm or noise injector keeps
-        (through their own `state_dict`, when they define one). The reference policy is not saved:
-        it is the initial policy, rebuilt from the warm start. The data order and the rollout,
-        noise, minibatch and critic-loss generators are pure functions of (seed, step, ...), and
-        algorithms, critics and heads hold no random state of their own (`algorithms.base`). Only
-        tensors and plain data (numbers, strings, lists, dicts), so the checkpoint loads with
-        weights_only=True."""
-        trained = lora.trained_state if self.lora else (lambda module: module.state_dict())
-        state: dict[str, Any] = {
-            "policy": trained(self.policy),  # under LoRA: its adapters (the critic's adapter too), not the base
-            "heads": self.heads.state_dict(),
-            "actor_opt": self.actor_opt.state_dict(),
-            "rng": rng_state(),
-        }
-        if self.critic is not None:  # a shared critic's backbone (or a LoRA critic's adapter) is saved as the policy
-            state["critic"] = trained(self.critic_module())
-        if self.critic_opt is not None:
-            state["critic_opt"] = self.critic_opt.state_dict()
-        for name, obj in (("algo", self.algo), ("noise", self.noise)):
-            if hasattr(obj, "state_dict"):
-                state[name] = obj.state_dict()
-        return state
-
-    def critic_module(self) -> nn.Module:
-        """The critic's part that a checkpoint holds: the head alone when its backbone is the policy's."""
-        on_policy_base = self.shared_critic or isinstance(self.critic, lora.LoraCritic)
-        return self.critic.head if on_policy_base else self.critic
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        load = lora.load_trained_state if self.lora else (lambda module, s: module.load_state_dict(s))
-        load(self.policy, state["policy"])
-        self.heads.load_state_dict(state["heads"])
-        self.actor_opt.load_state_dict(state["actor_opt"])
-        if self.critic is not None:
-            load(self.critic_module(), state["critic"])
-        if self.critic_opt is not None:
-            self.critic_opt.load_state_dict(state["critic_opt"])
-        for name, obj in (("algo", self.algo), ("noise", self.noise)):
-            if name in state:
-                obj.load_state_dict(state[name])
-        set_rng_state(state["rng"])
-
     # The single-process checkpoint: `ckpt/step<k>/state.pt` and its `manifest.json` (store.py).
 
     def save_checkpoint(self, step: int, summary: dict[str, float]) -> None:
         """Atomically write `ckpt/step<k>/` (then drop all but it and the one before): state.pt and
         the manifest with its checksum and the byte lengths and checksums of metrics.jsonl and
         eval.jsonl, so a resume verifies them and cuts off lines written after it."""
-        final = store.checkpoint_dir(self.cell, step)
-        with store.atomic_dir(final) as tmp:
-            store.save_tensors({"step": step, "summary": summary, "config": self.cfg.to_dict(), **self.state_dict()},
-                               tmp / store.STATE_FILE)
-            store.atomic_write_json(tmp / store.MANIFEST_FILE, store.checkpoint_manifest(self.cell, tmp, step))
-        store.prune_checkpoints(self.cell, keep=final)
+        checkpoints.write_checkpoint(self.cell, step, {"step": step, "summary": summary, "config": self.cfg.to_dict(),
+                                                       **checkpoints.trainer_state(self)})
 
     def restore_checkpoint(self, folder: Path) -> int:
-        """Load the checkpoint in `folder` (verified by `store.verify_checkpoint`), truncate the
+        """Load the checkpoint in `folder` (verified by `checkpoints.verify_checkpoint`), truncate the
         JSONL files to it; return its step. A state that does not load with weights_only=True
         (anything but tensors and plain data: it could run code) is refused with a HarnessError."""
-        manifest = store.verify_checkpoint(self.cell, folder)
-        path = Path(folder) / store.STATE_FILE
-        try:
-            # To the CPU: load_state_dict moves each tensor to its module's device, and the RNG states
-            # must stay CPU ByteTensors whatever device the cell runs on.
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            self.load_state_dict(state)
-            summary = dict(state["summary"])
-        except Exception as exc:  # noqa: BLE001 - whatever the file holds, it is not loaded
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise HarnessError(f"{str(path)!r}: refused: it is not a checkpoint of this cell that loads with "
-                               f"weights_only=True ({type(exc).__name__}: {first[:160]}); nothing in it was run. "
-                               f"Delete {str(Path(folder))!r} to resume from an older checkpoint or step 0") from None
-        for name, info in manifest["files"].items():
-            store.truncate(self.cell / name, int(info["bytes"]))
-        self.resumed_summary = summary
+        manifest = checkpoints.verify_checkpoint(self.cell, folder)
+        self.resumed_summary = checkpoints.load_checkpoint(self.cell, folder, manifest,
+                                                           lambda state: checkpoints.load_trainer_state(self, state))
         self.step = manifest["step"]
         return manifest["step"]
 
     def restore_latest(self) -> int:
         """Restore the cell's newest checkpoint that passes verification; its step (0: none)."""
-        found = store.usable_checkpoint(self.cell)
+        found = checkpoints.usable_checkpoint(self.cell)
         return self.restore_checkpoint(found[1]) if found else 0
-
-
-def rng_state() -> dict[str, Any]:
-    """The torch, numpy, Python (and CUDA) global RNG states as tensors and plain data."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
-            "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
-                       "gauss_next": gauss_next},
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(rng: dict[str, Any]) -> None:
-    """Restore `rng_state()`'s states, wherever the checkpoint's tensors were loaded (RNG states are
-    CPU ByteTensors; the CUDA ones are restored only where CUDA is)."""
-    torch.set_rng_state(rng["torch"].cpu())
-    n = rng["numpy"]
-    np.random.set_state((n["kind"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    py = rng["python"]
-    random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss_next"]))
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([state.cpu() for state in rng["cuda"]][:torch.cuda.device_count()])
-
-
-def summarise(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean of the primary metric over the benchmarks of each role: {"ID_accuracy": .., "OOD_accuracy": ..}."""
-    out: dict[str, list[float]] = {}
-    for row in rows:
-        if row["metric"] in ("accuracy",) or row["metric"].startswith("avg@"):
-            out.setdefault(f"{row['role']}_accuracy", []).append(row["value"])
-    return {k: sum(v) / len(v) for k, v in out.items()}
-
-
-class PhaseTimer:
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self._name = ""
-        self._start = 0.0
-
-    def __call__(self, name: str) -> "PhaseTimer":
-        self._name = name
-        return self
-
-    def __enter__(self):
-        self._start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.seconds[self._name] = self.seconds.get(self._name, 0.0) + time.perf_counter() - self._start

@@ -37,6 +37,7 @@ import pandas as pd
 
 from harness import store
 from harness.errors import HarnessError
+from harness.metrics import is_primary
 
 LAYOUT = "<runs>/<suite>/<algo>/<noise>/seed<k>/eval.jsonl"
 COLUMNS = ["suite", "algo", "noise", "seed", "state", "step", "id_acc", "ood_acc"]
@@ -45,7 +46,6 @@ CORRUPT = "corrupt"
 EVAL_KEYS = ("step", "benchmark", "role", "metric", "value")
 PROBLEM_KEYS = ("step", "benchmark", "role", "problem", "score")
 _SEED_DIR = re.compile(r"seed(\d+)")
-_AVG_AT_K = re.compile(r"avg@\d+")
 
 
 def read_jsonl(path: Path, keys: tuple[str, ...] = ()) -> list[dict]:
@@ -159,7 +159,7 @@ def primary_scores(rows: list[dict]) -> pd.DataFrame:
         return pd.DataFrame({"step": pd.Series(dtype=int), "role": pd.Series(dtype=str),
                              "benchmark": pd.Series(dtype=str), "value": pd.Series(dtype=float)})
     df = pd.DataFrame(rows)
-    df = df[df["metric"].map(lambda m: m == "accuracy" or bool(_AVG_AT_K.fullmatch(str(m))))]
+    df = df[df["metric"].map(lambda m: is_primary(str(m)))]
     df = df.assign(value=pd.to_numeric(df["value"], errors="coerce"))  # null -> NaN, kept: a NaN is a result
     out = df.groupby(["step", "role", "benchmark"], as_index=False)["value"].mean()  # NaN only if all NaN
     out["step"] = out["step"].astype(int)

@@ -166,7 +166,7 @@ def write_tuning_report(tune_dir: Path, folder: Path, tuned_runs: Path | None = 
                         default_runs: Path | str | None = None, formats: list[str] | None = None) -> Path:
     """Write `<folder>/tuning.md` (and the sensitivity figures with png in `formats`, the default);
     returns the Markdown file's path."""
-    from harness.tune import cell_scores, read_plan, select
+    from harness.tune_plan import cell_scores, read_plan, select
 
     plan, data = read_plan(Path(tune_dir))
     formats = formats or ["md", "png"]

@@ -38,6 +38,7 @@ import pandas as pd
 from harness.errors import HarnessError
 from noise import parse_noise
 from reports.load import sort_noise
+from reports.seeds import Finals, compare_seeds
 
 CONTROL_MIN = 0.70
 EV_MIN = 0.30
@@ -142,8 +143,6 @@ def critic_gate(store, suite) -> dict:
 
 def frozen_gate(finals, suite) -> dict:
     """PPO against PPO with a frozen critic on clean rewards, paired by seed."""
-    from reports.analysis import compare_seeds  # analysis imports this module
-
     needs = f"> 0, paired t p < {ALPHA}"
     ppo, frozen = (finals.per_seed(a, CLEAN, SCORE) if a in suite.algos and CLEAN in suite.noises else None
                    for a in (CRITIC_ALGO, FROZEN_ALGO))
@@ -238,8 +237,6 @@ def runs_root(store) -> Path | None:
 def gates(store, suite, baseline: str) -> pd.DataFrame:
     """Every gate of one suite: suite, gate, setting, status (pass / FAIL / not measured), value,
     needs (the threshold, in words), detail (the measurement and, on failure, by how much)."""
-    from reports.analysis import Finals  # analysis imports this module
-
     finals = Finals(store, suite)
     rows = control_gates(finals, suite, baseline)
     rows += [critic_gate(store, suite), frozen_gate(finals, suite), headroom_gate(finals, suite),

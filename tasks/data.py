@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.errors import HarnessError
+from harness.jsonl import JsonlError, numbered_objects
 from harness.registry import Registry
 from tasks.base import Problem
 
@@ -188,23 +189,11 @@ def read_rows(path: Path, name: str) -> Rows:
 
 def read_jsonl_rows(path: Path, name: str) -> Rows:
     """The objects of a .jsonl benchmark file, each line checked; errors give the true line number."""
-    rows = []
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise HarnessError(f"benchmark {name}: {str(path)!r} line {lineno}: not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise HarnessError(f"benchmark {name}: {str(path)!r} line {lineno}: malformed JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise HarnessError(f"benchmark {name}: {str(path)!r} line {lineno}: expected a JSON object")
-            rows.append(row)
-    return rows
+        try:
+            return [row for _, row in numbered_objects(fh, expected="a JSON object")]
+        except JsonlError as exc:
+            raise HarnessError(f"benchmark {name}: {str(path)!r} {exc}") from None
 
 
 def check_csv_fields(path: Path, name: str) -> None:

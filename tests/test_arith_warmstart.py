@@ -17,7 +17,8 @@ import re
 
 import pytest
 
-from harness.evaluation import ModelEvaluation, eval_config
+from harness.model_eval import ModelEvaluation
+from harness.resolver import eval_config
 
 ARITH_CONTENT_BAND = (0.25, 0.80)
 

@@ -444,7 +444,7 @@ def test_report_calls_a_cell_with_bad_values_corrupt(name, file, damage, message
 
 
 def test_sigterm_on_eval_is_the_one_line_interrupted_message(runs, cache_dir, capsys, monkeypatch):
-    from harness.evaluation import ModelEvaluation
+    from harness.model_eval import ModelEvaluation
 
     def terminated(self, step):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -463,8 +463,8 @@ def test_node_0_says_whom_it_waits_for(capsys, monkeypatch):
     import torch.distributed.launcher.api as api
 
     from harness.config import RunConfig
-    from harness.grid import Cell
-    from harness.launch import NodeLaunch, launch_torchrun
+    from harness.cell import Cell, NodeLaunch
+    from harness.launch import launch_torchrun
 
     monkeypatch.setattr(api, "elastic_launch", lambda config, entry: lambda *args: None)
     for nnodes, rank, line in [(2, 0, "waiting for node 1 of 2 at node0.cluster:29500"),

@@ -144,7 +144,7 @@ def test_real_model_bench_defaults_sit_under_the_users_set():
     t = cfg.train
     assert (t.prompts_per_step, t.group_size, t.num_minibatches, t.max_new_tokens) == (4, 4, 2, 8)
     assert t.gradient_checkpointing is False and cfg.model.name == "smollm2"
-    from harness.grid import build_cells
+    from harness.resolver import build_cells
 
     tiny = bench.resolve_config("grpo", {})  # the tiny model's bench is the grid's own default cell
     assert tiny.train == build_cells("arith", ["grpo"], "none", [0], Path("unused"))[0].cfg.train

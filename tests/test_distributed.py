@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.grid import MISSION_ALGOS
+from harness.resolver import MISSION_ALGOS
 from tests.conftest import fast_args
 
 ROOT = Path(__file__).resolve().parents[1]

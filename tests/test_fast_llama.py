@@ -15,7 +15,7 @@ import pytest
 import torch
 from scipy import stats
 
-from algorithms.critics import build_critic
+from harness.critics import build_critic
 from harness import fast_llama
 from harness.config import ModelConfig
 from harness.errors import HarnessError

@@ -20,7 +20,7 @@ import torch
 from algorithms.base import Batch
 from harness.config import resolved_old_logp
 from harness.errors import HarnessError
-from harness.grid import build_cells
+from harness.resolver import build_cells
 from harness.rollout import (cache_argument, forward_response, generate, kv_cache, left_pad, position_ids,
                              response_mask_from_tokens, sample_with_logp)
 from harness.seeding import torch_generator

@@ -9,7 +9,8 @@ import statistics
 import pytest
 
 from harness.cli import main
-from harness.evaluation import ModelEvaluation, eval_config
+from harness.model_eval import ModelEvaluation
+from harness.resolver import eval_config
 from reports import collect_final_scores
 from reports.load import RunStore, final_steps
 from tests.conftest import FAST

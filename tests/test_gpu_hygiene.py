@@ -14,7 +14,7 @@ import torch
 from harness import distributed, precision, rollout
 from harness.config import ModelConfig
 from harness.errors import HarnessError
-from harness.grid import build_cells
+from harness.resolver import build_cells
 from harness.models import tiny_llama
 from harness.rollout import PerRow, RowsOf, generate, uniform_block
 from tests.conftest import FAST

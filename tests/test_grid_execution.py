@@ -16,7 +16,7 @@ import torch
 
 from algorithms import ALGOS
 from algorithms.grpo import GRPO
-from harness import store
+from harness import checkpoints, store
 from harness.cli import main
 from harness.trainer import Trainer
 from tests.conftest import fast_args
@@ -92,7 +92,7 @@ def test_kill_9_mid_cell_then_rerun_resumes_exactly(tmp_path, cache_dir, uninter
         assert time.time() < deadline, "the run never reached step 6"
         time.sleep(0.05)
     grpo = out / CELLS[0]
-    assert store.latest_checkpoint(grpo)[0] == 3
+    assert checkpoints.latest_checkpoint(grpo)[0] == 3
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
@@ -151,7 +151,7 @@ def test_resume_into_zero_steps_is_stated(tmp_path, cache_dir, monkeypatch, caps
     # run; it says so, and the metrics stay as they were.
     out = tmp_path / "runs"
     args = grid_args(out, cache_dir, 2, "grpo", "--ckpt-every", "2")
-    monkeypatch.setattr(store, "prune_checkpoints", lambda cell, keep=None: None)
+    monkeypatch.setattr(checkpoints, "prune_checkpoints", lambda cell, keep=None: None)
     assert main(args) == 0
     cell = out / CELLS[0]
     before = (cell / "metrics.jsonl").read_text()
@@ -166,7 +166,7 @@ def test_resume_into_zero_steps_is_stated(tmp_path, cache_dir, monkeypatch, caps
 
 
 def test_checkpoint_holds_every_state_and_restores_it(tmp_path, cache_dir):
-    from harness.grid import build_cells
+    from harness.resolver import build_cells
     from tests.conftest import FAST
 
     cell = build_cells("arith", ["ppo"], "none", [0], tmp_path, steps=2, overrides=FAST)[0]
@@ -177,9 +177,9 @@ def test_checkpoint_holds_every_state_and_restores_it(tmp_path, cache_dir):
     expected = torch.rand(3)
     torch.manual_seed(123)
     a.save_checkpoint(2, {"ID_accuracy": 0.5})
-    state = torch.load(store.checkpoint_dir(cell.path, 2) / "state.pt", weights_only=True)  # tensors and plain data
+    state = torch.load(checkpoints.checkpoint_dir(cell.path, 2) / "state.pt", weights_only=True)  # tensors and plain data
     assert {"policy", "heads", "critic", "actor_opt", "critic_opt", "rng", "step", "summary"} <= set(state)
-    manifest = json.loads((store.checkpoint_dir(cell.path, 2) / "manifest.json").read_text())
+    manifest = json.loads((checkpoints.checkpoint_dir(cell.path, 2) / "manifest.json").read_text())
     assert set(manifest["files"]) == {"metrics.jsonl", "eval.jsonl"}
     assert manifest["files"]["metrics.jsonl"]["bytes"] == (cell.path / "metrics.jsonl").stat().st_size
     assert [p.name for p in (cell.path / "ckpt").iterdir()] == ["step00000002"]
@@ -288,7 +288,8 @@ def test_bad_execution_options_are_one_line_errors(tmp_path, cache_dir, capsys):
 
 
 def test_default_workers_one_per_core_only_for_tiny_cpu_cells(tmp_path, monkeypatch):
-    from harness.grid import build_cells, default_workers
+    from harness.grid import default_workers
+    from harness.resolver import build_cells
 
     monkeypatch.setattr("harness.grid.os.cpu_count", lambda: 2)
     cells = build_cells("arith", ["ppo", "grpo"], "none", [0, 1], tmp_path, steps=1)
@@ -311,7 +312,7 @@ def test_a_killed_worker_fails_only_its_cell_and_leaves_nothing_for_the_resource
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     victim = CELLS[1]
     deadline = time.time() + 180
-    while not store.latest_checkpoint(out / victim):
+    while not checkpoints.latest_checkpoint(out / victim):
         assert proc.poll() is None and time.time() < deadline, "the cell never reached a checkpoint"
         time.sleep(0.05)
     os.kill(status(out, victim)["pid"], signal.SIGKILL)
@@ -345,7 +346,7 @@ def test_sigint_or_sigterm_ends_the_run_in_seconds_with_one_line_cells_interrupt
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     running = CELLS if workers == "2" else CELLS[1:]  # serially ppo runs first
     deadline = time.time() + 180
-    while not all(store.latest_checkpoint(out / cell) for cell in running):  # mid-cell, past a checkpoint
+    while not all(checkpoints.latest_checkpoint(out / cell) for cell in running):  # mid-cell, past a checkpoint
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.time() < deadline, "the cells never reached a checkpoint"
         time.sleep(0.1)
@@ -367,7 +368,7 @@ def test_sigint_or_sigterm_ends_the_run_in_seconds_with_one_line_cells_interrupt
     assert main(["status", "--out", str(out)]) == 0
     lines = squeeze(capsys.readouterr().out)
     for cell in running:
-        step = store.latest_checkpoint(out / cell)[0]
+        step = checkpoints.latest_checkpoint(out / cell)[0]
         assert any(line.startswith(f"{cell} pending") and f"resumes from the checkpoint at step {step}" in line
                    for line in lines), lines
     assert not store.lock_holder(out), "the run lock is released"

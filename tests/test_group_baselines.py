@@ -12,7 +12,7 @@ from algorithms.grpo import GRPO, GRPOOptions, overlong_penalty
 from algorithms.reinforce import leave_one_out_advantages, reward_to_go
 from harness.cli import main
 from harness.errors import HarnessError
-from harness.grid import build_cells
+from harness.resolver import build_cells
 from harness.rollout import Rollout, merge_rollouts
 from tests.conftest import fast_args
 

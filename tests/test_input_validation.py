@@ -13,7 +13,7 @@ from algorithms import ALGOS
 from algorithms.base import Batch
 from harness.cli import main
 from harness.errors import HarnessError
-from harness.grid import build_cells
+from harness.resolver import build_cells
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from algorithms import ALGOS
-from harness.grid import build_cells
+from harness.resolver import build_cells
 from harness.seeding import uniform
 from harness.trainer import Trainer
 from tasks.base import SUITES, Benchmark, Problem, Suite

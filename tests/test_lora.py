@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from algorithms import ALGOS  # noqa: E402
-from harness import lora, store  # noqa: E402
+from harness import checkpoints, lora  # noqa: E402
 from harness.cli import main  # noqa: E402
 from harness.models import load_policy  # noqa: E402
 from harness.rollout import forward_response  # noqa: E402
@@ -70,7 +70,7 @@ def test_lora_resume_is_exact_and_checkpoints_hold_only_what_trains(algo, tmp_pa
     monkeypatch.setattr(test_resume, "SMALL", {**test_resume.SMALL, **LORA})
     test_resume.test_resume_mid_run_repeats_the_uninterrupted_run(algo, tmp_path, cache_dir, monkeypatch)
     cell = next((tmp_path / "resumed").rglob("ckpt")).parent
-    state = torch.load(store.latest_checkpoint(cell)[1] / store.STATE_FILE, weights_only=True)
+    state = torch.load(checkpoints.latest_checkpoint(cell)[1] / checkpoints.STATE_FILE, weights_only=True)
     assert state["policy"] and all("lora_" in name for name in state["policy"])
     if "critic" in state:  # its head (its adapter is with the policy's); no frozen base weight anywhere
         assert state["critic"]
@@ -112,9 +112,10 @@ def test_lora_save_model_writes_the_adapter_and_a_merged_model_that_eval_loads(t
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from harness.evaluation import ModelEvaluation, eval_config
+    from harness.model_eval import ModelEvaluation
+    from harness.resolver import eval_config
     from harness.export import save_model
-    from harness.grid import build_cells
+    from harness.resolver import build_cells
 
     cell = build_cells("arith", ["ppo"], "flip0.2", [0], tmp_path, steps=2,
                        overrides={**FAST_LORA, "model.lora_save": "merged"})[0]
@@ -288,7 +289,7 @@ SHARDED_STEPS, SHARDED_CKPT = 3, 2  # a checkpoint at step 2, from which a copy 
 
 
 def sharded_cell(algo: str, out, steps: int = SHARDED_STEPS):
-    from harness.grid import build_cells
+    from harness.resolver import build_cells
 
     sets = {**test_resume.SMALL, **LORA, "suite.n_eval": "4", "train.nproc": "2", "train.lr": "1e-2",
             "train.critic_lr": "1e-2"}

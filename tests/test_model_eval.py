@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from harness.cli import main
-from harness.evaluation import ModelEvaluation, eval_config
+from harness.model_eval import ModelEvaluation
+from harness.resolver import eval_config
 from harness.export import save_model
-from harness.grid import build_cells
+from harness.resolver import build_cells
 from harness.trainer import Trainer
 from tests.conftest import FAST, fast_args
 

@@ -315,7 +315,7 @@ def test_permutation_equivariant_and_deterministic(setting):
 
 
 def test_trainer_labels_only_drawn_problems(tmp_path, cache_dir):
-    from harness.grid import build_cells
+    from harness.resolver import build_cells
     from harness.trainer import Trainer
 
     cell = build_cells("arith", ["grpo"], "pseudo3", [0], tmp_path, steps=2, overrides=dict(FAST))[0]

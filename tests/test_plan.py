@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from harness.cli import main, plan_configs
-from harness.grid import MISSION_ALGOS
+from harness.resolver import MISSION_ALGOS
 from harness.plan import GiB, module_bytes, plan_cell, shard_bytes
 from harness.plan_measure import trainer_bytes
 from algorithms import ALGOS

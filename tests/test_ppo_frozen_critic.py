@@ -6,7 +6,7 @@ from algorithms import ALGOS
 from algorithms.base import Batch
 from algorithms.critics import ScalarHead
 from algorithms.ppo import PPOOptions
-from harness.grid import build_cells
+from harness.resolver import build_cells
 
 
 def batch(scores, mask):

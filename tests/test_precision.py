@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from algorithms import ALGOS
-from harness import precision, store
+from harness import checkpoints, precision
 from harness.config import resolved_old_logp
 from harness.errors import HarnessError
-from harness.grid import MISSION_ALGOS, build_cells
+from harness.resolver import MISSION_ALGOS, build_cells
 from harness.trainer import Trainer
 from tests.conftest import FAST
 from tests.gpu import check
@@ -164,4 +164,4 @@ def test_resume_loads_to_the_cpu_whatever_the_cell_device(tmp_path, cache_dir):
     assert second.restore_latest() == 2
     for name, value in first.policy.state_dict().items():
         assert torch.equal(second.policy.state_dict()[name], value)
-    assert store.usable_checkpoint(cell.path)[0] == 2
+    assert checkpoints.usable_checkpoint(cell.path)[0] == 2

@@ -58,7 +58,7 @@ def test_math_suite_end_to_end_on_the_tiny_model(tmp_path, cache_dir, offline):
 
 
 def test_run_defaults_of_a_suite_apply_when_the_user_sets_nothing(tmp_path, offline):
-    from harness.grid import build_cells
+    from harness.resolver import build_cells
 
     cells = build_cells(suite="math", algos=["grpo"], noise="none", seeds=[0], out=tmp_path,
                         overrides={"suite.data_dir": str(SHARED_DATA), "suite.ood": ""})
@@ -131,7 +131,7 @@ def test_hub_id_that_cannot_load_names_the_local_file_option(tmp_path, offline):
 def test_a_real_model_trains_on_every_core_unless_told(tmp_path, offline):
     import os
 
-    from harness.grid import build_cells
+    from harness.resolver import build_cells
 
     def threads(model, overrides=None):
         return build_cells(suite="arith", algos=["grpo"], noise="none", seeds=[0], out=tmp_path, model=model,

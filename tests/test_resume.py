@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from algorithms import ALGOS
-from harness import store
-from harness.grid import build_cells
+from harness import checkpoints
+from harness.resolver import build_cells
 from harness.trainer import Trainer
 from tests.conftest import FAST
 from tests.test_training import strip_timing
@@ -49,7 +49,7 @@ def test_resume_mid_run_repeats_the_uninterrupted_run(algo, tmp_path, cache_dir,
     with pytest.raises(Stop):
         stopped.run(ckpt_every=CKPT_EVERY)
     monkeypatch.setattr(Trainer, "train_step", train_step)
-    assert store.latest_checkpoint(stopped.cell)[0] == CKPT_EVERY
+    assert checkpoints.latest_checkpoint(stopped.cell)[0] == CKPT_EVERY
     assert len(strip_timing(stopped.cell / "metrics.jsonl")) == STOP_AT - 1  # step 3 is past the checkpoint
 
     resumed = trainer(algo, tmp_path / "resumed", cache_dir)  # a fresh process's view: nothing kept in memory

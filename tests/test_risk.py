@@ -273,7 +273,7 @@ def test_dfpo_critic_loss_logs_each_terms_gradient_share():
 
 
 def test_the_tiny_model_flow_width_reaches_the_dfpo_variants():
-    from harness.grid import with_tiny_model_overrides
+    from harness.resolver import with_tiny_model_overrides
 
     assert with_tiny_model_overrides({}, ["ppo", "dfpo", "dfpo_tails_off", "dvpo_risk_off"], None) == {
         "dfpo.flow_width": "64", "dfpo_tails_off.flow_width": "64"}

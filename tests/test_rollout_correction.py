@@ -10,7 +10,7 @@ import torch
 
 from algorithms.common import clip_policy_loss, rollout_correction, rollout_mismatch
 from harness.errors import HarnessError
-from harness.grid import build_cells
+from harness.resolver import build_cells
 from harness.trainer import Trainer
 from tests.conftest import FAST
 

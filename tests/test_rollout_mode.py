@@ -6,7 +6,7 @@ import torch
 
 from harness.config import ModelConfig
 from harness.rollout import generate
-from harness.trainer import enable_gradient_checkpointing
+from harness.models import enable_gradient_checkpointing
 
 
 def checkpointed_tiny_llama():

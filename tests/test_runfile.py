@@ -9,7 +9,8 @@ import pytest
 
 from algorithms import ALGOS
 from harness import catalog, runfile
-from harness.cli import build_parser, main, subparser
+from harness.cli import main
+from harness.cli_parser import build_parser, subparser
 from harness.config import RunConfig
 from tasks import SUITES
 from tests.conftest import FAST
@@ -120,7 +121,7 @@ def test_every_preset_parses_with_known_options_and_config_keys(name):
 
 
 def test_demo_preset_is_the_default_grid(tmp_path):
-    from harness.grid import build_cells, default_algos, parse_seeds
+    from harness.resolver import build_cells, default_algos, parse_seeds
 
     args, origin = parse(["run", "--preset", "demo"])
     defaults = parse(["run"])[0]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import store
+from harness import checkpoints, store
 from harness.cli import main
 from harness.trainer import Trainer
 from tests.conftest import fast_args
@@ -47,7 +47,7 @@ def template(tmp_path_factory, cache_dir):
         assert main(run_args(out, cache_dir)) == 130  # the CLI's exit code for an interrupted run
     assert json.loads((out / DONE / "status.json").read_text())["state"] == "done"
     assert json.loads((out / UNFINISHED / "status.json").read_text())["state"] == "interrupted"
-    assert [s for s, _ in store.checkpoints(out / UNFINISHED)] == [3, 2]
+    assert [s for s, _ in checkpoints.checkpoints(out / UNFINISHED)] == [3, 2]
     return out
 
 
@@ -97,7 +97,7 @@ def rewrite_line(path: Path, index: int, text: str) -> None:
 
 
 def ckpt(runs: Path, step: int) -> Path:
-    return store.checkpoint_dir(runs / UNFINISHED, step)
+    return checkpoints.checkpoint_dir(runs / UNFINISHED, step)
 
 
 # ---- status.json, config.json, metrics.jsonl, eval.jsonl, checkpoints: `harness run` ----------------
@@ -194,7 +194,7 @@ def plant_payload(runs: Path, marker: Path, with_manifest: bool) -> Path:
     manifest = folder / "manifest.json"
     if with_manifest:  # a crafted manifest whose checksums match the crafted state
         data = json.loads(manifest.read_text())
-        data["state"].update(bytes=(folder / "state.pt").stat().st_size, sha256=store.sha256_of(folder / "state.pt"))
+        data["state"].update(bytes=(folder / "state.pt").stat().st_size, sha256=checkpoints.sha256_of(folder / "state.pt"))
         manifest.write_text(json.dumps(data))
     else:
         manifest.unlink()
@@ -231,10 +231,10 @@ def test_checkpoint_state_is_tensors_and_plain_data(template):
     assert rng["torch"].dtype == torch.uint8 and rng["numpy"]["keys"].shape == (624,)
     assert rng["python"]["internal"].shape == (625,)
     manifest = json.loads((ckpt(template, 3) / "manifest.json").read_text())
-    assert manifest["state"]["sha256"] == store.sha256_of(ckpt(template, 3) / "state.pt")
+    assert manifest["state"]["sha256"] == checkpoints.sha256_of(ckpt(template, 3) / "state.pt")
     metrics = template / UNFINISHED / "metrics.jsonl"
     assert manifest["files"]["metrics.jsonl"]["bytes"] == metrics.stat().st_size  # 3 lines: steps 1-3
-    assert manifest["files"]["metrics.jsonl"]["sha256"] == store.sha256_of(metrics)
+    assert manifest["files"]["metrics.jsonl"]["sha256"] == checkpoints.sha256_of(metrics)
 
 
 def test_rng_state_round_trips():
@@ -242,7 +242,7 @@ def test_rng_state_round_trips():
 
     import numpy as np
 
-    from harness.trainer import rng_state, set_rng_state
+    from harness.seeding import rng_state, set_rng_state
 
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
     np.random.normal()  # a cached Gaussian in numpy's state
@@ -382,7 +382,7 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_store_usable(tm
         cell = out / DONE
         assert not list((cell / "ckpt").glob(".*.tmp")), "the half-written checkpoint is removed"
         assert all(p.name.startswith("step") for p in (cell / "ckpt").iterdir())
-        store.verify_checkpoint(cell, store.latest_checkpoint(cell)[1])  # the last complete one is intact
+        checkpoints.verify_checkpoint(cell, checkpoints.latest_checkpoint(cell)[1])  # the last complete one is intact
         code, status_out, _ = invoke(capsys, ["status", "--out", str(out)])
         assert code == 0 and "pending" in status_out
         # Once there is room, the same command resumes the cell from that checkpoint and finishes it.

@@ -9,7 +9,8 @@ import torch
 
 from algorithms import ALGOS
 from harness.cli import main
-from harness.grid import build_cells, run_grid
+from harness.grid import run_grid
+from harness.resolver import build_cells
 from harness.evaluation import pass_at_k
 from harness.trainer import Trainer
 from tests.conftest import FAST, fast_args
@@ -120,11 +121,11 @@ def test_critic_backbone_separate_or_shared_with_the_policy(backbone, tmp_path, 
 
 
 def test_shared_critic_checkpoint_restores_the_head_and_the_joint_optimiser(tmp_path, cache_dir):
-    from harness import store
+    from harness import checkpoints
 
     a = make_trainer("ppo", tmp_path, cache_dir, **{"train.critic_backbone": "shared"})
     a.run(ckpt_every=3)
-    state = torch.load(store.checkpoint_dir(a.cell, 3) / "state.pt", weights_only=False)
+    state = torch.load(checkpoints.checkpoint_dir(a.cell, 3) / "state.pt", weights_only=False)
     assert set(state["critic"]) == {"linear.weight", "linear.bias"}, "the shared backbone is saved once, as the policy"
     assert "critic_opt" not in state
     b = make_trainer("ppo", tmp_path, cache_dir, **{"train.critic_backbone": "shared"})

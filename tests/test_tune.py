@@ -17,14 +17,15 @@ import pytest
 
 from algorithms import ALGOS
 from algorithms.search import Choice, LogUniform, Uniform, search_space
-from harness import store
-from harness.cli import build_parser, main, subparser
+from harness import checkpoints, store
+from harness.cli import main
+from harness.cli_parser import build_parser, subparser
 from harness.errors import HarnessError
-from harness.grid import build_cells
+from harness.resolver import build_cells
 from harness.runfile import file_defaults
 from harness.seeding import uniform
-from harness.tune import (TUNE_SEED_BASE, Plan, cell_scores, draw_trial, grid_file_text, parse_tune_seeds, select,
-                          trial_dir, tuned_overrides)
+from harness.tune import TUNE_SEED_BASE, draw_trial, grid_file_text, parse_tune_seeds, tuned_overrides
+from harness.tune_plan import Plan, cell_scores, select, trial_dir
 from tasks import SUITES
 from tests.conftest import fast_args
 
@@ -334,7 +335,7 @@ def test_kill_9_mid_tune_then_rerun_writes_the_same_choice(tmp_path, cache_dir, 
     proc.stderr.close()
     tune = tmp_path / "runs-tune"
     assert not (tune / "tuned.yaml").exists()
-    assert store.latest_checkpoint(tune / "arith/grpo.t01/none/seed10000")[0] == 2
+    assert checkpoints.latest_checkpoint(tune / "arith/grpo.t01/none/seed10000")[0] == 2
 
     assert main(args) == 0
     printed = capsys.readouterr().out

@@ -151,7 +151,7 @@ def test_the_report_has_a_validity_section_and_csv(tmp_path):
 
 
 def test_the_validity_preset_runs_the_cells_every_gate_reads(tmp_path):
-    from harness.grid import build_cells, parse_seeds
+    from harness.resolver import build_cells, parse_seeds
     from tests.test_runfile import parse
 
     args, origin = parse(["run", "--preset", "validity"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from harness.cli import main
-from harness.grid import MISSION_ALGOS, build_cells
+from harness.resolver import MISSION_ALGOS, build_cells
 from harness.rollout import forward_response
 from harness.trainer import Trainer
 from harness.vllm_rollout import pack_rollout

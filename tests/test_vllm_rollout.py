@@ -10,7 +10,7 @@ import torch
 
 from harness.cli import main
 from harness.errors import HarnessError
-from harness.grid import build_cells
+from harness.resolver import build_cells
 from harness.rollout import generate
 from harness.trainer import Trainer
 from harness.vllm_rollout import VLLMRollout, check_available, pack_rollout

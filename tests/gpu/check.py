@@ -38,7 +38,7 @@ NOISE = "flip0.3"
 
 
 def build_config(algo: str, device: str, steps: int, out: Path, overrides: dict[str, str]):
-    from harness.grid import build_cells
+    from harness.resolver import build_cells
 
     cell = build_cells("arith", [algo], NOISE, [0], out, steps=steps, eval_limit=16,
                        overrides={**SMALL, "train.device": device, **overrides})[0]
