@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_bench_quick_prints_the_speedup_last(cache_dir):
     args = [sys.executable, "-m", "harness.cli", "bench", "--quick", "--cache-dir", str(cache_dir), "--algos", "ppo", *fast_args()]
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     key, _, value = lines[-1].partition("=")

@@ -104,7 +104,7 @@ def test_two_nodes_of_one_rank_equal_one_node_of_two(grids, cache_dir, tmp_path)
     node = [*COMMON, "--algos", "ppo,grpo", "--out", str(out), "--nnodes", "2",
             "--rdzv-endpoint", f"localhost:{free_port()}", "--rdzv-id", "test"]
     leader, follower = cli([*node, "--node-rank", "0"], cache_dir), cli([*node, "--node-rank", "1"], cache_dir)
-    logs = [proc.communicate(timeout=300)[0] for proc in (leader, follower)]
+    logs = [proc.communicate(timeout=600)[0] for proc in (leader, follower)]
     assert leader.returncode == 0 and follower.returncode == 0, logs
     assert "grid: 2 done" in logs[0] and "grid: 2 done" in logs[1], logs
     for algo in ("ppo", "grpo"):
