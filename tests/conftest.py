@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +22,25 @@ FAST = {
     "train.group_size": "2",
     "train.eval_every": "2",
 }
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kill_9_when_stalled(script: str, marker: Path, args: list[str], timeout_s: float, what: str) -> None:
+    """Run `python -c script marker *args` from the checkout, wait until it writes `marker` (the
+    script stalls there), then `kill -9` it: the crash that exact resume must survive."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(marker), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout_s
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, f"{what} never reached the stalled step"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
 
 
 def fast_args(overrides: dict[str, str] | None = None) -> list[str]:

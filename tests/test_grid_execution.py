@@ -19,7 +19,7 @@ from algorithms.grpo import GRPO
 from harness import checkpoints, store
 from harness.cli import main
 from harness.trainer import Trainer
-from tests.conftest import fast_args
+from tests.conftest import fast_args, kill_9_when_stalled
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = ("arith/grpo/none/seed0", "arith/ppo/none/seed0")
@@ -81,21 +81,11 @@ KILLED_RUN = textwrap.dedent("""
 
 
 def test_kill_9_mid_cell_then_rerun_resumes_exactly(tmp_path, cache_dir, uninterrupted, monkeypatch, capsys):
-    out, marker = tmp_path / "runs", tmp_path / "stalled"
+    out = tmp_path / "runs"
     args = grid_args(out, cache_dir, 6, "ppo,grpo", "--ckpt-every", "3")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(marker), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.time() < deadline, "the run never reached step 6"
-        time.sleep(0.05)
+    kill_9_when_stalled(KILLED_RUN, tmp_path / "stalled", args, 120, "the run")  # stalls at step 6
     grpo = out / CELLS[0]
     assert checkpoints.latest_checkpoint(grpo)[0] == 3
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
     assert [json.loads(line)["step"] for line in (grpo / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
     assert status(out, CELLS[0])["state"] == "running"
     assert status(out, CELLS[1])["state"] == "done"  # ppo runs first

@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +22,7 @@ from harness.seeding import uniform
 from harness.tune import TUNE_SEED_BASE, draw_trial, grid_file_text, parse_tune_seeds, tuned_overrides
 from harness.tune_plan import Plan, cell_scores, select, trial_dir
 from tasks import SUITES
-from tests.conftest import fast_args
+from tests.conftest import fast_args, kill_9_when_stalled
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -321,18 +316,7 @@ def test_kill_9_mid_tune_then_rerun_writes_the_same_choice(tmp_path, cache_dir, 
     (tmp_path / "runs-tune").rename(tmp_path / "reference-tune")
     capsys.readouterr()
 
-    marker = tmp_path / "stalled"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_TUNE, str(marker), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.time() < deadline, "the tune never reached the stalled step"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    kill_9_when_stalled(KILLED_TUNE, tmp_path / "stalled", args, 300, "the tune")
     tune = tmp_path / "runs-tune"
     assert not (tune / "tuned.yaml").exists()
     assert checkpoints.latest_checkpoint(tune / "arith/grpo.t01/none/seed10000")[0] == 2
