@@ -128,7 +128,7 @@ def launch_torchrun(cell, job: Path) -> dict[int, str]:
     c10d rendezvous at `cell.node.endpoint`, hosted by node 0. Returns {rank: how it died} for ranks
     the launcher reported failed."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import LaunchConfig
 
     t = cell.cfg.train
     if t.nnodes > 1:  # the same rendezvous name on every node, one per cell
@@ -141,11 +141,31 @@ def launch_torchrun(cell, job: Path) -> dict[int, str]:
     config = LaunchConfig(min_nodes=t.nnodes, max_nodes=t.nnodes, nproc_per_node=t.nproc, rdzv_backend="c10d",
                           max_restarts=0, monitor_interval=0.1, **rdzv)
     try:
-        elastic_launch(config, sys.executable)("-m", "harness.launch", str(job / "job.pkl"))
+        launch_elastic(config, ["-m", "harness.launch", str(job / "job.pkl")], follower=not cell.node.leader,
+                       timeout=t.dist_timeout)
     except ChildFailedError as exc:
         return {rank: describe_exit(failure.exitcode, failure.signal_name() if failure.exitcode < 0 else "")
                 for rank, failure in exc.failures.items()}
     return {}
+
+
+def launch_elastic(config, args: list[str], follower: bool, timeout: float) -> None:
+    """`elastic_launch(config, python)(*args)`. A follower node can come to a cell's rendezvous before
+    node 0 hosts it (node 0 still closing the cell before, or started later): it finds no store at
+    the endpoint, and torchrun gives up at once. It tries again every second, up to `timeout` s, as
+    long as node 0 waits for it; node 0's own failures are final."""
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+    from torch.distributed.launcher.api import elastic_launch
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            elastic_launch(config, sys.executable)(*args)
+            return
+        except RendezvousConnectionError:
+            if not follower or time.monotonic() >= deadline:
+                raise
+            time.sleep(1.0)
 
 
 def rendezvous_line(cell) -> str:

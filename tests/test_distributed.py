@@ -116,6 +116,41 @@ def test_two_nodes_of_one_rank_equal_one_node_of_two(grids, cache_dir, tmp_path)
         assert metrics(out, algo) == metrics(grids / "n2", algo)  # the same 2 ranks, the same numbers
 
 
+NODE = """
+import gc, sys, time
+from datetime import timedelta
+from torch.distributed import TCPStore
+from torch.distributed.launcher.api import LaunchConfig
+from harness.launch import launch_elastic
+rank, port = int(sys.argv[1]), sys.argv[2]
+WORKER = "import torch.distributed as d; d.init_process_group('gloo'); d.barrier(); d.destroy_process_group()"
+for cell in ("a", "b"):
+    config = LaunchConfig(min_nodes=2, max_nodes=2, nproc_per_node=1, rdzv_backend="c10d", max_restarts=0,
+                          monitor_interval=0.1, run_id=f"cell-{cell}", rdzv_endpoint=f"localhost:{port}",
+                          rdzv_configs={"is_host": rank == 0, "join_timeout": 60})
+    launch_elastic(config, ["-c", WORKER], follower=rank == 1, timeout=60)
+    print("met", cell, flush=True)
+    if rank == 0 and cell == "a":  # node 0's store of cell a, not yet collected when node 1 comes to cell b
+        stale = TCPStore("localhost", int(port), is_master=True, multi_tenant=True, timeout=timedelta(seconds=60))
+        time.sleep(4)
+        del stale
+        gc.collect()
+"""
+
+
+def test_a_follower_node_early_at_a_rendezvous_waits_for_node_0():
+    """Node 1 comes to cell b's rendezvous while node 0's store of cell a still listens at the
+    endpoint, then goes (CI once hung here: torchrun gave node 1 up at once, and node 0 waited for
+    it for train.dist_timeout)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    port = str(free_port())
+    nodes = [subprocess.Popen([sys.executable, "-c", NODE, str(rank), port], env=env, cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
+    logs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs
+    assert all("met a" in log and "met b" in log for log in logs), logs
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--nnodes", "2"], "--nnodes 2 needs --rdzv-endpoint HOST:PORT of node 0"),
     (["--nnodes", "2", "--rdzv-endpoint", "node0:port"], "needs --rdzv-endpoint HOST:PORT"),
