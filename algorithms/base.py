@@ -14,7 +14,7 @@ The trainer never branches on an algorithm's name. An algorithm *declares* what 
   `extra_sampling_rounds()` more rounds of fresh prompts to fill `prompts_per_step` groups;
 - `entropy_needs_grad()`: whether `actor_loss` differentiates `fwd.entropy` (an entropy bonus);
   otherwise the trainer computes the entropy without a graph, for the metric only;
-- `cell_options(options, train)` (a classmethod): the options dict of a cell with the values that
+- `cell_options(options, train)` (a classmethod): the Options of a cell with the values that
   stand for something resolved against the cell's `TrainConfig` (GRPO's `agg_norm_const=0` becomes
   `train.max_new_tokens`); the grid stores the result in the cell's config.json;
 
@@ -121,8 +121,10 @@ class Algorithm:
         return False
 
     @classmethod
-    def cell_options(cls, options: dict[str, Any], train: Any) -> dict[str, Any]:
+    def cell_options(cls, options: Any, train: Any) -> Any:
+        """The options one cell trains with, given its `train` config (a default that stands for a train value)."""
         return options
+
     def min_group_size(self) -> int:
         """The least `train.group_size` that trains: 2 for an algorithm whose advantage compares the
         samples of a group (a group of one gets advantage 0 and nothing is learnt)."""

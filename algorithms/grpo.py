@@ -1,7 +1,7 @@
 """GRPO and its variants Dr. GRPO and DAPO (spec §4)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -76,10 +76,10 @@ class GRPO(ClipActor):
     SEARCH_SPACE = {"train.group_size": Choice((2, 4, 8))}
 
     @classmethod
-    def cell_options(cls, options: dict, train) -> dict:
+    def cell_options(cls, options: GRPOOptions, train) -> GRPOOptions:
         """agg_norm_const 0 stands for the generation limit, train.max_new_tokens (spec §4.2)."""
-        if options.get("agg_norm_const") == 0:
-            return {**options, "agg_norm_const": train.max_new_tokens}
+        if options.agg_norm_const == 0:
+            return replace(options, agg_norm_const=train.max_new_tokens)
         return options
 
     def loss_norm_const(self) -> float | None:

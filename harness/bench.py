@@ -189,7 +189,7 @@ def trl_grpo_config(cfg, output_dir: str) -> dict[str, Any]:
     if t.ppo_epochs != 1:
         raise HarnessError("the TRL comparison needs train.ppo_epochs=1 (TRL's num_iterations is per minibatch)")
     loss_types = {"seq-mean-token-mean": "grpo"}
-    if o["agg_mode"] not in loss_types or o["kl_loss_kind"] != "k3" or o["dual_clip"] is not None:
+    if o.agg_mode not in loss_types or o.kl_loss_kind != "k3" or o.dual_clip is not None:
         raise HarnessError("the TRL comparison needs grpo.agg_mode=seq-mean-token-mean, kl_loss_kind=k3, no dual_clip")
     batch = t.prompts_per_step * t.group_size
     if batch % t.num_minibatches:
@@ -200,9 +200,9 @@ def trl_grpo_config(cfg, output_dir: str) -> dict[str, Any]:
         num_generations=t.group_size, max_completion_length=t.max_new_tokens,
         learning_rate=t.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, temperature=t.temperature, top_p=t.top_p, top_k=0,
-        epsilon=o["clip_low"], epsilon_high=o["clip_high"],
-        beta=o["kl_coef"] if o["kl_mode"] == "loss" else 0.0,
-        scale_rewards={"std": "group", "none": "none"}[o["adv_scale"]], loss_type="grpo",
+        epsilon=o.clip_low, epsilon_high=o.clip_high,
+        beta=o.kl_coef if o.kl_mode == "loss" else 0.0,
+        scale_rewards={"std": "group", "none": "none"}[o.adv_scale], loss_type="grpo",
         gradient_checkpointing=t.gradient_checkpointing,  # TRL's default is on; the tiny model trains without
         use_cpu=True, bf16=False, fp16=False, seed=cfg.seed, report_to=[], save_strategy="no",
         logging_strategy="no", disable_dropout=True, dataloader_num_workers=0,
@@ -296,7 +296,7 @@ def run_bench(steps: int, warmup: int, overrides: dict[str, str], cache_dir: str
     cfg = resolve_config("grpo", overrides, model)
     t = cfg.train
     suite_cls = SUITES.get(cfg.suite)
-    policy, _ = load_policy(cfg.model, suite_cls(suite_cls.Options(**cfg.suite_options), cfg.seed),
+    policy, _ = load_policy(cfg.model, suite_cls(cfg.suite_options, cfg.seed),
                             cfg.seed, Path(cache_dir) if cache_dir else default_cache_dir(), "cpu", progress=False)  # warm start once
     out(f"bench: arith, {describe_model(cfg.model, policy)}, "
         f"{t.prompts_per_step} prompts x {t.group_size} samples, {t.max_new_tokens} new tokens, "

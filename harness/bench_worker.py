@@ -33,7 +33,7 @@ def measure_trl(steps: int, warmup: int, overrides: dict[str, str], cache_dir: s
     cfg = resolve_config("grpo", overrides, model)
     torch.set_num_threads(cfg.train.threads)
     suite_cls = SUITES.get(cfg.suite)
-    suite = suite_cls(suite_cls.Options(**cfg.suite_options), cfg.seed)
+    suite = suite_cls(cfg.suite_options, cfg.seed)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     policy, tokenizer = load_policy(cfg.model, suite, cfg.seed, cache, "cpu", progress=False)  # builds if missing
     model_path = loadable_source(policy, cache, tokenizer)  # the tiny warm start's folder; a GGUF model's safetensors copy

@@ -140,7 +140,7 @@ def announce_warm_starts(todo: list[Cell], cache_dir: Path | None) -> None:
         cfg = cell.cfg
         if cfg.model.name != "tiny" or cfg.model.warmstart_steps == 0:
             continue
-        suite = SimpleNamespace(name=cfg.suite, options=SUITES.get(cfg.suite).Options(**cfg.suite_options))
+        suite = SimpleNamespace(name=cfg.suite, options=cfg.suite_options)
         path = cache / "warmstart" / warmstart_key(cfg.model, suite, cfg.seed)
         if not (path / "done").exists():
             missing[path] = cfg.model.warmstart_steps

@@ -41,7 +41,7 @@ class ModelEvaluation(PolicyEvaluator):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         suite_cls = SUITES.get(cfg.suite)
-        suite = suite_cls(suite_cls.Options(**cfg.suite_options), cfg.seed)
+        suite = suite_cls(cfg.suite_options, cfg.seed)
         self.policy, tokenizer = load_policy(cfg.model, suite, cfg.seed, cache_dir, device, progress)
         self.policy.eval()
         fast_llama.enable(self.policy, cfg.train.fast_model)
@@ -82,7 +82,7 @@ def run_eval(model: str, suite: str | None, overrides: dict[str, str], out: Path
     if lm_eval_tasks:
         from harness.lm_eval_tasks import check_request
 
-        check_request(lm_eval_tasks, data_dir or cfg.suite_options.get("data_dir") or None, lm_eval_include)
+        check_request(lm_eval_tasks, data_dir or getattr(cfg.suite_options, "data_dir", "") or None, lm_eval_include)
     name = name if name is not None else (f"{cell['algo']}-model" if cell else "base")
     folder = row_folder(out, cfg, name)
     check_local_model(model, cfg.model.trust_remote_code)  # a damaged model folder: one line, before any load
@@ -92,7 +92,7 @@ def run_eval(model: str, suite: str | None, overrides: dict[str, str], out: Path
     if lm_eval_tasks:
         from harness.lm_eval_tasks import run_lm_eval
 
-        data_dir = data_dir or cfg.suite_options.get("data_dir") or None
+        data_dir = data_dir or getattr(cfg.suite_options, "data_dir", "") or None
         lm_rows, lm_results = run_lm_eval(evaluation.policy, evaluation.tokenizer, lm_eval_tasks, data_dir=data_dir,
                                           limit=cfg.eval.limit or None, include=lm_eval_include, seed=cfg.seed,
                                           batch_size=cfg.eval.batch_size, gen_kwargs=lm_eval_gen_kwargs,

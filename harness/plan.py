@@ -333,7 +333,7 @@ def plan_cell(cfg, prompt_len: int, device_bytes: int) -> Plan:
     from harness.vllm_rollout import GPU_MEMORY_UTILIZATION
 
     t, n = cfg.train, cfg.train.world_size
-    algo = ALGOS.get(cfg.algo)(ALGOS.get(cfg.algo).Options(**cfg.algo_options))
+    algo = ALGOS.get(cfg.algo)(cfg.algo_options)
     m = module_bytes(cfg, algo)
     config, policy = m["config"], m["policy_model"]
     plan = Plan(cfg.algo, n, device_bytes, checkpointing=t.gradient_checkpointing)

@@ -103,7 +103,7 @@ def _prepare(cfg, cache_dir: str | None) -> None:
     from tasks import SUITES
 
     suite_cls = SUITES.get(cfg.suite)
-    load_policy(cfg.model, suite_cls(suite_cls.Options(**cfg.suite_options), cfg.seed), cfg.seed,
+    load_policy(cfg.model, suite_cls(cfg.suite_options, cfg.seed), cfg.seed,
                 Path(cache_dir) if cache_dir else None, "cpu", progress=False)
 
 

@@ -156,7 +156,7 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
     for name in groups:
         if name in ALGOS and name not in algos:
             raise HarnessError(f"--set {name}.* given but {name!r} is not in --algos ({', '.join(algos)})")
-    suite_options = resolve_options(suite_cls.Options, groups, "suite", "suite")  # typed until the RunConfig
+    suite_options = resolve_options(suite_cls.Options, groups, "suite", "suite")
     model_name = model or overrides.get("model.name", "tiny")
     if model_name in MODEL_ALIASES:
         MODEL_ALIASES[model_name]()  # a missing offline model stops the grid before it writes anything
@@ -172,8 +172,8 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
         for spec in noise_specs:
             for seed in seeds:
                 cfg = RunConfig(suite=suite, algo=algo, noise=spec.name, seed=seed,
-                                algo_options=dataclasses.asdict(algo_options),
-                                suite_options=dataclasses.asdict(suite_options))
+                                algo_options=dataclasses.replace(algo_options),  # a cell's own copy
+                                suite_options=dataclasses.replace(suite_options))
                 if model is not None:
                     cfg.model.name = model
                 if steps is not None:
@@ -235,14 +235,14 @@ def eval_config(model: str, suite: str | None, overrides: dict[str, str], seed: 
             set_dataclass_field(options, name, text, f"suite.{name}")
         if hasattr(options, "validate"):
             options.validate()
-        cfg.suite_options = dataclasses.asdict(options)
+        cfg.suite_options = options
         if not same_suite:  # the other suite's generation length, as `harness run` would take it
             groups = split_overrides({**suite_cls.run_defaults, **overrides}, []) if hasattr(suite_cls, "run_defaults") else groups
     else:
         merged = with_real_model_defaults({**getattr(suite_cls, "run_defaults", {}), **overrides}, model)
         groups = split_overrides(merged, [])
         cfg = RunConfig(suite=suite, algo="base", noise="none", seed=seed,
-                        suite_options=dataclasses.asdict(resolve_options(suite_cls.Options, groups, "suite", "suite")))
+                        suite_options=resolve_options(suite_cls.Options, groups, "suite", "suite"))
     cfg.model.name = model
     if eval_limit is not None:
         set_dataclass_field(cfg.eval, "limit", str(eval_limit), "--eval-limit")
@@ -250,5 +250,5 @@ def eval_config(model: str, suite: str | None, overrides: dict[str, str], seed: 
     check_backends(cfg)
     check_data = getattr(suite_cls, "check_data", None)
     if check_data is not None:
-        check_data(suite_cls.Options(**cfg.suite_options))
+        check_data(cfg.suite_options)
     return cfg, cell

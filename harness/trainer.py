@@ -62,9 +62,9 @@ class Trainer:
         precision.tf32(cfg.train.tf32, self.device)
 
         suite_cls = SUITES.get(cfg.suite)
-        self.suite = suite_cls(suite_cls.Options(**cfg.suite_options), cfg.seed)
+        self.suite = suite_cls(cfg.suite_options, cfg.seed)
         algo_cls = ALGOS.get(cfg.algo)
-        self.algo = algo_cls(algo_cls.Options(**cfg.algo_options))
+        self.algo = algo_cls(cfg.algo_options)
         self.noise = parse_noise(cfg.noise)
 
         # The trained policy in its master dtype, or a frozen base with float32 LoRA adapters (load_trained_policy).

@@ -95,7 +95,7 @@ def set_key(algo: str, key: str) -> str:
 def config_value(cfg, key: str) -> Any:
     """A space key's value in a cell's resolved configuration (`RunConfig`)."""
     section, _, name = key.partition(".")
-    return cfg.algo_options[name] if section == "algo" else getattr(getattr(cfg, section), name)
+    return getattr(cfg.algo_options if section == "algo" else getattr(cfg, section), name)
 
 
 def trial_overrides(algo: str, values: dict[str, Any]) -> dict[str, str]:
@@ -176,7 +176,7 @@ def validation_benchmarks(cell: Cell) -> tuple[list[str], dict[str, str]]:
     from tasks import SUITES
 
     suite_cls = SUITES.get(cell.cfg.suite)
-    suite = suite_cls(suite_cls.Options(**cell.cfg.suite_options), cell.cfg.seed)
+    suite = suite_cls(cell.cfg.suite_options, cell.cfg.seed)
     roles = {b.name: b.role for b in suite.eval_benchmarks()}
     return [name for name, role in roles.items() if role == VAL_ROLE], roles
 

@@ -71,7 +71,7 @@ def test_trl_config_maps_the_harness_configuration_key_by_key(tmp_path):
     assert trl.per_device_train_batch_size * trl.steps_per_generation == t.prompts_per_step * t.group_size
     assert trl.steps_per_generation == t.num_minibatches and trl.num_iterations == t.ppo_epochs == 1
     assert trl.max_completion_length == t.max_new_tokens and trl.learning_rate == t.lr
-    assert (trl.epsilon, trl.epsilon_high, trl.beta) == (o["clip_low"], o["clip_high"], o["kl_coef"])
+    assert (trl.epsilon, trl.epsilon_high, trl.beta) == (o.clip_low, o.clip_high, o.kl_coef)
     assert (trl.temperature, trl.top_p, trl.top_k) == (t.temperature, t.top_p, 0)
     assert trl.loss_type == "grpo" and trl.scale_rewards == "group"
     assert trl.gradient_checkpointing is False  # TRL's default is on; the harness's tiny model trains without

@@ -1,6 +1,7 @@
 """RLOO, REINFORCE++, the GRPO variants (Dr. GRPO, DAPO), dynamic sampling, and the CLI for the new algorithms."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -81,7 +82,8 @@ def test_overlong_penalty_hand_computed():
 
 
 def resolved(algo: str, overrides: dict | None = None) -> dict:
-    return build_cells("arith", [algo], "none", [0], "/tmp/unused", overrides=overrides)[0].cfg.algo_options
+    """A cell's algorithm options as its config.json has them."""
+    return dataclasses.asdict(build_cells("arith", [algo], "none", [0], "/tmp/unused", overrides=overrides)[0].cfg.algo_options)
 
 
 def test_variants_are_grpo_with_other_defaults():

@@ -25,7 +25,7 @@ def configs(algos: str, nproc: int = 1, model: str = "tiny", sets: dict[str, str
 
 
 def algorithm(cfg):
-    return ALGOS.get(cfg.algo)(ALGOS.get(cfg.algo).Options(**cfg.algo_options))
+    return ALGOS.get(cfg.algo)(cfg.algo_options)
 
 
 def tiny_param_count(h: int, inter: int, layers: int, vocab: int) -> tuple[int, int]:

@@ -45,4 +45,4 @@ def test_it_has_no_critic_and_takes_ppos_options(tmp_path):
     assert cls.critic == "none" and ALGOS.get("ppo").critic == "scalar" and cls.Options is PPOOptions
     [cell] = build_cells("arith", ["ppo_frozen_critic"], "none", [0], tmp_path, steps=1,
                          overrides={"ppo_frozen_critic.lam": "0.9"})
-    assert cell.cfg.algo_options["lam"] == 0.9
+    assert cell.cfg.algo_options.lam == 0.9

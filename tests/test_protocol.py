@@ -63,7 +63,7 @@ def test_run_defaults_of_a_suite_apply_when_the_user_sets_nothing(tmp_path, offl
     cells = build_cells(suite="math", algos=["grpo"], noise="none", seeds=[0], out=tmp_path,
                         overrides={"suite.data_dir": str(SHARED_DATA), "suite.ood": ""})
     assert cells[0].cfg.train.max_new_tokens == int(SUITES.get("math").run_defaults["train.max_new_tokens"])
-    assert cells[0].cfg.suite_options["ood"] == ()
+    assert cells[0].cfg.suite_options.ood == ()
 
 
 def test_missing_benchmark_data_fails_before_any_output(tmp_path, offline, capsys):
@@ -153,7 +153,7 @@ def test_gradient_checkpointing_is_exact(tmp_path, cache_dir):
     grads = []
     for checkpointing in (False, True):
         cfg = RunConfig(suite="arith", algo="grpo", noise="none", seed=0,
-                        suite_options={"n_train": 50, "n_eval": 8})
+                        suite_options=SUITES.get("arith").Options(n_train=50, n_eval=8))
         cfg.model.warmstart_steps = 2
         cfg.train.gradient_checkpointing = checkpointing
         trainer = Trainer(cfg, tmp_path / str(checkpointing), cache_dir=cache_dir, progress=False)

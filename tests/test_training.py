@@ -205,8 +205,8 @@ def test_pass_at_k_matches_hand_computed_values():
 
 def test_tiny_model_scales_down_the_flow_head_unless_the_user_sets_it(tmp_path):
     [cell] = build_cells("arith", ["dfpo"], "none", [0], tmp_path, steps=1)
-    assert cell.cfg.algo_options["flow_width"] == 64
+    assert cell.cfg.algo_options.flow_width == 64
     [cell] = build_cells("arith", ["dfpo"], "none", [0], tmp_path, steps=1, overrides={"dfpo.flow_width": "256"})
-    assert cell.cfg.algo_options["flow_width"] == 256
+    assert cell.cfg.algo_options.flow_width == 256
     [cell] = build_cells("arith", ["dfpo"], "none", [0], tmp_path, steps=1, model="some/real-model")
-    assert cell.cfg.algo_options["flow_width"] == 1024  # the spec's default for real models
+    assert cell.cfg.algo_options.flow_width == 1024  # the spec's default for real models

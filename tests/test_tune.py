@@ -90,7 +90,7 @@ def test_algo_train_keys_apply_to_that_algorithm_only(tmp_path):
     by = {c.cfg.algo: c.cfg for c in cells}
     assert by["ppo"].train.lr == 1e-4 and by["grpo"].train.lr == 2e-4
     assert by["grpo"].train.group_size == 8 and by["ppo"].train.group_size == 4
-    assert by["ppo"].algo_options["kl_coef"] == 0.01
+    assert by["ppo"].algo_options.kl_coef == 0.01
     with pytest.raises(HarnessError, match=r"ppo\.train\.lr='x': not a valid float"):
         build_cells("arith", ["ppo"], "none", [0], tmp_path, overrides={"ppo.train.lr": "x"})
     with pytest.raises(HarnessError, match="train.lr must be > 0"):
