@@ -7,6 +7,11 @@ have learned that addition commutes rather than a lookup keyed on the written or
 operand and answer value occurs in training. Train and ID-eval splits are disjoint.
 Everything is fixed by the run seed.
 
+For an instruction-tuned model (SmolLM2), which answers in sentences: `suite.prompt_style=question`
+asks "What is a+b? Reply with the number only." and `suite.grading=last_number` takes the last
+integer of the response as its answer (the defaults, `a+b=` and an exact bare number, are the tiny
+model's testbed).
+
 Validation (`suite.n_val`, 0 by default: none): that many problems held out of the train split
 (never trained on, warm start included), evaluated as `arith_val` with role VAL. It is disjoint
 from both test splits (ID: held out before it; OOD: the other operand order); `harness tune`
@@ -31,6 +36,9 @@ class ArithOptions:
     verbose_frac: float = field(default=0.5, metadata={"doc": "fraction of warm-start targets in the verbose style the verifier rejects"})  # fraction of warm-start targets written as "is <answer>"
     n_eval: int = field(default=200, metadata={"doc": "problems per evaluation split (ID and OOD)"})
     n_val: int = field(default=0, metadata={"doc": "validation problems held out of the train split, evaluated as arith_val (role VAL; 0: none)"})
+    # For an instruction-tuned model, which writes sentences, not the bare "a+b=" completion
+    prompt_style: str = field(default="expr", metadata={"doc": "expr: 'a+b='; question: 'What is a+b? Reply with the number only.' (instruction-tuned models)"})
+    grading: str = field(default="exact", metadata={"doc": "exact: the response is the bare number; last_number: the last integer in the response is the answer"})
 
     def validate(self) -> None:
         if not self.ops or set(self.ops) - set("+-*"):
@@ -44,6 +52,10 @@ class ArithOptions:
             raise HarnessError(f"suite.verbose_frac must lie in [0, 1], got {self.verbose_frac}")
         if self.n_train < 1 or self.n_eval < 1:
             raise HarnessError("suite.n_train and suite.n_eval must be positive")
+        if self.prompt_style not in PROMPT_STYLES:
+            raise HarnessError(f"suite.prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {self.prompt_style!r}")
+        if self.grading not in GRADERS:
+            raise HarnessError(f"suite.grading must be one of {', '.join(GRADERS)}, got {self.grading!r}")
         size = id_space_size(self)
         room = size - min(self.n_eval, size // 2) - 1  # the train split keeps at least one problem
         if not 0 <= self.n_val <= room:
@@ -56,9 +68,13 @@ def id_space_size(o: ArithOptions) -> int:
     return len(o.ops) * n * (n + 1) // 2
 
 
-def make_problem(a: int, op: str, b: int) -> Problem:
+PROMPT_STYLES = {"expr": "{expr}=", "question": "What is {expr}? Reply with the number only."}
+GRADERS = {"exact": "exact_match-v1", "last_number": "last_number-v1"}  # the grader id each eval row records
+
+
+def make_problem(a: int, op: str, b: int, style: str = "expr") -> Problem:
     value = {"+": a + b, "-": a - b, "*": a * b}[op]
-    text = f"{a}{op}{b}="
+    text = PROMPT_STYLES[style].format(expr=f"{a}{op}{b}")
     return Problem(id=f"arith:{a}{op}{b}", prompt=text, answer=str(value))
 
 
@@ -74,8 +90,8 @@ class ArithSuite(Suite):
         o = options
         rng = numpy_rng(seed, "suite-data", "arith")
         operands = range(o.min_operand, o.max_operand + 1)
-        id_space = [make_problem(a, op, b) for a in operands for b in operands for op in o.ops if a >= b]
-        ood_space = [make_problem(a, "+", b) for a in operands for b in operands if a < b]
+        id_space = [make_problem(a, op, b, o.prompt_style) for a in operands for b in operands for op in o.ops if a >= b]
+        ood_space = [make_problem(a, "+", b, o.prompt_style) for a in operands for b in operands if a < b]
         order = rng.permutation(len(id_space))
         n_eval = min(o.n_eval, len(id_space) // 2)
         self._id_eval = [id_space[i] for i in order[:n_eval]]
@@ -89,10 +105,11 @@ class ArithSuite(Suite):
         return self._train
 
     def eval_benchmarks(self) -> list[Benchmark]:
+        grader = GRADERS[self.options.grading]
         return [
-            Benchmark("arith_id", "ID", self._id_eval, "exact_match-v1"),
-            Benchmark("arith_ood", "OOD", self._ood_eval, "exact_match-v1"),
-        ] + ([Benchmark("arith_val", "VAL", self._val, "exact_match-v1")] if self._val else [])
+            Benchmark("arith_id", "ID", self._id_eval, grader),
+            Benchmark("arith_ood", "OOD", self._ood_eval, grader),
+        ] + ([Benchmark("arith_val", "VAL", self._val, grader)] if self._val else [])
 
     def sft_target(self, problem: Problem) -> str:
         if uniform(self.seed, "sft-style", problem.id) < self.options.verbose_frac:
@@ -100,6 +117,8 @@ class ArithSuite(Suite):
         return problem.answer
 
     def grade(self, response: str, problem: Problem) -> float:
+        if self.options.grading == "last_number":
+            return float(self.extract_answer(response) == problem.answer)
         return float(response.strip() == problem.answer)
 
     def extract_answer(self, response: str) -> str | None:

@@ -62,3 +62,30 @@ def test_warm_start_targets_mix_styles_at_the_configured_rate():
 def test_bad_options(kwargs):
     with pytest.raises(HarnessError):
         ArithOptions(**kwargs).validate()
+
+
+def test_an_instruction_tuned_model_is_asked_in_words_and_graded_on_its_last_number():
+    """suite.prompt_style=question and suite.grading=last_number: the same problems, asked as a question,
+    and a sentence scores when its last integer is the answer; the defaults stay the bare exact form."""
+    plain = ArithSuite(ArithOptions(), seed=0)
+    asked = ArithSuite(ArithOptions(prompt_style="question", grading="last_number"), seed=0)
+    first, worded = plain.train_problems()[0], asked.train_problems()[0]
+    assert first.id == worded.id and first.answer == worded.answer
+    assert worded.prompt == f"What is {first.prompt[:-1]}? Reply with the number only."
+    answer = first.answer
+    assert asked.grade(f"{first.prompt[:-1]} = {answer}.", worded) == 1.0
+    assert asked.grade(f"It is {int(answer) + 1}", worded) == 0.0
+    assert asked.grade("I cannot say.", worded) == 0.0
+    assert plain.grade(f"{first.prompt[:-1]} = {answer}.", first) == 0.0  # the default stays exact
+    assert plain.grade(answer, first) == 1.0
+    assert {b.grader for b in asked.eval_benchmarks()} == {"last_number-v1"}
+    assert {b.grader for b in plain.eval_benchmarks()} == {"exact_match-v1"}
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"prompt_style": "chat"}, "suite.prompt_style must be one of expr, question, got 'chat'"),
+    ({"grading": "lenient"}, "suite.grading must be one of exact, last_number, got 'lenient'"),
+])
+def test_unknown_prompt_styles_and_graders_are_refused(options, message):
+    with pytest.raises(HarnessError, match=message):
+        ArithOptions(**options).validate()
