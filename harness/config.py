@@ -134,23 +134,15 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # The algorithm's and the suite's own Options, typed from the resolver to their use (the trainer,
-    # the suite, the planner); a dict only in config.json (`to_dict`). No algorithm: None ("base")
+    # The algorithm's and the suite's own Options objects, typed from the resolver (harness.resolver,
+    # which always gives them) to their use: the trainer, the suite, the planner. None: no algorithm
+    # (an evaluation), written as {} in config.json
     algo_options: Any = None
     suite_options: Any = None
 
-    def __post_init__(self) -> None:
-        """Built in code without options (the resolver always gives them): the registered defaults."""
-        from algorithms import ALGOS
-        from tasks import SUITES
-
-        if self.algo_options is None and self.algo in ALGOS:
-            self.algo_options = ALGOS.get(self.algo).Options()
-        if self.suite_options is None and self.suite in SUITES:
-            self.suite_options = SUITES.get(self.suite).Options()
-
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # the Options objects too
+        out = dataclasses.asdict(self)  # the Options objects too
+        return {**out, "algo_options": out["algo_options"] or {}}
 
 
 def parse_assignments(items: list[str]) -> dict[str, str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from algorithms import ALGOS
 from harness.cli import main
 from tasks import SUITES
 from tasks.data import BENCHMARKS, DataSources
@@ -152,7 +153,7 @@ def test_gradient_checkpointing_is_exact(tmp_path, cache_dir):
 
     grads = []
     for checkpointing in (False, True):
-        cfg = RunConfig(suite="arith", algo="grpo", noise="none", seed=0,
+        cfg = RunConfig(suite="arith", algo="grpo", noise="none", seed=0, algo_options=ALGOS.get("grpo").Options(),
                         suite_options=SUITES.get("arith").Options(n_train=50, n_eval=8))
         cfg.model.warmstart_steps = 2
         cfg.train.gradient_checkpointing = checkpointing
