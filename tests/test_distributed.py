@@ -49,7 +49,6 @@ def grids(tmp_path_factory, cache_dir):
     return out
 
 
-@pytest.mark.xdist_group("distributed-grids")  # its module fixture (grids) is built once, on one worker (--dist loadgroup)
 @pytest.mark.parametrize("algo", MISSION_ALGOS)
 def test_two_ranks_match_one_process(grids, algo):
     one, two = metrics(grids / "n1", algo), metrics(grids / "n2", algo)
@@ -63,7 +62,6 @@ def test_two_ranks_match_one_process(grids, algo):
     assert any(a["actor/grad_norm"] > 0 for a in one)  # a test with gradients to compare
 
 
-@pytest.mark.xdist_group("distributed-grids")  # its module fixture (grids) is built once, on one worker (--dist loadgroup)
 def test_killed_rank_fails_the_cell_then_resume_equals_the_uninterrupted_run(grids, cache_dir, tmp_path):
     out = tmp_path / "killed"
     # 10 steps, so that the kill lands mid-run; steps 1-4 are the grid's 4-step cell
@@ -99,7 +97,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.xdist_group("distributed-grids")  # its module fixture (grids) is built once, on one worker (--dist loadgroup)
 def test_two_nodes_of_one_rank_equal_one_node_of_two(grids, cache_dir, tmp_path):
     """A plain multi-node torchrun on one machine: node 0 and node 1 are two `harness run`s over one
     store, one rank each, meeting at a rendezvous per cell (two cells: the port is reused)."""

@@ -125,7 +125,6 @@ def test_workers_2_gives_the_serial_metrics(tmp_path, cache_dir, uninterrupted, 
     assert len(pids) == 2 and os.getpid() not in pids, "each cell ran in its own worker process"
 
 
-@pytest.mark.xdist_group("ray")  # one local Ray at a time under pytest-xdist (--dist loadgroup)
 def test_ray_backend_gives_the_serial_metrics(tmp_path, cache_dir, uninterrupted, capsys):
     # One cell (starting Ray and a worker costs most of this test), as a task of a local instance.
     pytest.importorskip("ray")

@@ -371,7 +371,6 @@ def sharded(tmp_path_factory, cache_dir):
     return out
 
 
-@pytest.mark.xdist_group("lora-two-ranks")  # its module fixture (sharded) is built once, on one worker (--dist loadgroup)
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ALGOS.names())
 def test_lora_on_two_ranks_trains_only_adapters_and_heads_and_resumes_exactly(algo, sharded):

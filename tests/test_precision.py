@@ -57,7 +57,6 @@ def two_ranks(tmp_path_factory, cache_dir):
     return {rec["algo"]: rec for rec in records}, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-@pytest.mark.xdist_group("precision-two-ranks")  # its module fixture (two_ranks) is built once, on one worker (--dist loadgroup)
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ALGOS.names())
 def test_bf16_compute_two_ranks_trains_float32_masters(two_ranks, algo):
@@ -88,7 +87,6 @@ def two_ranks_float32(tmp_path_factory, cache_dir):
     return {rec["algo"]: rec for rec in records}, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-@pytest.mark.xdist_group("precision-two-ranks")  # its module fixture (two_ranks) is built once, on one worker (--dist loadgroup)
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", MISSION_ALGOS)
 def test_bf16_two_ranks_final_metrics_match_float32(two_ranks, two_ranks_float32, algo):

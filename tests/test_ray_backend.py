@@ -12,7 +12,6 @@ from harness.cli import main
 from tests.conftest import fast_args
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install '.[ray]')")
-pytestmark = pytest.mark.xdist_group("ray")  # one local Ray at a time under pytest-xdist (--dist loadgroup)
 
 ARGS = ["run", "--algos", "ppo", "--noise", "flip0.3", "--seeds", "1", "--steps", "3", "--quiet", "--nproc", "2",
         *fast_args()]
