@@ -72,9 +72,9 @@ def set_up(venv_dir: Path, extras: str) -> Path:
     return python
 
 
-def xdist_workers() -> int:
-    """One pytest-xdist worker per CPU this process may run on (most cells and tests use one torch
-    thread, so the suite's wall time falls about with the CPU count)."""
+def usable_cpus() -> int:
+    """The CPUs this process may run on: `test` runs one pytest-xdist worker per CPU (most cells and
+    tests use one torch thread, so the suite's wall time falls about with the CPU count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -93,9 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             run(str(python), "-m", "harness.cli", "run", *rest, env=env)
             run(str(python), "-m", "harness.cli", "report", env=env)
         else:
-            # --dist loadgroup: the scheduling the suite's time in the README was measured with (no test is in an
-            # xdist_group: pytest 9 ignores pytest-xdist 3.8's groups, so every test is a work unit of its own)
-            run(str(python), "-m", "pytest", "-q", "-n", str(xdist_workers()), "--dist", "loadgroup", *rest, env=env)
+            # --dist loadgroup: the scheduling the README's suite time was measured with
+            run(str(python), "-m", "pytest", "-q", "-n", str(usable_cpus()), "--dist", "loadgroup", *rest, env=env)
     except subprocess.CalledProcessError as exc:
         return exc.returncode
     return 0

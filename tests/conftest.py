@@ -18,8 +18,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     import torch
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cpus // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    from harness.bootstrap import usable_cpus
+
+    torch.set_num_threads(max(1, usable_cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 # Small enough for a unit test: a few warm-start steps, small batches, short evaluations.
 FAST = {
