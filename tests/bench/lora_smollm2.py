@@ -1,6 +1,6 @@
 """LoRA against full fine-tuning on the real small model (issue 32): does a LoRA run gain at least half of
-what full fine-tuning gains at the same budget? Not part of the test suite (a pair takes 16-35 minutes on
-2 CPU cores, longer than the whole suite); it prints figures and exits 1 when LoRA misses the bar.
+what full fine-tuning gains at the same budget? Not part of the test suite (a pair takes 16 minutes of
+2 CPU cores, nearly as long as the whole suite); it prints figures and exits 1 when LoRA misses the bar.
 
     python tests/bench/lora_smollm2.py [--seed 0] [--steps 24] [--threads 2] [--out DIR] [--set KEY=VALUE ...]
 
