@@ -1,13 +1,16 @@
 """Shared fixtures: a tiny, fast configuration and one warm-start cache for the whole session."""
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -60,6 +63,29 @@ def fast_args(overrides: dict[str, str] | None = None) -> list[str]:
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("warmstart-cache")
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder `name` that `build(folder)` fills once for the whole test run. Under pytest-xdist
+    the workers share it: the first to ask builds it under a file lock, the others wait and reuse
+    it, so an expensive module fixture (a 2-rank launch) whose tests land on both workers is built
+    once, not on each. A build that raises leaves no folder behind (the next one to ask tries again)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder = root / f"built-once-{name}"
+    with open(root / f"built-once-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            try:
+                build(folder)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            (folder / ".built").write_text("ok\n")
+    return folder
 
 
 def pytest_collection_modifyitems(config, items):

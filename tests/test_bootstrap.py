@@ -67,3 +67,26 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert "python3 harness/bootstrap.py test --venv .venv-ci" in ci
     assert "python3 harness/bootstrap.py test " in readme and "python3 harness/bootstrap.py demo " in readme
+
+
+def test_built_once_builds_a_shared_folder_once_and_a_failed_build_leaves_nothing(tmp_path_factory):
+    from tests.conftest import built_once
+
+    builds = []
+
+    def build(folder):
+        builds.append(folder)
+        (folder / "result.txt").write_text("42")
+
+    first = built_once(tmp_path_factory, "probe", build)
+    second = built_once(tmp_path_factory, "probe", build)
+    assert first == second and len(builds) == 1 and (first / "result.txt").read_text() == "42"
+
+    def broken(folder):
+        (folder / "half.txt").write_text("half")
+        raise RuntimeError("the build failed")
+
+    with pytest.raises(RuntimeError, match="the build failed"):
+        built_once(tmp_path_factory, "broken", broken)
+    assert not (first.parent / "built-once-broken").exists()
+    assert (built_once(tmp_path_factory, "broken", build) / "result.txt").read_text() == "42"  # tried again

@@ -14,7 +14,7 @@ import pytest
 
 from harness.cli import main
 from harness.resolver import MISSION_ALGOS
-from tests.conftest import fast_args
+from tests.conftest import built_once, fast_args
 
 ROOT = Path(__file__).resolve().parents[1]
 # Random 0/1 rewards keyed by (step, prompt, sample), so every algorithm has gradients from step 1;
@@ -41,12 +41,13 @@ def cli(args: list[str], cache_dir) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def grids(tmp_path_factory, cache_dir):
     """Every mission algorithm in one process and as 2 ranks, on the same configuration."""
-    out = tmp_path_factory.mktemp("dist")
-    algos = ",".join(MISSION_ALGOS)
-    assert main([*COMMON, *DFPO_UNSORTED, "--algos", algos, "--out", str(out / "n1"), "--cache-dir", str(cache_dir)]) == 0
-    assert main([*COMMON, *DFPO_UNSORTED, "--algos", algos, "--out", str(out / "n2"), "--nproc", "2",
-                 "--cache-dir", str(cache_dir)]) == 0
-    return out
+    def build(out):
+        algos = ",".join(MISSION_ALGOS)
+        assert main([*COMMON, *DFPO_UNSORTED, "--algos", algos, "--out", str(out / "n1"), "--cache-dir", str(cache_dir)]) == 0
+        assert main([*COMMON, *DFPO_UNSORTED, "--algos", algos, "--out", str(out / "n2"), "--nproc", "2",
+                     "--cache-dir", str(cache_dir)]) == 0
+
+    return built_once(tmp_path_factory, "dist-grids", build)
 
 
 @pytest.mark.parametrize("algo", MISSION_ALGOS)

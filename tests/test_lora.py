@@ -14,7 +14,7 @@ from harness.models import load_policy  # noqa: E402
 from harness.rollout import forward_response  # noqa: E402
 from harness.trainer import Trainer  # noqa: E402
 from tests import test_resume  # noqa: E402
-from tests.conftest import FAST, fast_args  # noqa: E402
+from tests.conftest import FAST, built_once, fast_args  # noqa: E402
 from tests.test_training import changed, make_trainer, snapshot  # noqa: E402
 
 LORA = {"model.lora_rank": "4", "model.lora_alpha": "8"}
@@ -363,12 +363,13 @@ def sharded(tmp_path_factory, cache_dir):
     """Every registered algorithm with LoRA as 2 ranks, in one launch (a launch costs seconds)."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    out = tmp_path_factory.mktemp("lora-sharded")
-    Trainer(sharded_cell("grpo", out / "warm", steps=1).cfg, out / "warm", cache_dir=cache_dir, progress=False)  # the warm start, once
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, rdzv_backend="c10d", rdzv_endpoint="localhost:0",
-                          run_id="lora-sharded", max_restarts=0, monitor_interval=0.1, start_method="spawn")
-    elastic_launch(config, sharded_ranks)(ALGOS.names(), str(out), str(cache_dir))
-    return out
+    def build(out):
+        Trainer(sharded_cell("grpo", out / "warm", steps=1).cfg, out / "warm", cache_dir=cache_dir, progress=False)  # the warm start, once
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, rdzv_backend="c10d", rdzv_endpoint="localhost:0",
+                              run_id="lora-sharded", max_restarts=0, monitor_interval=0.1, start_method="spawn")
+        elastic_launch(config, sharded_ranks)(ALGOS.names(), str(out), str(cache_dir))
+
+    return built_once(tmp_path_factory, "lora-sharded", build)
 
 
 @pytest.mark.slow

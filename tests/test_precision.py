@@ -19,7 +19,7 @@ from harness.config import resolved_old_logp
 from harness.errors import HarnessError
 from harness.resolver import MISSION_ALGOS, build_cells
 from harness.trainer import Trainer
-from tests.conftest import FAST
+from tests.conftest import FAST, built_once
 from tests.gpu import check
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,17 +44,28 @@ def test_bf16_compute_one_process_trains_float32_masters(algo, tmp_path, cache_d
     assert_trains_in_float32(rec)
 
 
+def precision_on_two_ranks(tmp_path_factory, cache_dir, name: str, algos: list[str], *options: str):
+    """`tests.gpu.check precision` for `algos`, 3 steps as 2 ranks (torchrun, gloo, FSDP2), once per test
+    run (`built_once`): `({algo: its RESULT record}, the output's tail)`."""
+    def build(out):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HARNESS_CACHE": str(cache_dir)}
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "tests.gpu.check", "precision", "--device", "cpu", "--algos", ",".join(algos),
+                               "--steps", str(STEPS), *options, "--out", str(out / "runs")], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=900)
+        (out / "stdout.txt").write_text(proc.stdout)
+        (out / "log.txt").write_text(proc.stdout[-3000:] + proc.stderr[-3000:])
+
+    out = built_once(tmp_path_factory, name, build)
+    lines = (out / "stdout.txt").read_text().splitlines()
+    records = [json.loads(line[len("RESULT "):]) for line in lines if line.startswith("RESULT ")]
+    return {rec["algo"]: rec for rec in records}, (out / "log.txt").read_text()
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, cache_dir):
-    """Every registered algorithm, 3 steps as 2 ranks (torchrun, gloo, FSDP2) with bf16 compute."""
-    out = tmp_path_factory.mktemp("two-ranks")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HARNESS_CACHE": str(cache_dir)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "tests.gpu.check", "precision", "--device", "cpu", "--algos", ",".join(ALGOS.names()),
-                           "--steps", str(STEPS), "--out", str(out)], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
-    records = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    return {rec["algo"]: rec for rec in records}, proc.stdout[-3000:] + proc.stderr[-3000:]
+    """Every registered algorithm, 3 steps as 2 ranks with bf16 compute."""
+    return precision_on_two_ranks(tmp_path_factory, cache_dir, "two-ranks-bf16", ALGOS.names())
 
 
 @pytest.mark.slow
@@ -77,14 +88,8 @@ ILL_CONDITIONED = ("grad_norm", "explained_var")
 @pytest.fixture(scope="module")
 def two_ranks_float32(tmp_path_factory, cache_dir):
     """The mission algorithms, 3 steps as 2 ranks in float32 (the baseline of the bf16 runs)."""
-    out = tmp_path_factory.mktemp("two-ranks-fp32")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HARNESS_CACHE": str(cache_dir)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "tests.gpu.check", "precision", "--device", "cpu", "--algos", ",".join(MISSION_ALGOS),
-                           "--steps", str(STEPS), "--dtype", "float32", "--mp", "off", "--min-changed", "0",
-                           "--out", str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    records = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    return {rec["algo"]: rec for rec in records}, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return precision_on_two_ranks(tmp_path_factory, cache_dir, "two-ranks-fp32", MISSION_ALGOS,
+                                  "--dtype", "float32", "--mp", "off", "--min-changed", "0")
 
 
 @pytest.mark.slow
