@@ -163,3 +163,20 @@ def test_bench_runs_smollm2_and_skips_the_algorithm_table(cache_dir):
     assert "setup" in row and "tok/s" in row
     assert any("algorithms: skipped on smollm2" in line for line in lines)
     assert lines[-1] == "speedup_vs_trl=nan"
+
+
+def test_population_ceiling_divides_k_single_steps_by_one_step_on_k_times_the_rows():
+    from tests.bench import population_ceiling as pc
+
+    # K = 4: a step of 0.1 s alone, 0.25 s on 4x the rows -> 4 x 0.1 / 0.25 = 1.6; a cell of 200 steps
+    # and 1.5 s fixed: 4 x (1.5 + 20) / (1.5 + 50) = 86 / 51.5
+    step, cell = pc.ceiling(0.1, 0.25, 4, 1.5)
+    assert step == pytest.approx(1.6) and cell == pytest.approx(86 / 51.5)
+    assert pc.ceiling(0.1, 0.1, 1, 1.5) == pytest.approx((1.0, 1.0))
+    # two algorithms, K = 2: apart 2 x (1 + 200 x 0.1) + 2 x (1 + 200 x 0.3) = 42 + 122 = 164; in populations
+    # (1 + 200 x 0.1) + (1 + 200 x 0.5) = 21 + 101 = 122: the slow algorithm's weak batching dominates
+    assert pc.mix_ceiling([0.1, 0.3], [0.1, 0.5], 2, 1.0) == pytest.approx(164 / 122)
+    assert pc.parse_ks("8, 4") == [1, 4, 8]  # K = 1 is always measured: every ratio divides by it
+    for bad in ("0,4", "four", ""):
+        with pytest.raises(SystemExit, match="--k"):
+            pc.parse_ks(bad)
