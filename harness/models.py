@@ -105,8 +105,36 @@ def load_policy(cfg: ModelConfig, suite: "Suite", seed: int, cache_dir: Path | N
         return load_pretrained(str(path), dtype, device)
     if cfg.name in MODEL_ALIASES:
         folder, gguf_file = MODEL_ALIASES[cfg.name]()
-        return load_pretrained(str(folder), dtype, device, gguf_file=gguf_file)
+        return load_gguf(Path(folder), gguf_file, dtype, device, cache_dir)
     return load_pretrained(cfg.name, dtype, device, trust_remote_code=cfg.trust_remote_code)
+
+
+def load_gguf(folder: Path, gguf_file: str, dtype: str, device: str, cache_dir: Path | None):
+    """A GGUF model and its tokenizer through a float32 safetensors copy of the dequantised weights,
+    written once per GGUF file under `cache_dir`/gguf (under a file lock, atomically). Loading the GGUF
+    file takes transformers about 25 s for SmolLM2 (parsing it; the dequantisation is 2 s of that), the
+    copy well under a second. The copy holds the same float32 values, config and tokenizer (tested equal),
+    and the model keeps the GGUF folder as its name_or_path, so the rest of the harness sees the model it
+    loaded before (a second safetensors copy for vLLM or TRL is `loadable_source`'s, unchanged)."""
+    source = folder / gguf_file
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "gguf"
+    copy = root / f"{source.stem}-{key}"
+    model = None
+    if not (copy / "done").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / f"{copy.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (copy / "done").exists():
+                model, tokenizer = load_pretrained(str(folder), "float32", "cpu", gguf_file=gguf_file)
+                write_model_folder(model, tokenizer, copy)
+                (copy / "done").write_text("ok\n")
+                model = model.to(device=device, dtype=DTYPES[dtype])
+    if model is None:
+        model, tokenizer = load_pretrained(str(copy), dtype, device)
+    model.config._name_or_path = model.name_or_path = str(folder)  # peft names its base by the latter
+    return model, tokenizer
 
 
 def smollm2_gguf() -> tuple[Path, str]:
@@ -206,16 +234,22 @@ def safetensors_copy(policy: torch.nn.Module, cache_dir: Path | None, tokenizer=
     safetensors, and the tokenizer's files when given), for a model that came from a GGUF file; written
     once under `cache_dir`/safetensors, atomically, and reused. The GGUF quantization config is left
     out: the weights are the dequantised ones."""
-    from safetensors.torch import save_file
-
     root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "safetensors"
     with_tokenizer = "tokenizer" if tokenizer is not None else ""
     key = hashlib.sha256(f"{policy.config._name_or_path}|{policy.config.to_json_string()}|{with_tokenizer}".encode()).hexdigest()[:16]
     path = root / f"{Path(policy.config._name_or_path).name}-{key}"
     if (path / "config.json").exists():
         return path
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{path.name}."))
+    return write_model_folder(policy, tokenizer, path)
+
+
+def write_model_folder(policy: torch.nn.Module, tokenizer, path: Path) -> Path:
+    """`path` as a Hugging Face folder (config.json, model.safetensors, the tokenizer's files when
+    given) of `policy`'s weights, written atomically (a temporary folder beside it, then renamed)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     # Written by hand: transformers refuses to save a model it loaded from GGUF ("not serializable").
     config = policy.config.to_dict()
     config.pop("quantization_config", None)
