@@ -154,7 +154,7 @@ def test_real_model_bench_defaults_sit_under_the_users_set():
 def test_bench_runs_smollm2_and_skips_the_algorithm_table(cache_dir):
     args = [sys.executable, "-m", "harness.cli", "bench", "--model", "smollm2", "--quick", "--no-trl",
             "--cache-dir", str(cache_dir), "--set", "train.prompts_per_step=2", "--set", "train.group_size=2",
-            "--set", "train.max_new_tokens=4"]
+            "--set", "train.max_new_tokens=4", "--set", f"train.threads={torch.get_num_threads()}"]  # as tests/test_smollm2.py
     proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
