@@ -116,9 +116,11 @@ def load_gguf(folder: Path, gguf_file: str, dtype: str, device: str, cache_dir: 
     copy well under a second. The copy holds the same float32 values, config and tokenizer (tested equal),
     and the model keeps the GGUF folder as its name_or_path, so the rest of the harness sees the model it
     loaded before (a second safetensors copy for vLLM or TRL is `loadable_source`'s, unchanged)."""
+    import transformers  # its version is in the key: the dequantisation is transformers' work
+
     source = folder / gguf_file
     stat = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()[:16]
     root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "gguf"
     copy = root / f"{source.stem}-{key}"
     model = None
