@@ -48,7 +48,8 @@ def cmd_run(args, origin=None) -> int:
 def run_command(args, overrides: dict[str, str]) -> int:
     from harness.config import MAX_STEPS
     from harness.cell import NodeLaunch
-    from harness.grid import default_workers, run_grid
+    from harness.bootstrap import usable_cpus
+    from harness.grid import default_workers, oversubscription, run_grid
     from harness.launch import check_nodes
     from harness.resolver import build_cells, default_algos, parse_algos, parse_seeds
     from harness.tracking import parse_backends
@@ -65,6 +66,8 @@ def run_command(args, overrides: dict[str, str]) -> int:
     )
     log_to = parse_backends(args.log_to)
     workers = args.workers if args.workers is not None else default_workers(cells)
+    if args.backend == "local" and (note := oversubscription(cells, workers, usable_cpus())):
+        print(f"harness: {note}", file=sys.stderr)
     grid = Path(args.out).resolve().name
     node = NodeLaunch(rank=args.node_rank, endpoint=args.rdzv_endpoint, run_id=args.rdzv_id or grid)
     check_nodes(max(c.cfg.train.nnodes for c in cells), node, args.backend, workers)

@@ -42,6 +42,18 @@ def default_workers(cells: list["Cell"]) -> int:
     return 1
 
 
+def oversubscription(cells: list["Cell"], workers: int, cpus: int) -> str | None:
+    """A one-line note when `workers` cells at once want more torch threads than `cpus` (each cell
+    `train.threads` per rank): such cells contend for the cores and run much slower than one at a time
+    (two 2-thread SmolLM2 cells on 2 cores took over 10 minutes where each takes 1-2 alone)."""
+    at_once = min(workers, len(cells))
+    threads = max((c.cfg.train.threads * c.cfg.train.world_size for c in cells), default=0)
+    if at_once < 2 or at_once * threads <= cpus:
+        return None
+    return (f"note: {at_once} workers x {threads} torch threads a cell = {at_once * threads} threads on {cpus} CPUs; "
+            f"the cells will contend for the cores (--set train.threads={max(1, cpus // at_once)} or fewer --workers)")
+
+
 def write_manifest(out: Path, cells: list[Cell]) -> None:
     """`<out>/grid.json`: every cell any run on this folder asked for, so `harness status` can
     list the pending ones."""

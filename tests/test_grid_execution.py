@@ -362,3 +362,25 @@ def test_sigint_or_sigterm_ends_the_run_in_seconds_with_one_line_cells_interrupt
         assert any(line.startswith(f"{cell} pending") and f"resumes from the checkpoint at step {step}" in line
                    for line in lines), lines
     assert not store.lock_holder(out), "the run lock is released"
+
+
+def test_workers_whose_cells_want_more_threads_than_cpus_get_a_note(tmp_path, capsys, cache_dir):
+    from harness.bootstrap import usable_cpus
+    from harness.grid import oversubscription
+    from harness.resolver import build_cells
+
+    def cells(threads: int, n: int = 2):
+        return build_cells("arith", ["grpo"], "none", list(range(n)), tmp_path, overrides={"train.threads": str(threads)})
+
+    assert oversubscription(cells(1), 2, 2) is None  # tiny cells: one thread each, one per core
+    assert oversubscription(cells(2), 1, 2) is None  # one cell at a time
+    assert oversubscription(cells(2, n=1), 4, 2) is None  # one cell: the other workers stay idle
+    note = oversubscription(cells(2), 2, 2)
+    assert note == ("note: 2 workers x 2 torch threads a cell = 4 threads on 2 CPUs; the cells will contend for "
+                    "the cores (--set train.threads=1 or fewer --workers)")
+    cpus = usable_cpus()  # every CPU a cell, two cells at once: always too many
+    args = ["run", "--algos", "grpo", "--noise", "none", "--seeds", "0,1", "--steps", "1", "--out", str(tmp_path / "runs"),
+            "--workers", "2", "--cache-dir", str(cache_dir), "--quiet", *fast_args({"train.threads": str(cpus)})]
+    assert main(args) == 0
+    assert f"harness: note: 2 workers x {cpus} torch threads a cell = {2 * cpus} threads on {cpus} CPUs" \
+        in capsys.readouterr().err
