@@ -13,8 +13,10 @@ steadier than wall seconds on a shared host, whose speed swings within seconds);
 step ceiling is printed beside it.
 
     python tests/bench/population_ceiling.py [--k 1,4,8,16] [--algos ppo,grpo,dvpo,flowrl,dfpo] [--steps 5] [--rounds 2]
+                                             [--set KEY=VALUE ...]   (e.g. train.device=cuda on a GPU)
 
-Not part of the test suite: it prints figures (about 10 minutes with the defaults on one core).
+Not part of the test suite: it prints figures (14 minutes at --steps 6 on the 2-core host; on a GPU the
+wall-clock column is the one to read).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from harness.bench import load_average, pool_rounds, run_worker  # noqa: E402
+from harness.config import parse_assignments  # noqa: E402
 
 ROBUSTNESS_ALGOS = "ppo,grpo,dvpo,flowrl,dfpo"  # harness/presets/robustness.yaml
 BASE_PROMPTS = 32  # the default arith cell's train.prompts_per_step
@@ -73,9 +76,14 @@ def main() -> int:
                         help="rounds over the member counts, ascending then descending, pooled (drift reaches all alike)")
     parser.add_argument("--setup", type=float, default=GRID_SETUP_S,
                         help="fixed seconds of a cell in a grid that a population would pay once (default: measured)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every configuration, as for run (e.g. train.device=cuda)")
     parser.add_argument("--cache-dir", default=None, help="warm-start cache (default: $HARNESS_CACHE or ~/.cache/harness)")
     args = parser.parse_args()
     setup = args.setup
+    sets = parse_assignments(args.set)
+    if "train.prompts_per_step" in sets:
+        raise SystemExit("--set train.prompts_per_step: the script sets it (32 K); leave it out")
     ks = parse_ks(args.k)
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
     print(f"population ceiling: default arith cell, {BASE_PROMPTS} K prompts a step in one model; "
@@ -90,7 +98,7 @@ def main() -> int:
             for k in ks if round_ % 2 == 0 else ks[::-1]:
                 runs[k].append(run_worker({
                     "library": "harness", "algo": algo, "steps": args.steps, "warmup": args.warmup,
-                    "overrides": {"train.prompts_per_step": str(BASE_PROMPTS * k)}, "cache_dir": args.cache_dir,
+                    "overrides": {**sets, "train.prompts_per_step": str(BASE_PROMPTS * k)}, "cache_dir": args.cache_dir,
                     "model": None}))
         pooled = {k: pool_rounds(runs[k]) for k in ks}
         base = pooled[1]
