@@ -94,19 +94,28 @@ def load_policy(cfg: ModelConfig, suite: "Suite", seed: int, cache_dir: Path | N
     if cfg.name == "tiny":
         cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         path = cache_dir / "warmstart" / warmstart_key(cfg, suite, seed)
-        if not (path / "done").exists():
-            # Cells in parallel (workers, Ray tasks, two runs) may need the same warm start: one
-            # builds it under an exclusive file lock, the others wait and then load it.
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path.parent / f"{path.name}.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                if not (path / "done").exists():
-                    build_tiny_warmstart(cfg, suite, seed, path, progress=progress)
+        build_once(path, lambda: build_tiny_warmstart(cfg, suite, seed, path, progress=progress))
         return load_pretrained(str(path), dtype, device)
     if cfg.name in MODEL_ALIASES:
         folder, gguf_file = MODEL_ALIASES[cfg.name]()
         return load_gguf(Path(folder), gguf_file, dtype, device, cache_dir)
     return load_pretrained(cfg.name, dtype, device, trust_remote_code=cfg.trust_remote_code)
+
+
+def build_once(path: Path, build) -> bool:
+    """Run `build()`, which writes the cache folder `path` and its `done` marker, unless `path/done`
+    exists. Cells in parallel (workers, Ray tasks, two runs) may need the same folder: one builds it
+    under an exclusive file lock beside it, the others wait and then load it. Returns whether this
+    call built it."""
+    if (path / "done").exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f"{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (path / "done").exists():
+            return False
+        build()
+        return True
 
 
 def load_gguf(folder: Path, gguf_file: str, dtype: str, device: str, cache_dir: Path | None):
@@ -121,19 +130,17 @@ def load_gguf(folder: Path, gguf_file: str, dtype: str, device: str, cache_dir: 
     source = folder / gguf_file
     stat = source.stat()
     key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()[:16]
-    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "gguf"
-    copy = root / f"{source.stem}-{key}"
-    model = None
-    if not (copy / "done").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        with open(root / f"{copy.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (copy / "done").exists():
-                model, tokenizer = load_pretrained(str(folder), "float32", "cpu", gguf_file=gguf_file)
-                write_model_folder(model, tokenizer, copy)
-                (copy / "done").write_text("ok\n")
-                model = model.to(device=device, dtype=DTYPES[dtype])
-    if model is None:
+    copy = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "gguf" / f"{source.stem}-{key}"
+    parsed = {}  # the model the build parsed, kept so that the first load does not read the copy back
+
+    def build():
+        parsed["model"], parsed["tokenizer"] = load_pretrained(str(folder), "float32", "cpu", gguf_file=gguf_file)
+        write_model_folder(parsed["model"], parsed["tokenizer"], copy)
+        (copy / "done").write_text("ok\n")
+
+    if build_once(copy, build):
+        model, tokenizer = parsed["model"].to(device=device, dtype=DTYPES[dtype]), parsed["tokenizer"]
+    else:
         model, tokenizer = load_pretrained(str(copy), dtype, device)
     model.config._name_or_path = model.name_or_path = str(folder)  # peft names its base by the latter
     return model, tokenizer
