@@ -1,7 +1,6 @@
 """Shared fixtures: a tiny, fast configuration and one warm-start cache for the whole session."""
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import os
 import shutil
@@ -70,21 +69,24 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
     the workers share it: the first to ask builds it under a file lock, the others wait and reuse
     it, so an expensive module fixture (a 2-rank launch) whose tests land on both workers is built
     once, not on each. A build that raises leaves no folder behind (the next one to ask tries again)."""
+    from harness.models import build_once  # the warm starts' lock-and-check
+
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the run's folder, above each worker's own
     folder = root / f"built-once-{name}"
-    with open(root / f"built-once-{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (folder / ".built").exists():
+
+    def build_here():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        try:
+            build(folder)
+        except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
-            try:
-                build(folder)
-            except BaseException:
-                shutil.rmtree(folder, ignore_errors=True)
-                raise
-            (folder / ".built").write_text("ok\n")
+            raise
+        (folder / "done").write_text("ok\n")
+
+    build_once(folder, build_here)
     return folder
 
 
