@@ -49,8 +49,10 @@ def sha256_of(path: Path, size: int | None = None) -> str:
 
 
 class _WholeWrites:
-    """A file for torch.save that writes every byte or raises, remembering the OSError: torch's
-    zip writer turns a failed write (a full disk) into a bare RuntimeError."""
+    """A file for torch.save that writes every byte or raises, remembering why: torch's zip writer
+    turns anything raised in a write into a bare RuntimeError, a full disk's OSError and also the
+    KeyboardInterrupt of a SIGINT / SIGTERM that lands mid-write (which must end the cell as
+    interrupted, not failed)."""
 
     def __init__(self, fh):
         self.fh, self.error = fh, None
@@ -60,7 +62,7 @@ class _WholeWrites:
         try:
             while len(view):
                 view = view[os.write(self.fh.fileno(), view):]
-        except OSError as exc:
+        except (OSError, KeyboardInterrupt) as exc:
             self.error = exc
             raise
         return len(data)
@@ -70,7 +72,8 @@ class _WholeWrites:
 
 
 def save_tensors(obj: Any, path: Path) -> None:
-    """`torch.save(obj, path)`; a failed write is an OSError naming `path`."""
+    """`torch.save(obj, path)`; a failed write is an OSError naming `path`, an interrupt during it a
+    KeyboardInterrupt."""
     import torch
 
     with naming(path), open(path, "wb", buffering=0) as fh:

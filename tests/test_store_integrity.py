@@ -403,3 +403,21 @@ def test_read_only_out_is_one_line(tmp_path, cache_dir, capsys):
     with tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
         code, _, err = invoke(capsys, run_args(ro / "runs", cache_dir))
         assert code == 2 and "is not writable" in err
+
+
+def test_an_interrupt_while_a_checkpoint_is_written_is_a_keyboard_interrupt_not_a_failure(tmp_path, monkeypatch):
+    """A SIGINT / SIGTERM handler raises KeyboardInterrupt wherever the main thread is; inside torch.save's
+    write, torch's zip writer would turn it into a RuntimeError and the cell would end failed, not
+    interrupted (seen once in the grid's signal test)."""
+    real_write, calls = os.write, []
+
+    def interrupted_write(fd, data):
+        calls.append(len(data))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write(fd, data)
+
+    monkeypatch.setattr(checkpoints.os, "write", interrupted_write)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save_tensors({"w": torch.zeros(1000)}, tmp_path / "state.pt")
+    assert len(calls) == 2
