@@ -66,6 +66,7 @@ class PolicyEvaluator:
                         "greedy": e.temperature == 0}
             base = {"step": step, "benchmark": bench.name, "role": bench.role, "n_problems": len(problems),
                     "grader": bench.grader, "prompt_template": self.prompt_template_id(bench), "seed": self.cfg.seed,
+                    "ceiling": sum(p.meta.get("ceiling", 1.0) for p in problems) / len(problems),
                     **decoding}
             if e.k == 1:
                 rows.append({**base, "metric": primary_metric(e.k), "value": sum(c[0] for c in correct) / len(problems)})

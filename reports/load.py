@@ -197,11 +197,14 @@ class RunStore:
     ``evals``: suite, algo, noise, seed, step, role, benchmark, value (primary metric, all steps).
     ``metrics``: suite, algo, noise, seed, step and one column per metrics.jsonl key.
     ``problems``: suite, algo, noise, seed, step, role, benchmark, problem, score (may be empty).
+    ``ceilings``: {(suite, benchmark): the best expected score any policy can reach there}, for the
+    benchmarks whose eval rows record one (`tasks.base.Benchmark.ceiling`); 1 for the others.
     """
 
     def __init__(self, runs_dir: Path):
         runs_dir = Path(runs_dir)
         cells, evals, metrics, problems, windows = [], [], [], [], []
+        ceilings: dict[tuple[str, str], list[float]] = {}
         for cell in sorted(runs_dir.glob("*/*/*/seed*")) if runs_dir.is_dir() else []:
             match = _SEED_DIR.fullmatch(cell.name)
             if not (cell.is_dir() and match and ((cell / "eval.jsonl").exists() or (cell / "status.json").exists())):
@@ -210,7 +213,8 @@ class RunStore:
             key = {"suite": suite, "algo": algo, "noise": noise, "seed": int(match.group(1))}
             try:
                 status = _read_status(cell)
-                scores = primary_scores(_eval_rows(cell / "eval.jsonl"))
+                rows = _eval_rows(cell / "eval.jsonl")
+                scores = primary_scores(rows)
                 m = pd.DataFrame(_metric_rows(cell / "metrics.jsonl"))
                 p = _checked_rows(cell / "eval_problems.jsonl", PROBLEM_KEYS)
                 m_final = final_evals_of(cell)
@@ -234,6 +238,9 @@ class RunStore:
                           "ood_acc": role_mean("OOD"), "reason": reason, "issue": issue, "path": str(cell),
                           "final_steps": ",".join(map(str, window))})
             evals.append(scores.assign(**key))
+            for row in rows:
+                if isinstance(row.get("ceiling"), (int, float)):
+                    ceilings.setdefault((suite, str(row["benchmark"])), []).append(float(row["ceiling"]))
             windows += [{**key, "step": step} for step in window]
             if "step" in m:
                 metrics.append(m.assign(**key))
@@ -249,6 +256,9 @@ class RunStore:
         self.problems = (pd.concat(problems, ignore_index=True) if problems
                          else pd.DataFrame(columns=keys + list(PROBLEM_KEYS)))
         self.problems["problem"] = self.problems["problem"].astype(str)
+        # The best expected score a policy can reach on each (suite, benchmark), from its eval rows'
+        # `ceiling` (the largest recorded; benchmarks whose rows record none are not in it: 1).
+        self.ceilings = {key: max(values) for key, values in ceilings.items()}
         # The evaluation steps each cell's final score averages (`final_steps`): keys + step.
         self.final_windows = pd.DataFrame(windows, columns=keys + ["step"])
 

@@ -32,6 +32,7 @@ class Finals:
 
     def __init__(self, store: RunStore, suite):
         self.suite = suite
+        self.ceilings = {b: c for (name, b), c in getattr(store, "ceilings", {}).items() if name == suite.name}
         self.frames = {}
         for which, df in (("final", store.final_scores()), ("initial", store.initial_scores())):
             df = df[df["suite"] == suite.name]
@@ -49,6 +50,12 @@ class Finals:
         if wide is None or not set(members) <= set(wide.columns):
             return pd.DataFrame(columns=members, dtype=float)
         return wide[members].dropna()
+
+    def ceiling(self, score: str) -> float:
+        """The best expected value of ``score`` any policy can reach: the mean of its member
+        benchmarks' ceilings (1 for a benchmark whose eval rows record none)."""
+        members = self.suite.members(score) or []
+        return float(np.mean([self.ceilings.get(b, 1.0) for b in members])) if members else 1.0
 
     def per_seed(self, algo: str, noise: str, score: str, which: str = "final") -> pd.Series | None:
         m = self.matrix(algo, noise, score, which)

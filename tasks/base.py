@@ -12,6 +12,9 @@ class Problem:
     id: str  # stable across runs: noise draws and pseudo-labels are keyed by it
     prompt: str
     answer: str
+    # meta["ceiling"], where a suite sets it: the best expected score any policy can reach on the
+    # problem (1 when absent; below 1 when it can only be guessed). An eval row records its problems'
+    # mean as `ceiling`, which the report's headroom gate measures against.
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 

@@ -41,6 +41,19 @@ The design, and why each property the testbed needs holds:
   sum, which the policy never computes (it continues from the digit it wrote), and the critic,
   a copy of the policy's backbone, does not learn it: on a fixed mid-run policy its value after a
   mistake stays at the value of a right prefix (0.8-0.9 against 0).
+- **Difficulty that persists: hidden addends.** A share `hidden_frac` of the train and ID problems
+  (default 0.4) show one addend as `?` (which problems and which addend seeded per problem); the
+  answer still uses it, so no policy can do better than guess that step: 1 in 10 whatever it
+  learns, the problem's `meta["ceiling"]`, which each evaluation records (the mean over its
+  problems) and the report's headroom gate measures against. Real benchmarks have such problems
+  (beyond the model's reach; RL does not fix them), and they keep what the critic can learn from
+  the prompt for the whole run: which prompts are hopeless is in the prompt and stays true. Without
+  them (`hidden_frac=0`) RL nearly solves every prompt by mid-run and the critic, which does not
+  learn to spot a wrong digit already written (below), is left with nothing it can learn. OOD
+  problems show every addend.
+- **Errors a critic could see (an option).** `skip_share` of the warm start's step errors repeat the
+  previous digit (the addend skipped) instead of being off by one: a mistake visible from the two
+  digits alone, no sum needed (default 0: off by one only).
 - **A cheap, learnable layout.** One token per step and a fixed prompt width: the addend of step j
   and the response's step j always sit the same distance apart, so a two-layer model attends to
   it by relative position (RoPE), whatever L is. Responses are at most `max_steps` + 2 tokens
@@ -69,6 +82,7 @@ from harness.seeding import numpy_rng, uniform
 from tasks.base import SUITES, Benchmark, Problem, Suite
 
 PAD = "."
+HIDDEN = "?"
 
 
 @dataclass
@@ -77,19 +91,25 @@ class ChainOptions:
     ood_steps: int = field(default=1, metadata={"doc": "OOD chains are max_steps+1 .. max_steps+ood_steps long"})
     small_error: float = field(default=0.1, metadata={"doc": "probability that a warm-start step with addend 0-4 is off by one (later steps continue from it)"})
     large_error: float = field(default=0.65, metadata={"doc": "probability that a warm-start step with addend 5-9 is off by one (later steps continue from it)"})
+    skip_share: float = field(default=0.0, metadata={"doc": "share of warm-start step errors that skip the addend (repeat the previous digit) instead of being off by one"})
     n_train: int = field(default=4000, metadata={"doc": "training problems"})
     warmstart_long: int = field(default=400, metadata={"doc": "problems of the OOD lengths in the warm start's data only (never in RL training)"})
     n_eval: int = field(default=200, metadata={"doc": "problems per evaluation split (ID and OOD)"})
+    hidden_frac: float = field(default=0.4, metadata={"doc": "share of train and ID problems with one addend hidden (`?`): no policy can do better than guess it (1 in 10), a difficulty that persists under RL"})
 
     def validate(self) -> None:
         if not (1 <= self.max_steps and 1 <= self.ood_steps and self.max_steps + self.ood_steps <= 20):
             raise HarnessError(f"suite.max_steps and suite.ood_steps must be >= 1 with max_steps + ood_steps <= 20, "
                                f"got {self.max_steps} and {self.ood_steps}")
+        if not 0 <= self.skip_share <= 1:
+            raise HarnessError(f"suite.skip_share must lie in [0, 1], got {self.skip_share}")
         for name in ("small_error", "large_error"):
             if not 0 <= getattr(self, name) < 1:
                 raise HarnessError(f"suite.{name} must lie in [0, 1), got {getattr(self, name)}")
         if self.warmstart_long < 0:
             raise HarnessError(f"suite.warmstart_long must be >= 0, got {self.warmstart_long}")
+        if not 0 <= self.hidden_frac <= 1:
+            raise HarnessError(f"suite.hidden_frac must lie in [0, 1], got {self.hidden_frac}")
         if self.n_train < 1 or self.n_eval < 1:
             raise HarnessError("suite.n_train and suite.n_eval must be positive")
 
@@ -107,6 +127,21 @@ def make_problem(start: int, addends: list[int], slots: int) -> Problem:
     trace = "".join(map(str, running_sums(start, addends)))
     return Problem(id=f"chain:{start}:{digits}", prompt=f"{start}:{digits}{PAD * (slots - len(addends))}=",
                    answer=trace, meta={"steps": len(addends), "start": start, "addends": tuple(addends)})
+
+
+def hide_addends(problems: list[Problem], frac: float, seed: int, split: str) -> list[Problem]:
+    """A share `frac` of the problems with one addend shown as `?` (which problems and which addend
+    seeded per problem); the answer still uses the hidden addend, so a solver can only guess that step."""
+    out = []
+    for p in problems:
+        if uniform(seed, "chain-hidden", split, p.id) >= frac:
+            out.append(p)
+            continue
+        addends = p.meta["addends"]
+        j = min(int(uniform(seed, "chain-hidden-slot", split, p.id) * len(addends)), len(addends) - 1)
+        prompt = p.prompt[:p.prompt.index(":") + 1 + j] + HIDDEN + p.prompt[p.prompt.index(":") + 2 + j:]
+        out.append(Problem(id=f"{p.id}:h{j}", prompt=prompt, answer=p.answer, meta={**p.meta, "hidden": j, "ceiling": 0.1}))
+    return out
 
 
 def draw_problems(rng, lengths: range, n: int, slots: int, exclude: set[str]) -> list[Problem]:
@@ -151,6 +186,9 @@ class ChainSuite(Suite):
         id_lengths, ood_lengths = range(1, o.max_steps + 1), range(o.max_steps + 1, o.max_steps + o.ood_steps + 1)
         self._id_eval = draw_problems(rng, id_lengths, o.n_eval, slots, set())
         self._train = draw_problems(rng, id_lengths, o.n_train, slots, {p.id for p in self._id_eval})
+        if o.hidden_frac:
+            self._id_eval = hide_addends(self._id_eval, o.hidden_frac, seed, "id")
+            self._train = hide_addends(self._train, o.hidden_frac, seed, "train")
         self._ood_eval = draw_problems(rng, ood_lengths, o.n_eval, slots, set())
         self._long = draw_problems(rng, ood_lengths, o.warmstart_long, slots, {p.id for p in self._ood_eval})
 
@@ -175,8 +213,10 @@ class ChainSuite(Suite):
             value = (digits[-1] + a) % 10
             u = uniform(self.seed, "chain-sft", problem.id, j)
             error = self.options.large_error if a >= 5 else self.options.small_error
-            if u < error:
-                value = (value + (1 if u < error / 2 else -1)) % 10
+            if u < error * self.options.skip_share:
+                value = digits[-1]
+            elif u < error:
+                value = (value + (1 if u < error * (1 + self.options.skip_share) / 2 else -1)) % 10
             digits.append(value)
         return "".join(map(str, digits))
 

@@ -58,3 +58,12 @@ def test_chain_warm_start_is_in_format_and_in_its_band(seed, cache_dir):
     assert in_format >= 0.95, in_format
     assert 0.15 <= score["chain_id"] <= 0.40, score
     assert score["chain_ood"] >= 0.05, score
+    # Each row records its problems' ceiling: a hidden-addend problem can only be guessed (1 in 10).
+    ceiling = {r["benchmark"]: r["ceiling"] for r in rows if r["metric"] == "avg@8"}
+    hidden = [p for p in evaluation.benchmarks[0].problems if "hidden" in p.meta]
+    assert ceiling["chain_ood"] == 1.0 and hidden
+    assert ceiling["chain_id"] == pytest.approx(1 - 0.9 * len(hidden) / len(evaluation.benchmarks[0].problems))
+    # The warm start guesses a hidden addend: it gets those problems right about 1 time in 10 at best.
+    hidden_ids = {p.id for p in hidden}
+    guessed = [r["score"] for r in id_responses if r["problem"] in hidden_ids]
+    assert sum(guessed) / len(guessed) <= 0.13, sum(guessed) / len(guessed)

@@ -22,7 +22,7 @@ def test_problem_layout_and_trace():
 
 
 def test_splits_are_disjoint_graded_and_ood_is_longer():
-    suite = ChainSuite(ChainOptions(), seed=0)
+    suite = ChainSuite(ChainOptions(hidden_frac=0.0), seed=0)
     train = suite.train_problems()
     bench = {b.name: b for b in suite.eval_benchmarks()}
     assert len(train) == 4000 and len({p.id for p in train}) == 4000
@@ -74,6 +74,44 @@ def test_warm_start_targets_are_in_format_and_off_by_one_at_the_rate_of_their_ad
     assert all(clean.sft_target(p) == p.answer for p in clean.train_problems())
 
 
+def test_hidden_addends_cap_a_share_of_train_and_id_problems_at_a_guess():
+    suite = ChainSuite(ChainOptions(), seed=0)
+    assert ChainOptions().hidden_frac == 0.4
+    plain = ChainSuite(ChainOptions(hidden_frac=0.0), seed=0)
+    bench = {b.name: b for b in suite.eval_benchmarks()}
+    for split, base in ((suite.train_problems(), plain.train_problems()),
+                        (bench["chain_id"].problems, plain.eval_benchmarks()[0].problems)):
+        hidden = [p for p in split if "hidden" in p.meta]
+        assert 0.35 < len(hidden) / len(split) < 0.45 and len({p.id for p in split}) == len(split)
+        for p, q in zip(split, base):  # the same problems, one addend of the hidden ones shown as '?'
+            assert p.answer == q.answer and p.meta["addends"] == q.meta["addends"] and len(p.prompt) == len(q.prompt)
+            if "hidden" in p.meta:
+                j = p.meta["hidden"]
+                assert 0 <= j < p.meta["steps"] and p.prompt.count("?") == 1 and p.prompt[2 + j] == "?"
+                assert p.prompt[:2 + j] + q.prompt[2 + j] + p.prompt[3 + j:] == q.prompt
+                assert p.meta["ceiling"] == 0.1 and p.id == f"{q.id}:h{j}"
+            else:
+                assert p == q and "?" not in p.prompt and "ceiling" not in p.meta
+    assert not any("?" in p.prompt for p in bench["chain_ood"].problems)  # OOD: every addend shown
+    assert not any("?" in p.prompt for b in plain.eval_benchmarks() for p in b.problems)
+
+
+def test_skipped_steps_repeat_the_previous_digit():
+    suite = ChainSuite(ChainOptions(small_error=0.1, large_error=0.4, skip_share=0.5), seed=0)
+    counts = collections.Counter()
+    for p in suite.train_problems():
+        digits = [int(d) for d in suite.sft_target(p)]
+        for j, a in enumerate(p.meta["addends"]):
+            if a in (0, 1, 9):
+                continue  # a skip of these looks like a right step or an off-by-one one
+            step = (digits[j + 1] - digits[j] - a) % 10
+            kind = "right" if step == 0 else "skip" if digits[j + 1] == digits[j] else "off"
+            assert kind != "off" or step in (1, 9)
+            counts[a >= 5, kind] += 1
+    large = sum(counts[True, k] for k in ("right", "skip", "off"))
+    assert 0.17 < counts[True, "skip"] / large < 0.23 and 0.17 < counts[True, "off"] / large < 0.23
+
+
 def test_registered_with_its_evaluation_defaults():
     cls = SUITES.get("chain")
     assert cls is ChainSuite
@@ -85,7 +123,7 @@ def test_registered_with_its_evaluation_defaults():
 
 @pytest.mark.parametrize("kwargs", [dict(max_steps=0), dict(ood_steps=0), dict(max_steps=15, ood_steps=6),
                                     dict(large_error=1.0), dict(small_error=-0.1), dict(n_eval=0), dict(n_train=0),
-                                    dict(warmstart_long=-1)])
+                                    dict(warmstart_long=-1), dict(hidden_frac=1.5), dict(skip_share=-0.1)])
 def test_bad_options(kwargs):
     with pytest.raises(HarnessError):
         ChainOptions(**kwargs).validate()

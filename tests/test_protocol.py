@@ -56,6 +56,7 @@ def test_math_suite_end_to_end_on_the_tiny_model(tmp_path, cache_dir, offline):
     assert final["math500"]["prompt_template"] == "math-boxed-v1/raw"  # the byte tokenizer has no chat template
     assert final["simpleqa"]["grader"] == "normalized_match-v1"
     assert all(r["n_problems"] == 3 and r["seed"] == 0 and r["greedy"] for r in rows)
+    assert all(r["ceiling"] == 1.0 for r in rows)  # every problem can be solved
 
 
 def test_run_defaults_of_a_suite_apply_when_the_user_sets_nothing(tmp_path, offline):
