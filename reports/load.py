@@ -204,7 +204,7 @@ class RunStore:
     def __init__(self, runs_dir: Path):
         runs_dir = Path(runs_dir)
         cells, evals, metrics, problems, windows = [], [], [], [], []
-        ceilings: dict[tuple[str, str], list[float]] = {}
+        ceilings: dict[tuple[str, str], dict[int, float]] = {}
         for cell in sorted(runs_dir.glob("*/*/*/seed*")) if runs_dir.is_dir() else []:
             match = _SEED_DIR.fullmatch(cell.name)
             if not (cell.is_dir() and match and ((cell / "eval.jsonl").exists() or (cell / "status.json").exists())):
@@ -240,7 +240,7 @@ class RunStore:
             evals.append(scores.assign(**key))
             for row in rows:
                 if isinstance(row.get("ceiling"), (int, float)):
-                    ceilings.setdefault((suite, str(row["benchmark"])), []).append(float(row["ceiling"]))
+                    ceilings.setdefault((suite, str(row["benchmark"])), {})[key["seed"]] = float(row["ceiling"])
             windows += [{**key, "step": step} for step in window]
             if "step" in m:
                 metrics.append(m.assign(**key))
@@ -257,8 +257,9 @@ class RunStore:
                          else pd.DataFrame(columns=keys + list(PROBLEM_KEYS)))
         self.problems["problem"] = self.problems["problem"].astype(str)
         # The best expected score a policy can reach on each (suite, benchmark), from its eval rows'
-        # `ceiling` (the largest recorded; benchmarks whose rows record none are not in it: 1).
-        self.ceilings = {key: max(values) for key, values in ceilings.items()}
+        # `ceiling`: a seed draws its own problems, so the mean over the seeds, as the scores are
+        # averaged (benchmarks whose rows record none are not in it: 1).
+        self.ceilings = {key: sum(by_seed.values()) / len(by_seed) for key, by_seed in ceilings.items()}
         # The evaluation steps each cell's final score averages (`final_steps`): keys + step.
         self.final_windows = pd.DataFrame(windows, columns=keys + ["step"])
 
