@@ -176,17 +176,17 @@ def build_cells(suite: str, algos: list[str], noise: str, seeds: list[int], out:
                                 suite_options=dataclasses.replace(suite_options))
                 if model is not None:
                     cfg.model.name = model
+                apply_section_overrides(cfg, groups)  # a suite's run defaults among them: --steps beats them
                 if steps is not None:
                     if steps < 1:
                         raise HarnessError(f"--steps must be a positive integer, got {steps}")
                     cfg.train.steps = steps
                 if eval_limit is not None:
                     set_dataclass_field(cfg.eval, "limit", str(eval_limit), "--eval-limit")
-                apply_section_overrides(cfg, groups)
                 for section, items in sections.items():  # `<algo>.train.lr`: after the grid-wide keys
                     for name, text in items.items():
                         set_dataclass_field(getattr(cfg, section), name, text, f"{algo}.{section}.{name}")
-                if sections:
+                if sections or steps is not None or eval_limit is not None:
                     validate_core(cfg)
                 check_backends(cfg)
                 need = ALGOS.get(algo)(algo_options).min_group_size()
