@@ -121,6 +121,16 @@ def test_registered_with_its_evaluation_defaults():
     assert int(cls.run_defaults["eval.max_new_tokens"]) >= ChainOptions().max_steps + ChainOptions().ood_steps + 2
 
 
+def test_its_budget_is_the_default_of_a_chain_cell_and_yields_to_steps(tmp_path):
+    from harness.resolver import build_cells
+    [cell] = build_cells("chain", ["ppo"], "none", [0], tmp_path, check_data=False)
+    assert (cell.cfg.train.steps, cell.cfg.train.eval_every, cell.cfg.eval.final_evals) == (120, 20, 2)
+    [cell] = build_cells("chain", ["ppo"], "none", [0], tmp_path, steps=40, check_data=False)
+    assert cell.cfg.train.steps == 40
+    [cell] = build_cells("arith", ["ppo"], "none", [0], tmp_path, check_data=False)
+    assert cell.cfg.train.steps == 200  # other suites keep the core default
+
+
 @pytest.mark.parametrize("kwargs", [dict(max_steps=0), dict(ood_steps=0), dict(max_steps=15, ood_steps=6),
                                     dict(large_error=1.0), dict(small_error=-0.1), dict(n_eval=0), dict(n_train=0),
                                     dict(warmstart_long=-1), dict(hidden_frac=1.5), dict(skip_share=-0.1)])
