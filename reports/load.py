@@ -198,7 +198,8 @@ class RunStore:
     ``metrics``: suite, algo, noise, seed, step and one column per metrics.jsonl key.
     ``problems``: suite, algo, noise, seed, step, role, benchmark, problem, score (may be empty).
     ``ceilings``: {(suite, benchmark): the best expected score any policy can reach there}, for the
-    benchmarks whose eval rows record one (`tasks.base.Benchmark.ceiling`); 1 for the others.
+    benchmarks whose eval rows record one (their problems' `meta["ceiling"]`, `tasks.base.Problem`); 1 for
+    the others.
     """
 
     def __init__(self, runs_dir: Path):
