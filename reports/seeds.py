@@ -32,7 +32,7 @@ class Finals:
 
     def __init__(self, store: RunStore, suite):
         self.suite = suite
-        self.ceilings = {b: c for (name, b), c in getattr(store, "ceilings", {}).items() if name == suite.name}
+        self.ceilings = {b: c for (name, b), c in store.ceilings.items() if name == suite.name}
         self.frames = {}
         for which, df in (("final", store.final_scores()), ("initial", store.initial_scores())):
             df = df[df["suite"] == suite.name]
