@@ -78,7 +78,10 @@ The design, and why each property the testbed needs holds:
   score stable across machines; greedy decoding picks the mode and scores near 100 % ID, so this
   suite evaluates by sampling (avg@8 at temperature 1).
 - **Splits.** Train, ID eval and OOD eval are disjoint sets of problems, all fixed by the run
-  seed; every digit value and addend occurs in training.
+  seed; every digit value and addend occurs in training. `n_val` (default 0: none) problems of the
+  ID lengths, drawn after every other split (so the others stay as they are) and disjoint from train
+  and ID, are held out of training and of the warm start and evaluated as `chain_val` (role VAL,
+  hidden addends at the same share): `harness tune` selects on it.
 """
 from __future__ import annotations
 
@@ -104,6 +107,7 @@ class ChainOptions:
     n_train: int = field(default=4000, metadata={"doc": "training problems"})
     warmstart_long: int = field(default=400, metadata={"doc": "problems of the OOD lengths in the warm start's data only (never in RL training)"})
     n_eval: int = field(default=200, metadata={"doc": "problems per evaluation split (ID and OOD)"})
+    n_val: int = field(default=0, metadata={"doc": "validation problems of the ID lengths, disjoint from train and ID, evaluated as chain_val (role VAL; 0: none)"})
     hidden_frac: float = field(default=0.4, metadata={"doc": "share of train and ID problems with one addend hidden (`?`): no policy can do better than guess it (1 in 10), a difficulty that persists under RL"})
 
     def validate(self) -> None:
@@ -121,6 +125,8 @@ class ChainOptions:
             raise HarnessError(f"suite.hidden_frac must lie in [0, 1], got {self.hidden_frac}")
         if self.n_train < 1 or self.n_eval < 1:
             raise HarnessError("suite.n_train and suite.n_eval must be positive")
+        if self.n_val < 0:
+            raise HarnessError(f"suite.n_val must be >= 0, got {self.n_val}")
 
 
 def running_sums(start: int, addends: list[int]) -> list[int]:
@@ -183,6 +189,7 @@ class ChainSuite(Suite):
     name = "chain"
     description = "running sums of digit chains (mod 10), graded difficulty; OOD = longer chains (offline testbed with room for critics)"
     Options = ChainOptions
+    validation_option = "n_val"
     # The suite's evaluation: k samples a problem at the rollout temperature (avg@k), the final score
     # the mean of the last evaluations; room for the OOD chains' longer answers. Its budget: 120
     # steps, evaluated every 20 (module doc, "A budget that stops while RL still learns").
@@ -198,11 +205,15 @@ class ChainSuite(Suite):
         id_lengths, ood_lengths = range(1, o.max_steps + 1), range(o.max_steps + 1, o.max_steps + o.ood_steps + 1)
         self._id_eval = draw_problems(rng, id_lengths, o.n_eval, slots, set())
         self._train = draw_problems(rng, id_lengths, o.n_train, slots, {p.id for p in self._id_eval})
+        shown = {p.id for p in self._id_eval + self._train}  # before hiding: the ids draw_problems reads
         if o.hidden_frac:
             self._id_eval = hide_addends(self._id_eval, o.hidden_frac, seed, "id")
             self._train = hide_addends(self._train, o.hidden_frac, seed, "train")
         self._ood_eval = draw_problems(rng, ood_lengths, o.n_eval, slots, set())
         self._long = draw_problems(rng, ood_lengths, o.warmstart_long, slots, {p.id for p in self._ood_eval})
+        self._val = draw_problems(rng, id_lengths, o.n_val, slots, shown) if o.n_val else []
+        if self._val and o.hidden_frac:
+            self._val = hide_addends(self._val, o.hidden_frac, seed, "val")
 
     def train_problems(self) -> list[Problem]:
         return self._train
@@ -215,7 +226,7 @@ class ChainSuite(Suite):
         return [
             Benchmark("chain_id", "ID", self._id_eval, "exact_match-v1"),
             Benchmark("chain_ood", "OOD", self._ood_eval, "exact_match-v1"),
-        ]
+        ] + ([Benchmark("chain_val", "VAL", self._val, "exact_match-v1")] if self._val else [])
 
     def sft_target(self, problem: Problem) -> str:
         """The trace with each step off by one with probability `small_error` or `large_error` (by its

@@ -7,7 +7,7 @@ import pytest
 
 from harness.errors import HarnessError
 from tasks import SUITES
-from tasks.chain import ChainOptions, ChainSuite, make_problem, running_sums
+from tasks.chain import HIDDEN, ChainOptions, ChainSuite, make_problem, running_sums
 
 
 def test_problem_layout_and_trace():
@@ -133,7 +133,8 @@ def test_its_budget_is_the_default_of_a_chain_cell_and_yields_to_steps(tmp_path)
 
 @pytest.mark.parametrize("kwargs", [dict(max_steps=0), dict(ood_steps=0), dict(max_steps=15, ood_steps=6),
                                     dict(large_error=1.0), dict(small_error=-0.1), dict(n_eval=0), dict(n_train=0),
-                                    dict(warmstart_long=-1), dict(hidden_frac=1.5), dict(skip_share=-0.1)])
+                                    dict(warmstart_long=-1), dict(hidden_frac=1.5), dict(skip_share=-0.1),
+                                    dict(n_val=-1)])
 def test_bad_options(kwargs):
     with pytest.raises(HarnessError):
         ChainOptions(**kwargs).validate()
@@ -153,3 +154,20 @@ def test_the_warm_start_sees_a_few_longer_chains_that_rl_never_trains_on():
     assert not {p.id for p in extra} & {p.id for p in ood}
     assert all(p.meta["steps"] <= 4 for p in train)  # RL trains on ID lengths only
     assert len(ChainSuite(ChainOptions(warmstart_long=0), seed=0).warmstart_problems()) == len(train)
+
+
+def test_a_validation_split_is_held_out_of_training_and_leaves_the_other_splits_as_they_are():
+    plain, held = ChainSuite(ChainOptions(), seed=0), ChainSuite(ChainOptions(n_val=120), seed=0)
+    assert [b.name for b in plain.eval_benchmarks()] == ["chain_id", "chain_ood"]
+    for a, b in zip(plain.eval_benchmarks(), held.eval_benchmarks()):
+        assert [p.id for p in a.problems] == [p.id for p in b.problems]
+    assert [p.id for p in plain.warmstart_problems()] == [p.id for p in held.warmstart_problems()]
+    val = held.eval_benchmarks()[2]
+    assert (val.name, val.role, len(val.problems)) == ("chain_val", "VAL", 120)
+    base = lambda p: p.id.split(":h")[0]  # a hidden problem's id is its shown id plus the hidden slot
+    seen = {base(p) for p in held.warmstart_problems() + held.eval_benchmarks()[0].problems}
+    assert not {base(p) for p in val.problems} & seen and len({base(p) for p in val.problems}) == 120
+    assert {p.meta["steps"] for p in val.problems} <= {1, 2, 3, 4}
+    hidden = sum(HIDDEN in p.prompt for p in val.problems)
+    assert 0.25 * 120 <= hidden <= 0.55 * 120  # hidden addends at the train and ID share (0.4)
+    assert ChainSuite.validation_option == "n_val"
