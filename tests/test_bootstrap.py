@@ -53,7 +53,7 @@ def test_set_up_installs_torch_first_then_the_project_and_is_idempotent(recorded
     recorded.clear()
     assert bootstrap.main(["demo", "--venv", str(env)]) == 0  # the same again: nothing to install
     assert recorded == [[python, "-m", "harness.cli", "run", "--preset", "demo"],
-                           [python, "-m", "harness.cli", "report", "--preset", "demo"]]
+                        [python, "-m", "harness.cli", "report", "--preset", "demo"]]
 
 
 def test_every_extra_installed_is_declared_in_pyproject():
