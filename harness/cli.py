@@ -142,8 +142,8 @@ def cmd_report(args) -> int:
     if args.default_runs and not Path(args.default_runs).is_dir():
         raise HarnessError(f"--default-runs {args.default_runs!r}: no such run store")
     path = grid_file(args)
-    if path is not None:
-        runs = str(read_mapping(path).get("out", "runs"))
+    if runs is None:  # an explicit --runs beats the grid file's out
+        runs = str(read_mapping(path).get("out", "runs")) if path is not None else "runs"
     corrupt: list[str] = []
     out = write_report(Path(runs), Path(args.out) if args.out else None, args.baseline, args.format,
                        skipped=corrupt, margin=parse_margin(args.margin))

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--out", default="runs", help="run store folder (default: runs/)")
 
     report = sub.add_parser("report", help="tables, significance, robustness and stability figures from a run store")
-    report.add_argument("--runs", default="runs", help="run store folder (default: runs/)")
+    report.add_argument("--runs", default=None,
+                        help="run store folder (default: the grid file's out with --preset/--config, else runs/)")
     report.add_argument("--out", default=None, help="report folder, replaced whole (default: <runs>/report/)")
     report.add_argument("--baseline", default=None, help="algorithm the significance tables compare against (default: ppo)")
     report.add_argument("--format", default=None, help="comma list of md,tex,csv,png,pdf (default: all)")

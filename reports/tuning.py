@@ -58,6 +58,8 @@ def trial_lines(plan, choice, scores: pd.DataFrame) -> list[str]:
 def paired_line(label: str, a: pd.Series, b: pd.Series) -> list[str]:
     """Default (a) and tuned (b) by seed: means and the paired difference with its 95 % t-interval."""
     both = pd.concat([a.rename("a"), b.rename("b")], axis=1).dropna()
+    if len(both):  # the means over the seeds both have, so the columns agree with the paired difference
+        a, b = both["a"], both["b"]
     diff, low, high = stats.t_interval((both["b"] - both["a"]).to_numpy())
     ci = f" [{100 * low:+.1f}, {100 * high:+.1f}]" if not math.isnan(low) else ""
     return [label, _pct(a.mean()), _pct(b.mean()), f"{100 * diff:+.1f}{ci}" if len(both) else "-", str(len(both))]
@@ -88,7 +90,8 @@ def reporting_comparison(default_runs: Path, tuned_runs: Path, algos: list[str])
             for label, col in (("ID", "id_acc"), ("OOD", "ood_acc")):
                 rows.append(paired_line(f"{algo} {noise} {label}", a[col], b[col]))
     return ["### Tuned against defaults on the reporting seeds", "",
-            f"Defaults: {default_runs}; tuned: {tuned_runs}. Final ID/OOD averages in %, mean over seeds; "
+            f"Defaults: {default_runs}; tuned: {tuned_runs}. Final ID/OOD averages in %, mean over the seeds both have (n; "
+            "each store's own seeds where they share none); "
             "tuned - defaults paired by seed (the same seeds, warm starts, data order and noise draws), 95 % "
             "t-interval; n = seeds both have.", "",
             *_md(["algorithm / noise / score", "defaults", "tuned", "tuned - defaults", "n"], rows)]

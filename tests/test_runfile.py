@@ -148,6 +148,14 @@ def test_report_preset_reads_the_presets_out_folder(tmp_path, capsys, monkeypatc
     assert "no runs found under 'runs'" in capsys.readouterr().err
 
 
+def test_report_runs_beats_the_presets_out_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    assert main(["report", "--preset", "robustness", "--runs", "elsewhere"]) == 2  # robustness's out: runs/robustness
+    err = capsys.readouterr().err
+    assert "no runs found under 'elsewhere'" in err and "robustness" not in err
+
+
 # ---- harness list config -------------------------------------------------------------------------
 
 def config_classes():

@@ -348,6 +348,7 @@ def test_report_puts_tuned_and_default_stores_side_by_side(tmp_path, capsys):
     for seed, (default, tuned) in enumerate(((0.50, 0.60), (0.40, 0.60), (0.60, 0.70))):
         write_run(tmp_path / "default", "ppo", seed, default)
         write_run(tmp_path / "tuned", "ppo", seed, tuned)
+    write_run(tmp_path / "default", "ppo", 3, 0.10)  # a seed the tuned store lacks: in no column
     for args, message in ((["--default-runs", str(tmp_path / "default")], "--default-runs needs --tuning"),
                           (["--tuning", str(tmp_path / "default")], "is not a tuning store (no tune.json"),
                           (["--tuning", str(tmp_path / "tune"), "--default-runs", str(tmp_path / "nope")],
