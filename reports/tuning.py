@@ -90,8 +90,8 @@ def reporting_comparison(default_runs: Path, tuned_runs: Path, algos: list[str])
             for label, col in (("ID", "id_acc"), ("OOD", "ood_acc")):
                 rows.append(paired_line(f"{algo} {noise} {label}", a[col], b[col]))
     return ["### Tuned against defaults on the reporting seeds", "",
-            f"Defaults: {default_runs}; tuned: {tuned_runs}. Final ID/OOD averages in %, mean over the seeds both have (n; "
-            "each store's own seeds where they share none); "
+            f"Defaults: {default_runs}; tuned: {tuned_runs}. Final ID/OOD averages in %, mean over the seeds both have "
+            "(each store's own where they share none); "
             "tuned - defaults paired by seed (the same seeds, warm starts, data order and noise draws), 95 % "
             "t-interval; n = seeds both have.", "",
             *_md(["algorithm / noise / score", "defaults", "tuned", "tuned - defaults", "n"], rows)]
